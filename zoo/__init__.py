@@ -1,0 +1,33 @@
+"""zoo: a model zoo of memory-augmented sequence layers for PyTorch (distribution ``memzoo``).
+
+``import zoo`` is light: torch is imported only when a model is built or loaded.
+
+    import zoo
+    model = zoo.build(zoo.config.load_config(["config=transformer-mqar"]).model)
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "build", "load", "list_models"]
+
+
+def build(config):
+    """Build a model from a ``ModelConfig`` (or a full ``Config``, whose ``model`` section is used)."""
+    from zoo.models import build_model
+
+    return build_model(config)
+
+
+def load(path):
+    """Load an exported model directory (``config.json`` + ``model.safetensors``) for use."""
+    from zoo.checkpoint import load_export
+
+    return load_export(path)
+
+
+def list_models() -> dict:
+    """Names of the registered mixers, bundled configs and shipped checkpoints."""
+    from zoo.registry import list_everything
+
+    return list_everything()

@@ -1,0 +1,148 @@
+"""Export directories (``config.json`` + ``model.safetensors``) and loading them back, with one-line errors.
+
+``.ckpt`` files are for resuming only; everything that loads a model for use reads an export directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from zoo.config import Config, from_dict, to_dict
+from zoo.errors import CheckpointError
+
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size:,} bytes"
+
+
+def read_ckpt(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` with one-line errors for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for the same kinds of damage
+        text = str(error)
+        if "Unsupported global" in text or "Unsupported operand" in text:
+            raise CheckpointError(f"checkpoint {path} holds Python objects zoo does not load "
+                                  f"(written by another program?)") from None
+        raise CheckpointError(f"checkpoint {path} ({_size(path)}) is truncated or corrupted") from None
+
+
+def config_from_ckpt(checkpoint: dict, path: Path) -> Config:
+    """The run config stored in a training checkpoint's hyper-parameters."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "config" not in hparams:
+        raise CheckpointError(f"checkpoint {path} has no zoo config in its hyper-parameters (not written by zoo train?)")
+    return from_dict(hparams["config"])
+
+
+def model_state_from_ckpt(checkpoint: dict) -> dict:
+    """The model's state dict from a LightningModule checkpoint (``model.`` prefix stripped)."""
+    state = checkpoint.get("state_dict", {})
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def load_state_checked(model: torch.nn.Module, state: dict, source: str, config_diff: str = "") -> None:
+    """``load_state_dict(strict=True)`` whose failure lists missing/unexpected keys and shape mismatches in one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+        if shapes:
+            parts.append(f"shape mismatches (saved vs model): {'; '.join(shapes[:5])}")
+        if config_diff:
+            parts.append(f"config differs: {config_diff}")
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Path:
+    """Write ``out/config.json`` and ``out/model.safetensors`` atomically (temporary sibling, then rename)."""
+    from safetensors.torch import save_model
+
+    import zoo
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        payload = {"architecture": type(model).__name__, "zoo_version": zoo.__version__, **to_dict(config)}
+        (tmp / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
+        metadata = {"format": "pt", "zoo_version": zoo.__version__, "architecture": type(model).__name__}
+        save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
+        for file in tmp.iterdir():
+            os.chmod(file, 0o644)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_from_ckpt(ckpt_path: str | Path, out: str | Path) -> Path:
+    """``zoo export``: rebuild the model from a training checkpoint and write an export directory."""
+    from zoo.models import build_model
+
+    ckpt_path = Path(ckpt_path)
+    checkpoint = read_ckpt(ckpt_path)
+    config = config_from_ckpt(checkpoint, ckpt_path)
+    model = build_model(config)
+    load_state_checked(model, model_state_from_ckpt(checkpoint), f"checkpoint {ckpt_path}")
+    return export_model(model, config, out)
+
+
+def read_export_config(path: str | Path) -> Config:
+    """The ``Config`` of an export directory, with one-line errors for missing pieces."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path} (not a directory); zoo list shows shipped checkpoints")
+    found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} has no {name} (found: {found})")
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path / 'config.json'} ({_size(path / 'config.json')}) is not valid JSON") from None
+    data.pop("architecture", None)
+    data.pop("zoo_version", None)
+    return from_dict(data)
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from zoo.models import build_model
+
+    path = Path(path)
+    config = read_export_config(path)
+    weights = path / "model.safetensors"
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"{weights} ({_size(weights)}) is truncated or corrupted: header unreadable "
+                              f"({str(error).splitlines()[0][:80]})") from None
+    model = build_model(config).to(device)
+    load_state_checked(model, state, f"{weights}")
+    model.eval()
+    return model

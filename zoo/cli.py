@@ -1,0 +1,217 @@
+"""The ``zoo`` command: train | eval | export | generate | list.
+
+    zoo train config=transformer-mqar.yaml trainer.max_steps=100 model.dim=256
+    zoo eval checkpoint=checkpoints/transformer-mqar
+    zoo export checkpoint=runs/x/last.ckpt out=exported/x
+    zoo generate checkpoint=runs/x/model prompt="In the beginning" max_new_tokens=200
+    zoo list
+
+Mistakes (unknown keys, wrong types, missing files or checkpoints) print one line and exit with code 2; set
+``ZOO_DEBUG=1`` for the traceback. Parsing happens before torch is imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from zoo.config import ConfigError, help_text, parse_args
+from zoo.errors import ZooError
+
+VERBS = {
+    "train": "train a model from a config: zoo train config=NAME.yaml [key=value ...] [resume=auto|true|PATH]",
+    "eval": "evaluate an export directory on its held-out data: zoo eval checkpoint=DIR [key=value ...]",
+    "export": "write an export directory from a training checkpoint: zoo export checkpoint=FILE.ckpt out=DIR",
+    "generate": "continue a prompt: zoo generate checkpoint=DIR prompt=TEXT [max_new_tokens=N temperature=T top_k=K]",
+    "list": "list mixers, bundled configs and shipped checkpoints",
+}
+
+GENERATE_OPTIONS = ("checkpoint", "prompt", "max_new_tokens", "temperature", "top_k", "seed")
+
+
+def usage() -> str:
+    lines = ["usage: zoo VERB [key=value ...]", "", "verbs:"]
+    lines += [f"  {verb:<9} {text}" for verb, text in VERBS.items()]
+    lines += ["", "zoo VERB --help shows the verb's keys."]
+    return "\n".join(lines)
+
+
+def verb_help(verb: str) -> str:
+    head = f"zoo {verb}: {VERBS[verb]}"
+    if verb == "train":
+        extra = ("  top-level: config=FILE|NAME (repeatable), resume=auto|true|PATH, print_config=true, verbose=true\n"
+                 "  keys (defaults < config files < key=value overrides):")
+        return f"{head}\n\n{extra}\n{help_text()}"
+    if verb == "eval":
+        return (f"{head}\n\n  checkpoint=DIR (an export directory: config.json + model.safetensors)\n"
+                f"  overrides apply to the saved config, e.g. data.eval_batch_size=64 eval.max_batches=10 "
+                f"eval.out=FILE\n")
+    if verb == "export":
+        return f"{head}\n\n  checkpoint=FILE.ckpt  out=DIR (default: <run>/model)\n"
+    if verb == "generate":
+        return (f"{head}\n\n  checkpoint=DIR  prompt=TEXT  max_new_tokens=200  temperature=0.8 (0 = greedy)  "
+                f"top_k=50  seed=0\n")
+    return head
+
+
+def split_options(argv: list[str], allowed: tuple[str, ...], verb: str) -> tuple[dict, list[str]]:
+    """Pull ``name=value`` for the verb's own names out of ``argv``; the rest are config overrides."""
+    options, rest = {}, []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if not eq:
+            raise ConfigError(f"unexpected argument '{arg}'; arguments are key=value (zoo {verb} --help)")
+        if key in allowed:
+            options[key] = value
+        else:
+            rest.append(arg)
+    return options, rest
+
+
+def require(options: dict, key: str, verb: str) -> str:
+    if key not in options:
+        raise ConfigError(f"zoo {verb} needs {key}=...; see zoo {verb} --help")
+    return options[key]
+
+
+# ---------------------------------------------------------------------------------------------------------- verbs
+def cmd_train(argv: list[str]) -> int:
+    parsed = parse_args(argv)
+    options = parsed.options
+    flags = {}
+    for name in ("print_config", "verbose"):
+        value = options.get(name, "false").lower()
+        if value not in ("true", "false"):
+            raise ConfigError(f"{name}: expected true or false, got {options[name]!r}")
+        flags[name] = value == "true"
+    if flags["print_config"]:
+        from zoo.config import dump_yaml
+
+        print(dump_yaml(parsed.config), end="")
+        return 0
+    from zoo.train.fit import train
+
+    result = train(parsed.config, argv, resume=options.get("resume"), verbose=flags["verbose"])
+    if result:
+        print("eval " + json.dumps({k: v for k, v in result.items() if k != "config"}), flush=True)
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    options, rest = split_options(argv, ("checkpoint",), "eval")
+    path = require(options, "checkpoint", "eval")
+    from zoo.checkpoint import read_export_config
+
+    config = parse_args(rest, options=(), base=read_export_config(path)).config
+    from zoo.checkpoint import load_export
+    from zoo.data.loader import build_data
+    from zoo.eval.evaluate import evaluate
+
+    model = load_export(path)
+    data = build_data(config.data)
+    result = evaluate(model, data, config.data.eval_batch_size, config.eval.max_batches, config.data.name)
+    result["checkpoint"] = str(path)
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = config.eval.out or os.path.join(path, "eval.json")
+    try:
+        with open(out, "w") as handle:
+            handle.write(text + "\n")
+    except OSError as error:
+        print(f"warning: could not write {out} ({error.strerror}); set eval.out=FILE", file=sys.stderr)
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    options, rest = split_options(argv, ("checkpoint", "out"), "export")
+    if rest:
+        raise ConfigError(f"zoo export takes checkpoint= and out= only, got {rest[0]!r}")
+    from pathlib import Path
+
+    from zoo.checkpoint import export_from_ckpt
+
+    ckpt = Path(require(options, "checkpoint", "export"))
+    out = export_from_ckpt(ckpt, options.get("out") or ckpt.parent / "model")
+    print(f"exported {ckpt} to {out}")
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    options, rest = split_options(argv, GENERATE_OPTIONS, "generate")
+    if rest:
+        raise ConfigError(f"unknown key '{rest[0].split('=')[0]}' for zoo generate; valid: {', '.join(GENERATE_OPTIONS)}")
+    path = require(options, "checkpoint", "generate")
+    try:
+        max_new = int(options.get("max_new_tokens", 200))
+        temperature = float(options.get("temperature", 0.8))
+        top_k = int(options["top_k"]) if options.get("top_k", "50") != "null" else None
+        seed = int(options.get("seed", 0))
+    except ValueError as error:
+        raise ConfigError(f"zoo generate: {error}") from None
+    import torch
+
+    from zoo.checkpoint import load_export, read_export_config
+    from zoo.data.tokenizer import load_tokenizer
+
+    config = read_export_config(path)
+    model = load_export(path)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    ids = tokenizer.encode(options.get("prompt", "")) or [tokenizer.eos_id]
+    generator = torch.Generator().manual_seed(seed)
+    out = model.generate(torch.tensor([ids]), max_new, temperature=temperature, top_k=top_k, generator=generator)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_list(argv: list[str]) -> int:
+    if argv:
+        raise ConfigError(f"zoo list takes no arguments, got {argv[0]!r}")
+    from zoo.registry import list_everything
+
+    for kind, names in list_everything().items():
+        print(f"{kind}: {', '.join(names) if names else '(none)'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in COMMANDS:
+        print(f"zoo: unknown verb '{verb}'; verbs: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(verb_help(verb))
+        return 0
+    debug = os.environ.get("ZOO_DEBUG", "0") not in ("", "0")
+    try:
+        return COMMANDS[verb](rest)
+    except Exception as error:
+        if debug:
+            raise
+        return report(error)
+    except KeyboardInterrupt as interrupt:
+        print(f"zoo: {interrupt or 'interrupted'}", file=sys.stderr, flush=True)
+        return 130
+
+
+def report(error: Exception) -> int:
+    """One line on stderr; exit 2 for mistakes in input, 1 for a failed run."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, (ZooError, FileNotFoundError, ImportError)):
+        print(f"zoo: {message}", file=sys.stderr, flush=True)
+        return 2
+    if isinstance(error, FloatingPointError):
+        print(f"zoo: {message}", file=sys.stderr, flush=True)
+        return 1
+    print(f"zoo: {type(error).__name__}: {message} (set ZOO_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss, perplexity, bits per byte, synthetic-task accuracy (``zoo eval``)."""

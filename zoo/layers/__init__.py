@@ -1,0 +1,29 @@
+"""Layers users import: mixers (sequence mixing) and building blocks.
+
+    from zoo.layers import Attention
+    mixer = Attention(dim=128, heads=4)
+    y, state = mixer(torch.randn(2, 16, 128))
+
+Names resolve lazily so that ``import zoo.layers`` stays cheap and each family imports only when used.
+"""
+from __future__ import annotations
+
+import importlib
+
+_NAMES = {
+    "RMSNorm": "zoo.layers.norm",
+    "GatedRMSNorm": "zoo.layers.norm",
+    "SwiGLU": "zoo.layers.mlp",
+    "ShortConv": "zoo.layers.conv",
+    "RotaryEmbedding": "zoo.layers.rotary",
+    "Attention": "zoo.layers.attention",
+    "AttentionState": "zoo.layers.attention",
+}
+
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'zoo.layers' has no attribute {name!r}")

@@ -1,0 +1,155 @@
+"""Multi-head attention mixer: causal or bidirectional, grouped KV heads, sliding window, persistent tokens, KV cache."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from zoo.layers.rotary import RotaryEmbedding
+
+
+class AttentionState(NamedTuple):
+    """KV cache of a causal ``Attention``: rotated keys, values and their absolute positions.
+
+    k, v: (B, t, H_kv, d); positions: (B, t) long. With a sliding window only the last ``window`` tokens are kept.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+
+
+class Attention(nn.Module):
+    """Softmax attention (Vaswani et al. 2017) with RoPE, GQA, sliding window and persistent memory tokens.
+
+    ``forward(x (B, T, D), state=None, mask=None) -> (y (B, T, D), state)``.
+
+    - causal (default): query t sees keys at positions t - window < s <= t (all s <= t without a window); the
+      returned ``AttentionState`` is the KV cache, so streaming and token-by-token decoding equal one call.
+    - ``causal=False``: bidirectional; ``mask (B, T)`` marks real tokens (True) so padding never changes real
+      outputs; the state is None.
+    - ``persistent_tokens = N_p``: learned tokens P (N_p, D) whose keys P W_K and values P W_V (no RoPE) every query
+      sees, whatever the mask or window (Titans v1 eq. 19).
+    """
+
+    def __init__(self, dim: int, heads: int = 4, kv_heads: int | None = None, head_dim: int | None = None,
+                 window: int | None = None, persistent_tokens: int = 0, causal: bool = True,
+                 rope_base: float = 10000.0):
+        super().__init__()
+        kv_heads = kv_heads or heads
+        head_dim = head_dim or dim // heads
+        if heads % kv_heads:
+            raise ValueError(f"Attention: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        if window is not None and window < 1:
+            raise ValueError(f"Attention: window must be >= 1 or None, got {window}")
+        if window is not None and not causal:
+            raise ValueError("Attention: a sliding window needs causal=True")
+        if persistent_tokens < 0:
+            raise ValueError(f"Attention: persistent_tokens must be >= 0, got {persistent_tokens}")
+        self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
+        self.window, self.causal, self.persistent_tokens = window, causal, persistent_tokens
+        self.w_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.w_k = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.w_v = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.w_o = nn.Linear(heads * head_dim, dim, bias=False)
+        self.rotary = RotaryEmbedding(head_dim, rope_base)
+        self.persistent = nn.Parameter(torch.empty(persistent_tokens, dim)) if persistent_tokens else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for linear in (self.w_q, self.w_k, self.w_v, self.w_o):
+            nn.init.normal_(linear.weight, std=0.02)
+        self.rotary.reset_parameters()
+        if self.persistent is not None:
+            nn.init.normal_(self.persistent, std=0.02)
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """Rotated queries and keys and the values of ``x`` at ``positions`` (B, T)."""
+        q = rearrange(self.w_q(x), "b t (h d) -> b t h d", d=self.head_dim)      # (B, T, H, d)
+        k = rearrange(self.w_k(x), "b t (h d) -> b t h d", d=self.head_dim)      # (B, T, H_kv, d)
+        v = rearrange(self.w_v(x), "b t (h d) -> b t h d", d=self.head_dim)      # (B, T, H_kv, d)
+        return self.rotary(q, positions), self.rotary(k, positions), v
+
+    def persistent_kv(self, batch: int, dtype: torch.dtype):
+        """Keys and values of the persistent tokens, (B, N_p, H_kv, d) each; None without them."""
+        if self.persistent is None:
+            return None
+        p = self.persistent.to(dtype)
+        k = rearrange(self.w_k(p), "n (h d) -> n h d", d=self.head_dim)           # (N_p, H_kv, d)
+        v = rearrange(self.w_v(p), "n (h d) -> n h d", d=self.head_dim)
+        return (repeat(k, "n h d -> b n h d", b=batch), repeat(v, "n h d -> b n h d", b=batch))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+               is_causal: bool = False) -> torch.Tensor:
+        """Softmax attention of q (B, T, H, d) over k, v (B, S, H_kv, d); ``allowed`` (B, T, S) bool or None.
+
+        ``is_causal`` (no persistent tokens, T == S, no ``allowed``) takes SDPA's causal fast path.
+
+        Returns (B, T, H*d) before the output projection. Persistent keys are prepended here when present.
+        """
+        batch, T = q.shape[0], q.shape[1]
+        persistent = self.persistent_kv(batch, k.dtype)
+        if persistent is not None:
+            k = torch.cat([persistent[0], k], dim=1)                                  # (B, N_p + S, H_kv, d)
+            v = torch.cat([persistent[1], v], dim=1)
+            if allowed is not None:
+                always = allowed.new_ones(batch, T, self.persistent_tokens)
+                allowed = torch.cat([always, allowed], dim=-1)                        # (B, T, N_p + S)
+        group = self.heads // self.kv_heads
+        k = repeat(k, "b s h d -> b (h g) s d", g=group)                               # (B, H, S, d)
+        v = repeat(v, "b s h d -> b (h g) s d", g=group)
+        q = rearrange(q, "b t h d -> b h t d")                                         # (B, H, T, d)
+        mask = None if allowed is None else allowed.unsqueeze(1)                       # (B, 1, T, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, d)
+        return rearrange(out, "b h t d -> b t (h d)")
+
+    def causal_allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """(B, T, S) bool: key s is visible to query t (causal, within the window)."""
+        diff = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)                               # (B, T, S)
+        allowed = diff >= 0
+        if self.window is not None:
+            allowed = allowed & (diff < self.window)
+        return allowed
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, state: AttentionState | None = None, mask: torch.Tensor | None = None):
+        if not self.causal:
+            return self._forward_bidirectional(x, mask), None
+        if mask is not None:
+            raise ValueError("Attention: mask is for bidirectional attention; causal attention takes no mask")
+        B, T, _ = x.shape
+        steps = torch.arange(T, device=x.device).expand(B, T)                         # (B, T)
+        if state is None:
+            q_pos = steps
+        else:
+            q_pos = state.positions[:, -1:] + 1 + steps if state.positions.shape[1] else steps
+        q, k, v = self.project(x, q_pos)
+        if state is not None:
+            k_all = torch.cat([state.k.to(k.dtype), k], dim=1)                        # (B, t + T, H_kv, d)
+            v_all = torch.cat([state.v.to(v.dtype), v], dim=1)
+            k_pos = torch.cat([state.positions, q_pos], dim=1)                        # (B, t + T)
+        else:
+            k_all, v_all, k_pos = k, v, q_pos
+        if state is None and self.window is None and self.persistent is None:
+            out = self.attend(q, k_all, v_all, None, is_causal=True)
+        else:
+            out = self.attend(q, k_all, v_all, self.causal_allowed(q_pos, k_pos))
+        keep = k_all.shape[1] if self.window is None else min(self.window, k_all.shape[1])
+        new_state = AttentionState(k_all[:, -keep:], v_all[:, -keep:], k_pos[:, -keep:])
+        return self.w_o(out), new_state
+
+    def _forward_bidirectional(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        positions = torch.arange(T, device=x.device).expand(B, T)
+        q, k, v = self.project(x, positions)
+        allowed = None
+        if mask is not None:
+            if mask.shape != (B, T):
+                raise ValueError(f"Attention: mask has shape {tuple(mask.shape)}, expected {(B, T)}")
+            allowed = mask.bool().unsqueeze(1).expand(B, T, T)                       # keys that are real
+            allowed = allowed | ~mask.bool().unsqueeze(-1)   # padded queries see everything: no all-False rows
+        return self.w_o(self.attend(q, k, v, allowed))

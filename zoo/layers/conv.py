@@ -1,0 +1,46 @@
+"""ShortConv: depthwise causal convolution over time that carries its state across calls."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal 1-D convolution (kernel ``size``) along time, as in Mamba, GatedDeltaNet and Titans.
+
+    ``forward(x (B, T, C), state (B, size-1, C) | None) -> (y (B, T, C), state (B, size-1, C))``.
+    The state holds the last ``size - 1`` inputs, so ``conv(x[:, :t])`` then ``conv(x[:, t:], state)`` equals
+    ``conv(x)``. No activation is applied here.
+    """
+
+    def __init__(self, channels: int, size: int = 4, bias: bool = False):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"ShortConv: size must be >= 1, got {size}")
+        self.channels, self.size = channels, size
+        self.weight = nn.Parameter(torch.empty(channels, size))   # (C, size); the last tap multiplies x_t
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.size)                        # nn.Conv1d's default for groups == channels
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def initial_state(self, x: torch.Tensor) -> torch.Tensor:
+        """Zeros of the state's shape for a batch like ``x``."""
+        return x.new_zeros(x.shape[0], self.size - 1, self.channels)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        if state is None:
+            state = self.initial_state(x)
+        padded = torch.cat([state.to(x.dtype), x], dim=1)        # (B, size-1+T, C)
+        y = F.conv1d(padded.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype),
+                     None if self.bias is None else self.bias.to(x.dtype), groups=C)  # (B, C, T)
+        new_state = padded[:, padded.shape[1] - (self.size - 1):]  # (B, size-1, C)
+        return y.transpose(1, 2), new_state

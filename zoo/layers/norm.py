@@ -1,0 +1,32 @@
+"""Normalisation layers: RMSNorm and the gated RMSNorm of Mamba-2 / MoM outputs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): ``x / rms(x) * weight`` over the last dimension.
+
+    Shapes: x (..., D) -> (..., D). Computed in float32 and cast back to x's dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """``RMSNorm(x * SiLU(z))`` (Mamba-2's gated norm, norm after gating). Shapes: x, z (..., D) -> (..., D)."""
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x * F.silu(z))

@@ -1,0 +1,15 @@
+"""Assembled models: ``LanguageModel`` (decoder LM from a block pattern) and ``build_model``."""
+from __future__ import annotations
+
+from zoo.models.lm import Block, LanguageModel
+
+
+def build_model(config):
+    """Build the model a ``Config`` (or its ``ModelConfig``) describes."""
+    from zoo.config import Config
+
+    model_config = config.model if isinstance(config, Config) else config
+    return LanguageModel(model_config)
+
+
+__all__ = ["Block", "LanguageModel", "build_model"]

@@ -1,0 +1,167 @@
+"""Decoder language model built from a block pattern: embeddings, pre-norm blocks, final norm, (tied) LM head.
+
+A block is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``model.pattern`` names the mixer of each block
+(repeated to ``model.depth``), e.g. ``[mamba2, mamba2, attention, mlp]`` or ``[titans_mac]``.
+
+    from zoo.config import ModelConfig
+    from zoo.models import LanguageModel
+    model = LanguageModel(ModelConfig(dim=64, depth=2))
+    logits, state = model(torch.randint(0, 258, (2, 16)))     # (2, 16, 258)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.config import ModelConfig
+from zoo.layers.mlp import SwiGLU, swiglu_hidden
+from zoo.layers.norm import RMSNorm
+from zoo.registry import MLP_ONLY, mixer_class, mixer_section
+
+
+def build_mixer(name: str, cfg: ModelConfig) -> nn.Module:
+    """The mixer ``name`` with its options from the matching section of ``cfg``."""
+    options = dataclasses.asdict(getattr(cfg, mixer_section(name)))
+    return mixer_class(name)(dim=cfg.dim, **options)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; the unit of FSDP wrapping.
+
+    Either part may be absent (an MLP-only block, or a mixer without MLP).
+    ``forward(x (B, T, D), state=None, mask=None) -> (x (B, T, D), state)``.
+    """
+
+    def __init__(self, dim: int, mixer: nn.Module | None, mlp: nn.Module | None, eps: float, dropout: float):
+        super().__init__()
+        self.mixer_norm = RMSNorm(dim, eps) if mixer is not None else None
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(dim, eps) if mlp is not None else None
+        self.mlp = mlp
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None):
+        if self.mixer is not None:
+            if mask is None:
+                mixed, state = self.mixer(self.mixer_norm(x), state)
+            else:
+                mixed, state = self.mixer(self.mixer_norm(x), state, mask=mask)
+            x = x + self.dropout(mixed)                                   # (B, T, D)
+        if self.mlp is not None:
+            x = x + self.dropout(self.mlp(self.mlp_norm(x)))              # (B, T, D)
+        return x, state
+
+
+class LanguageModel(nn.Module):
+    """Decoder LM: ``forward(input_ids (B, T), state=None) -> (logits (B, T, V), state)``.
+
+    ``state`` is a tuple with one entry per block (None for blocks without a mixer); passing it back continues the
+    sequence, so ``generate`` keeps constant memory per token for recurrent mixers. Hooks for wrappers (HMT):
+    ``embed`` (the ``nn.Embedding``), ``forward_embeds(h, state) -> (final-norm hidden, state)``, ``head(h)``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        rng_at_start = torch.get_rng_state()
+        D = config.dim
+        self.embed = nn.Embedding(config.vocab_size, D)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        hidden = swiglu_hidden(D, config.mlp_expansion)
+        blocks = []
+        for i in range(config.depth):
+            name = config.pattern[i % len(config.pattern)]
+            mixer = None if name == MLP_ONLY else build_mixer(name, config)
+            wants_mlp = name == MLP_ONLY or config.mlp == "swiglu"
+            mlp = SwiGLU(D, hidden, config.init_std) if wants_mlp else None
+            blocks.append(Block(D, mixer, mlp, config.norm_eps, config.dropout))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(D, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(D, config.vocab_size, bias=False)
+        # Initialise from the RNG state at entry, so a meta-device build + to_empty + reset_parameters() under the
+        # same seed gives the same weights as this build (sub-module constructors also drew from the RNG).
+        torch.set_rng_state(rng_at_start)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the model's own parameters and every sub-module's (meta build + ``to_empty`` + this = build)."""
+        nn.init.normal_(self.embed.weight, std=self.config.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters") and not isinstance(
+                    module, (nn.Embedding, nn.Linear)):
+                module.reset_parameters()
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters excluded from weight decay: embeddings, norms, biases, and those layers mark."""
+        names = set()
+        for module_name, module in self.named_modules():
+            marked = set(getattr(module, "_no_weight_decay", ()))
+            for param_name, param in module.named_parameters(recurse=False):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                if (isinstance(module, (nn.Embedding, RMSNorm)) or param.dim() < 2 or param_name in marked):
+                    names.add(full)
+        return names
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) from final-norm hidden states (B, T, D)."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight.to(h.dtype))
+
+    def forward_embeds(self, h: torch.Tensor, state=None, mask: torch.Tensor | None = None):
+        """Run the blocks on embeddings h (B, T, D); returns (final-norm hidden (B, T, D), state)."""
+        states = state if state is not None else (None,) * len(self.blocks)
+        if len(states) != len(self.blocks):
+            raise ValueError(f"LanguageModel: state has {len(states)} entries, the model has {len(self.blocks)} blocks")
+        h = self.embed_dropout(h)
+        new_states = []
+        for block, block_state in zip(self.blocks, states):
+            h, block_state = block(h, block_state, mask)
+            new_states.append(block_state)
+        return self.norm(h), tuple(new_states)
+
+    def forward(self, input_ids: torch.Tensor, state=None, mask: torch.Tensor | None = None):
+        if input_ids.dim() != 2:
+            raise ValueError(f"LanguageModel: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        h, state = self.forward_embeds(self.embed(input_ids), state, mask)
+        return self.head(h), state
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 eos_id: int | None = None) -> torch.Tensor:
+        """Continue ``input_ids`` (B, T) by ``max_new_tokens``; greedy when ``temperature == 0``.
+
+        The prompt is run once, then one token per step with the carried state (KV cache or recurrent state).
+        Returns (B, T + new) token ids; stops early when every row has produced ``eos_id``.
+        """
+        if input_ids.shape[1] < 1:
+            raise ValueError("generate: the prompt must hold at least one token")
+        logits, state = self(input_ids)
+        out = [input_ids]
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            next_id = sample_next(logits[:, -1], temperature, top_k, generator)   # (B, 1)
+            out.append(next_id)
+            if eos_id is not None:
+                finished |= next_id.squeeze(1) == eos_id
+                if bool(finished.all()):
+                    break
+            logits, state = self(next_id, state)
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from logits (B, V): argmax at temperature 0, else softmax sampling (optionally top-k)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)

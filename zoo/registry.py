@@ -1,0 +1,54 @@
+"""Names users type in configs, resolved lazily: mixers, bundled configs, shipped checkpoints.
+
+Torch-free: the config layer validates ``model.pattern`` against ``MIXERS`` before torch is imported.
+A layer family registers its mixers by adding a line here: name -> (import path, config section of ``ModelConfig``).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+MIXERS: dict[str, tuple[str, str]] = {
+    "attention": ("zoo.layers.attention:Attention", "attention"),
+}
+
+# A pattern entry that is not a mixer: a block with only the channel MLP (Mamba-2-Hybrid's MLP layers).
+MLP_ONLY = "mlp"
+
+
+def block_kinds() -> list[str]:
+    """Every name ``model.pattern`` accepts."""
+    return sorted(MIXERS) + [MLP_ONLY]
+
+
+def mixer_class(name: str):
+    """Import and return the mixer class registered as ``name``."""
+    if name not in MIXERS:
+        raise KeyError(f"unknown mixer '{name}'; known: {', '.join(sorted(MIXERS))}")
+    module, _, attr = MIXERS[name][0].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def mixer_section(name: str) -> str:
+    """The ``ModelConfig`` field holding the options of mixer ``name``."""
+    return MIXERS[name][1]
+
+
+def checkpoints_dir() -> Path:
+    """Where shipped checkpoints live: ``checkpoints/`` of the source checkout (next to the package)."""
+    return Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def shipped_checkpoints() -> list[str]:
+    """Names of the checkpoint directories shipped with the checkout."""
+    root = checkpoints_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def list_everything() -> dict:
+    """Mixers, bundled configs and shipped checkpoints, by kind."""
+    from zoo.config import bundled_config_names
+
+    return {"mixers": sorted(MIXERS), "configs": bundled_config_names(), "checkpoints": shipped_checkpoints()}

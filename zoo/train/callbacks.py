@@ -1,0 +1,123 @@
+"""Callbacks: RNG states for exact resume, and plain progress lines."""
+from __future__ import annotations
+
+import random
+import sys
+import time
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def capture_rng_states() -> dict:
+    """torch (CPU and CUDA), numpy and Python RNG states as tensors/ints/floats (safe for ``weights_only``)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    """Inverse of ``capture_rng_states``."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+class ResumeState(pl.Callback):
+    """Saves every rank's RNG states; restores them at the first resumed training batch (after loader creation)."""
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        states = capture_rng_states()
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["zoo_rng"] = {"world_size": trainer.world_size, "ranks": gathered}
+        else:
+            checkpoint["zoo_rng"] = {"world_size": 1, "ranks": [states]}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        saved = checkpoint.get("zoo_rng")
+        if saved is None:
+            return
+        if saved["world_size"] != trainer.world_size:
+            print(f"warning: resuming a {saved['world_size']}-process run on {trainer.world_size} processes; "
+                  f"the continuation is not bit-exact", file=sys.stderr, flush=True)
+        self._pending = saved["ranks"][min(trainer.global_rank, len(saved["ranks"]) - 1)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            restore_rng_states(self._pending)
+            self._pending = None
+
+
+class ProgressLines(pl.Callback):
+    """Plain progress lines on rank 0 for logs and CI; also logs ``train/tokens_per_s``.
+
+    ``step 100/1000 | loss 2.3100 | lr 3.00e-04 | grad 0.84 | 5.2k tok/s | 1m23s elapsed, eta 12m00s``
+    """
+
+    def __init__(self, every: int, print_lines: bool):
+        self.every, self.print_lines = max(1, every), print_lines
+        self._start = self._last_time = None
+        self._last_step = self._start_step = 0
+        self._tokens = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._last_time = time.perf_counter()
+        self._last_step = self._start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += batch["input_ids"].numel() * trainer.world_size
+        step = trainer.global_step
+        if step == self._last_step or step % self.every:
+            return
+        now = time.perf_counter()
+        rate = self._tokens / max(now - self._last_time, 1e-9)
+        self._tokens, self._last_time, self._last_step = 0, now, step
+        pl_module.log("train/tokens_per_s", rate)
+        if not (self.print_lines and trainer.is_global_zero):
+            return
+        elapsed = now - self._start
+        max_steps = trainer.max_steps
+        eta = elapsed / max(1, step - self._start_step) * (max_steps - step)
+        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        grad = getattr(pl_module, "_last_grad_norm", None)
+        grad_text = f" | grad {float(grad):.2f}" if grad is not None else ""
+        print(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e}{grad_text} | {rate / 1000:.1f}k tok/s | "
+              f"{_format_duration(elapsed)} elapsed, eta {_format_duration(eta)}", flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        values = getattr(pl_module, "last_val", None)
+        if not (self.print_lines and trainer.is_global_zero and values) or trainer.sanity_checking:
+            return
+        parts = [f"loss {values['val/loss']:.4f}"]
+        if "val/bpb" in values:
+            parts.append(f"bpb {values['val/bpb']:.3f}")
+        if "val/accuracy" in values:
+            parts.append(f"acc {values['val/accuracy']:.3f}")
+        print(f"val step {trainer.global_step} | " + " | ".join(parts), flush=True)

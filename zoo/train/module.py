@@ -1,0 +1,153 @@
+"""The LightningModule for language modelling and synthetic tasks: loss, optimizer groups, schedule, NaN guard."""
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from zoo.config import Config, to_dict
+from zoo.eval.metrics import IGNORE_INDEX, Tally
+from zoo.models import build_model
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class LanguageModelTask(pl.LightningModule):
+    """Trains ``zoo.models.LanguageModel`` on aligned (input_ids, labels) batches.
+
+    Logs ``train/loss``, ``train/lr``, ``train/grad_norm`` and, after validation, ``val/loss`` with ``val/bpb``
+    (text) or ``val/accuracy`` and ``val/exact_match`` (synthetic tasks).
+    """
+
+    def __init__(self, config: Config, data=None, last_checkpoint: str | None = None):
+        super().__init__()
+        self.config = config
+        self.data = data
+        self.is_task = bool(data is not None and data.is_task)
+        self.save_hyperparameters({"config": to_dict(config), "is_task": self.is_task})
+        self.model = build_model(config)
+        token_bytes = [] if data is None or self.is_task else data.tokenizer.token_bytes()
+        self.register_buffer("token_bytes", torch.tensor(token_bytes, dtype=torch.long), persistent=False)
+        self.train_loader = None
+        self._loader_state: dict | None = None
+        self.last_checkpoint = last_checkpoint
+        self._val_tally = Tally()
+        self._forward = self.model
+
+    def configure_model(self) -> None:
+        if self.config.trainer.compile and self._forward is self.model:
+            self._forward = torch.compile(self.model)
+
+    # ------------------------------------------------------------------------------------------------ data
+    def train_dataloader(self):
+        from zoo.data.loader import ResumableLoader
+
+        self.train_loader = ResumableLoader(self.data.train, self.config.data.batch_size, self.config.data.seed,
+                                            rank=self.global_rank, world_size=self.trainer.world_size)
+        if self._loader_state is not None:
+            self.train_loader.load_state_dict(self._loader_state)
+        return self.train_loader
+
+    def val_dataloader(self):
+        from zoo.data.loader import collate
+
+        # An explicit generator: creating an iterator must not draw from the global RNG (exact resume).
+        return torch.utils.data.DataLoader(self.data.test, batch_size=self.config.data.eval_batch_size,
+                                           shuffle=False, collate_fn=collate, generator=torch.Generator())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.train_loader is not None:
+            checkpoint["zoo_loader"] = self.train_loader.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._loader_state = checkpoint.get("zoo_loader")
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx):
+        logits, _ = self._forward(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        if self.train_loader is not None:
+            self.train_loader.mark_consumed()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self._last_loss = loss.detach()
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits, _ = self._forward(batch["input_ids"])
+        self._val_tally.add(logits, batch["labels"], None if self.is_task else self.token_bytes)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_tally = Tally()
+
+    def on_validation_epoch_end(self) -> None:
+        tally = self._val_tally
+        if tally.positions == 0:
+            return
+        if self.is_task:
+            metrics = tally.task_metrics()
+            values = {"val/loss": metrics["loss"], "val/accuracy": metrics["accuracy"],
+                      "val/exact_match": metrics["exact_match"]}
+        else:
+            metrics = tally.language_model_metrics()
+            values = {"val/loss": metrics["loss"], "val/bpb": metrics["bpb"]}
+        for key, value in values.items():
+            self.log(key, value, sync_dist=True)
+        self.last_val = values
+        target = self.config.trainer.stop_at_accuracy
+        if target is not None and self.is_task and metrics["accuracy"] >= target and not self.trainer.sanity_checking:
+            self.trainer.should_stop = True
+
+    # ------------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        optim = self.config.optim
+        no_decay = self.model.no_weight_decay()
+        decay_params, plain_params = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (plain_params if name in no_decay else decay_params).append(param)
+        groups = [{"params": decay_params, "weight_decay": optim.weight_decay},
+                  {"params": plain_params, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(optim.warmup_steps, self.config.trainer.max_steps, optim.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Total gradient norm (before clipping), and the NaN/Inf guard: raise before weights change."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.log("train/grad_norm", norm)
+        self._last_grad_norm = norm.detach()
+        check_loss_only = self.config.trainer.precision == "16-mixed"
+        loss_ok = bool(torch.isfinite(self._last_loss))
+        if not loss_ok or (not check_loss_only and not bool(torch.isfinite(norm))):
+            what = "loss" if not loss_ok else "gradient norm"
+            step = self.global_step + 1
+            raise FloatingPointError(f"{what} became nan/inf at step {step}; last good checkpoint: "
+                                     f"{self.last_checkpoint_note()}")
+
+    def last_checkpoint_note(self) -> str:
+        """``runs/x/last.ckpt (step N)`` or a note that none was written yet."""
+        from pathlib import Path
+
+        path = Path(self.last_checkpoint) if self.last_checkpoint else None
+        if path is None or not path.is_file():
+            return "none yet"
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=True).get("global_step")
+        except Exception:
+            step = "?"
+        return f"{path} (step {step})"
