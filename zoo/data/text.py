@@ -38,7 +38,7 @@ def check_local_path(path: str, where: str = "data.path") -> Path:
         if p.suffix not in TEXT_SUFFIXES:
             raise DataError(f"{where} {path} has suffix '{p.suffix}'; use .txt, .jsonl or .parquet")
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not p.parent.exists():
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and p.suffix not in TEXT_SUFFIXES and not p.parent.exists():
         raise DataError(f"{where} '{path}' is not a local file; zoo runs offline: pass a .txt/.jsonl/.parquet path "
                         f"or a bundled dataset (data.name=kjv, mqar, ...)")
     raise DataError(f"data file not found: {path} ({where})")

@@ -24,6 +24,15 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
     return factor
 
 
+def auxiliary_loss(state) -> torch.Tensor | None:
+    """Sum of the ``aux_loss`` fields of the block states (MoM's load balance), or None when no block has one.
+
+    This is the zoo's convention for auxiliary losses: a mixer returns them in its state, never through a global.
+    """
+    terms = [s.aux_loss for s in (state or ()) if getattr(s, "aux_loss", None) is not None]
+    return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+
 class LanguageModelTask(pl.LightningModule):
     """Trains ``zoo.models.LanguageModel`` on aligned (input_ids, labels) batches.
 
@@ -76,8 +85,12 @@ class LanguageModelTask(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
-        logits, _ = self._forward(batch["input_ids"])
+        logits, state = self._forward(batch["input_ids"])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        aux = auxiliary_loss(state)
+        if aux is not None:
+            self.log("train/aux_loss", aux)
+            loss = loss + aux
         if self.train_loader is not None:
             self.train_loader.mark_consumed()
         self.log("train/loss", loss, prog_bar=True)

@@ -1,0 +1,73 @@
+"""Text data, tokenizer and the resumable loader (tasks.md §8, training.md §4)."""
+import pytest
+import torch
+
+from zoo.config import DataConfig
+from zoo.data.loader import ResumableLoader, TaskDataset, build_data
+from zoo.data.tasks import MQARConfig
+from zoo.data.text import load_documents
+from zoo.data.tokenizer import ByteTokenizer
+from zoo.errors import DataError
+from tests.helpers import KJV_FIXTURE
+
+
+def test_byte_tokenizer_roundtrip_and_specials():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo")
+    assert tok.decode(ids + [256, 257]) == "héllo" and tok.vocab_size == 258
+    assert tok.decode([0xff]) == "\ufffd"
+
+
+def test_book_split_holds_out_the_last_books():
+    train, test = load_documents(DataConfig(name="text", path=str(KJV_FIXTURE)))
+    assert len(test) == 5 and all("James" not in d for d in train)       # James has 5 chapters
+    assert test[0].startswith("James, a servant of God")
+    fraction = load_documents(DataConfig(name="text", path=str(KJV_FIXTURE), split="fraction", val_fraction=0.1))
+    assert len(fraction[1]) == 3 and len(fraction[0]) + len(fraction[1]) == 33
+
+
+def test_text_windows_are_shifted_by_one():
+    data = build_data(DataConfig(name="text", path=str(KJV_FIXTURE), seq_len=64))
+    x, y = data.train[3]
+    assert x.shape == y.shape == (64,) and torch.equal(x[1:], y[:-1])
+    assert data.vocab_size == 258 and not data.is_task
+
+
+def test_missing_data_file_and_hub_id_errors():
+    with pytest.raises(DataError, match="data file not found: nope/train.txt"):
+        build_data(DataConfig(name="text", path="nope/train.txt"))
+    with pytest.raises(DataError, match="'roneneldan/TinyStories' is not a local file; zoo runs offline"):
+        build_data(DataConfig(name="text", path="roneneldan/TinyStories"))
+
+
+def _first_batches(loader, n):
+    it = iter(loader)
+    out = []
+    for _ in range(n):
+        out.append(next(it)["input_ids"])
+        loader.mark_consumed()
+    return out
+
+
+def test_loader_resumes_at_the_next_unconsumed_batch():
+    data = TaskDataset(MQARConfig(seq_len=32, num_kv_pairs=4, vocab_size=64, train_examples=40), "train", 0)
+    straight = _first_batches(ResumableLoader(data, 4, seed=0), 25)       # crosses two epoch boundaries
+    first = ResumableLoader(data, 4, seed=0)
+    it = iter(first)
+    for _ in range(7):
+        next(it)
+        first.mark_consumed()
+    next(it)                                                             # prefetched, never used
+    state = first.state_dict()
+    resumed = ResumableLoader(data, 4, seed=0)
+    resumed.load_state_dict(state)
+    rest = _first_batches(resumed, 18)
+    assert all(torch.equal(a, b) for a, b in zip(straight[7:], rest))
+    assert state == {"epoch": 0, "batches_consumed": 7}
+
+
+def test_loader_shards_by_rank_without_overlap():
+    data = TaskDataset(MQARConfig(seq_len=32, num_kv_pairs=4, vocab_size=64, train_examples=64), "train", 0)
+    ranks = [ResumableLoader(data, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    seen = [set(idx for b in range(8) for idx in loader.batch_indices(b)) for loader in ranks]
+    assert not (seen[0] & seen[1]) and len(seen[0] | seen[1]) == 64

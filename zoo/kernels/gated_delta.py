@@ -1,0 +1,278 @@
+"""The gated delta rule (Gated DeltaNet, arXiv 2412.06464), the recurrence inside each MoM memory (arXiv 2502.13685).
+
+Per head, with a K×V state S (keys first) and row vectors:
+
+    S_t = e^{g_t} S_{t-1} + β_t k_t (v_t − e^{g_t} S_{t-1}ᵀ k_t)ᵀ,      o_t = scale · S_tᵀ q_t
+
+The file holds, in order: the sequential reference (the oracle), the chunked PyTorch form (WY representation through
+the UT transform, linear in T, the CPU path), and the public op with validation and dispatch. The Triton kernels and
+their autograd function live in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for).
+See ``specs/mom.md`` §3 for the derivation.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from zoo.kernels._common import check_floating, check_range, check_shape, resolve_backend, values_checkable
+
+__all__ = ["gated_delta_rule", "gated_delta_rule_reference", "CHUNK_SIZE"]
+
+OP = "gated_delta_rule"
+CHUNK_SIZE = 64  # C: tokens per chunk in the chunked forms (read at call time, so tests may patch it)
+L2NORM_EPS = 1e-6
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    """z · (Σ z² + 1e-6)^-½ over the last dimension."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (the state's dtype)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _sequence_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """The single host read of ``cu_seqlens`` allowed on the reference and torch paths."""
+    return [int(x) for x in cu_seqlens.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Reference: one token at a time, written from the recurrence.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _recurrent(q, k, v, g, beta, state, scale):
+    """Run the recurrence over (B, T) with state (B, H, K, V); returns o (B, T, H, V) and the last state."""
+    outputs = []
+    for t in range(q.shape[1]):
+        state = g[:, t].exp()[..., None, None] * state  # (B, H, K, V): S ← e^{g_t} S
+        k_t = k[:, t]  # (B, H, K)
+        u_t = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", state, k_t))  # (B, H, V)
+        state = state + k_t[..., :, None] * u_t[..., None, :]  # (B, H, K, V): S ← S + k uᵀ
+        outputs.append(scale * torch.einsum("bhkv,bhk->bhv", state, q[:, t]))  # (B, H, V)
+    if not outputs:
+        return v.new_zeros(v.shape, dtype=state.dtype), state
+    return torch.stack(outputs, dim=1), state  # (B, T, H, V)
+
+
+def gated_delta_rule_reference(q, k, v, g, beta, initial_state=None, cu_seqlens=None, scale=None,
+                               use_qk_l2norm=False):
+    """The plainest correct gated delta rule: a loop over sequences and tokens (the oracle; any dtype, float64 too).
+
+    Same arguments and returns as :func:`gated_delta_rule` (without ``backend``); no input validation.
+    Differentiable by autograd.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = _compute_dtype(q)
+    out_dtype = v.dtype
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    if cu_seqlens is None:
+        state = (q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype))  # (B, H, K, V)
+        o, final = _recurrent(q, k, v, g, beta, state, scale)
+        return o.to(out_dtype), final
+    bounds = _sequence_bounds(cu_seqlens)
+    N = len(bounds) - 1
+    h0 = q.new_zeros(N, H, K, V) if initial_state is None else initial_state.to(dtype)  # (N, H, K, V)
+    pieces, finals = [], []
+    for n in range(N):
+        span = slice(bounds[n], bounds[n + 1])
+        o_n, s_n = _recurrent(q[:, span], k[:, span], v[:, span], g[:, span], beta[:, span], h0[n:n + 1], scale)
+        pieces.append(o_n)
+        finals.append(s_n)
+    o = torch.cat(pieces, dim=1) if pieces else q.new_zeros(1, T, H, V)  # (1, T, H, V)
+    return o.to(out_dtype), torch.cat(finals, dim=0) if finals else h0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Chunked PyTorch form: WY representation through the UT transform (spec §3.2). Linear in T, autograd backward.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _chunk_dense(q, k, v, g, beta, state, scale, chunk_size):
+    """Chunked gated delta rule on equal-length sequences whose length is a multiple of ``chunk_size``.
+
+    q, k: (N, Tp, H, K); v: (N, Tp, H, V); g, beta: (N, Tp, H); state: (N, H, K, V). Returns o (N, Tp, H, V), state.
+    """
+    C = chunk_size
+    K, V = k.shape[-1], v.shape[-1]
+    q, k = (rearrange(x, "n (c l) h d -> n h c l d", l=C) for x in (q, k))  # (N, H, NT, C, K)
+    v = rearrange(v, "n (c l) h d -> n h c l d", l=C)  # (N, H, NT, C, V)
+    g, beta = (rearrange(x, "n (c l) h -> n h c l", l=C) for x in (g, beta))  # (N, H, NT, C)
+    position = torch.arange(C, device=q.device)
+    inclusive = position[:, None] >= position[None, :]  # (C, C) lower triangle with the diagonal
+    strict = position[:, None] > position[None, :]  # (C, C) strictly lower triangle
+
+    G = g.cumsum(-1)  # (N, H, NT, C) chunk-local cumulative log decay
+    Lam = (G[..., :, None] - G[..., None, :]).masked_fill(~inclusive, float("-inf")).exp()  # (N, H, NT, C, C)
+    A = (beta[..., :, None] * (k @ k.transpose(-1, -2)) * Lam).masked_fill(~strict, 0.0)  # (N, H, NT, C, C)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([(beta * G.exp())[..., None] * k, beta[..., None] * v], dim=-1)  # (N, H, NT, C, K + V)
+    WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # T·rhs, T = (I + A)^-1
+    W, U_tilde = WU.split([K, V], dim=-1)  # (N, H, NT, C, K), (N, H, NT, C, V)
+
+    QKL = (q @ k.transpose(-1, -2)) * Lam  # (N, H, NT, C, C), zero above the diagonal
+    q_decayed = q * G.exp()[..., None]  # (N, H, NT, C, K): diag(e^G) Q
+    G_last = G[..., -1]  # (N, H, NT)
+    k_decayed = k * (G_last[..., None] - G).exp()[..., None]  # (N, H, NT, C, K): diag(e^{G_n − G}) K
+
+    outputs = []
+    for c in range(q.shape[2]):
+        U = U_tilde[:, :, c] - W[:, :, c] @ state  # (N, H, C, V): the true pseudo-values u_i
+        outputs.append(scale * (q_decayed[:, :, c] @ state + QKL[:, :, c] @ U))  # (N, H, C, V)
+        state = G_last[:, :, c, None, None].exp() * state + k_decayed[:, :, c].transpose(-1, -2) @ U  # (N, H, K, V)
+    o = torch.stack(outputs, dim=2)  # (N, H, NT, C, V)
+    return rearrange(o, "n h c l d -> n (c l) h d"), state
+
+
+def _pad_time(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 1 to ``length`` (padding is q = k = v = 0, β = 0, g = 0: no write and no decay)."""
+    extra = length - x.shape[1]
+    if extra == 0:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, cu_seqlens=None, scale=None,
+                             use_qk_l2norm=False):
+    """The chunked PyTorch gated delta rule (``backend="torch"``); same arguments and returns as the public op."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = CHUNK_SIZE
+    dtype = _compute_dtype(q)
+    out_dtype = v.dtype
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    if cu_seqlens is None:
+        padded = -(-T // C) * C
+        state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)  # (B, H, K, V)
+        if T == 0:
+            return v.new_zeros(B, 0, H, V, dtype=out_dtype), state * 1.0
+        o, final = _chunk_dense(*(_pad_time(x, padded) for x in (q, k, v, g, beta)), state, scale, C)
+        return o[:, :T].to(out_dtype), final
+
+    # Varlen: gather each sequence into its own row, padded at its end to a common multiple of C, then unpad.
+    bounds = _sequence_bounds(cu_seqlens)
+    N = len(bounds) - 1
+    lengths = [bounds[n + 1] - bounds[n] for n in range(N)]
+    padded = max(1, -(-max(lengths, default=0) // C)) * C
+    state = q.new_zeros(N, H, K, V) if initial_state is None else initial_state.to(dtype)  # (N, H, K, V)
+    offsets = torch.arange(padded, device=q.device)  # (P,)
+    starts = torch.tensor(bounds[:-1], device=q.device)  # (N,)
+    ends = torch.tensor(bounds[1:], device=q.device)  # (N,)
+    source = starts[:, None] + offsets[None, :]  # (N, P) token index of each padded slot
+    source = torch.where(source < ends[:, None], source, T)  # index T is an appended zero row
+    gathered = [torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])[source] for x in (q, k, v, g, beta)]  # (N, P, ...)
+    o, final = _chunk_dense(*gathered, state, scale, C)  # (N, P, H, V)
+    slot = torch.cat([n * padded + torch.arange(lengths[n], device=q.device) for n in range(N)])  # (T,)
+    o = o.reshape(N * padded, H, V)[slot]  # (T, H, V)
+    return o[None].to(out_dtype), final
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The public op (part 3, the Triton kernels, is gated_delta_triton.py).
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale):
+    """One-line errors for inputs that disagree; returns N, the number of sequences."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{OP}: q must have shape (B, T, H, K), got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    B, T, H, K = q.shape
+    check_shape(OP, "k", k, (B, T, H, K), " (the shape of q)")
+    check_shape(OP, "v", v, (B, T, H, None), " (B, T, H of q)")
+    check_shape(OP, "g", g, (B, T, H), " (B, T, H of q)")
+    check_shape(OP, "beta", beta, (B, T, H), " (B, T, H of q)")
+    V = v.shape[-1]
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        check_floating(OP, name, tensor)
+        if tensor.device != q.device:
+            raise ValueError(f"{OP}: {name} is on {tensor.device} but q is on {q.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{OP}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if K == 0 or V == 0:
+        raise ValueError(f"{OP}: key and value dimensions must be positive, got K={K}, V={V}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{OP}: scale must be a Python number or None, got {type(scale).__name__}")
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"{OP}: cu_seqlens must be a 1-D tensor [0, ..., T] of length N + 1 >= 2")
+        if cu_seqlens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{OP}: cu_seqlens must be int64 (or int32), got {cu_seqlens.dtype}")
+        if B != 1:
+            raise ValueError(f"{OP}: cu_seqlens needs the sequences packed along time with batch size 1, got B={B}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"{OP}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        N = cu_seqlens.numel() - 1
+        if values_checkable():
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
+                raise ValueError(f"{OP}: cu_seqlens must start at 0 and end at T={T}, got "
+                                 f"{int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
+            if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+                raise ValueError(f"{OP}: cu_seqlens must be non-decreasing")
+    if initial_state is not None:
+        check_shape(OP, "initial_state", initial_state, (N, H, K, V), " (N sequences, H, K, V)")
+        check_floating(OP, "initial_state", initial_state)
+        if initial_state.device != q.device:
+            raise ValueError(f"{OP}: initial_state is on {initial_state.device} but q is on {q.device}")
+    check_range(OP, "g (log decay)", g, None, 0.0)
+    return N
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     initial_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                     scale: float | None = None, use_qk_l2norm: bool = False,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule of Gated DeltaNet (Yang et al., arXiv 2412.06464), as used by MoM (arXiv 2502.13685).
+
+    Per sequence and head, with state S (K×V, keys first):
+    ``S_t = e^{g_t} S_{t−1} + β_t k_t (v_t − e^{g_t} S_{t−1}ᵀ k_t)ᵀ`` and ``o_t = scale · S_tᵀ q_t``.
+
+    Args:
+        q, k: (B, T, H, K) queries and keys. v: (B, T, H, V) values (q, k, v share a dtype).
+        g: (B, T, H) log decay, ≤ 0 (the gate is e^g). beta: (B, T, H) write strength β (stable for β ∈ [0, 2]
+            and ‖k‖ = 1).
+        initial_state: (N, H, K, V) state before the first token of each sequence; None means zeros.
+        cu_seqlens: int64 (N + 1,) boundaries [0, ..., T] of N sequences packed along time; needs B == 1.
+            Without it N = B. Zero-length sequences are allowed (their final state is their initial state).
+        scale: output scale; None means K^-½.
+        use_qk_l2norm: normalise q and k over K inside the op, z·(Σz² + 1e-6)^-½, with gradients through it.
+        backend: "auto" (Triton for CUDA tensors, the chunked torch form otherwise), "reference" (the token loop),
+            "torch" (chunked WY/UT form, autograd) or "triton" (kernels with a hand-written backward).
+
+    Returns:
+        o: (B, T, H, V) in v's dtype, and final_state: (N, H, K, V) in float32 (float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> from zoo.kernels import gated_delta_rule
+        >>> B, T, H, K, V = 2, 100, 4, 16, 32
+        >>> q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+        >>> v = torch.randn(B, T, H, V)
+        >>> g = -torch.rand(B, T, H)                # log decay <= 0
+        >>> beta = torch.rand(B, T, H)
+        >>> o, state = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
+        >>> o.shape, state.shape
+        (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 16, 32]))
+        >>> o2, _ = gated_delta_rule(q[:, 60:], k[:, 60:], v[:, 60:], g[:, 60:], beta[:, 60:],
+        ...                          initial_state=gated_delta_rule(q[:, :60], k[:, :60], v[:, :60], g[:, :60],
+        ...                                                         beta[:, :60], use_qk_l2norm=True)[1],
+        ...                          use_qk_l2norm=True)
+        >>> torch.allclose(o2, o[:, 60:], atol=1e-4)
+        True
+    """
+    _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale)
+    backend = resolve_backend(backend, q, OP)
+    arguments = dict(initial_state=initial_state, cu_seqlens=cu_seqlens, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    if backend == "reference":
+        return gated_delta_rule_reference(q, k, v, g, beta, **arguments)
+    if backend == "torch":
+        return gated_delta_rule_chunked(q, k, v, g, beta, **arguments)
+    from zoo.kernels.gated_delta_triton import gated_delta_rule_triton
+    return gated_delta_rule_triton(q, k, v, g, beta, chunk_size=CHUNK_SIZE, **arguments)

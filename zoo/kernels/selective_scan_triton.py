@@ -1,0 +1,273 @@
+"""Part 3 of ``selective_scan``: Triton forward/backward kernels and the autograd Function (the GPU path).
+
+Forward: grid (B, Dm / BLOCK_D); a (BLOCK_D, N) state tile stays in registers across the time loop and an fp32 state
+checkpoint is written every K steps. Backward: the same grid walks the segments in reverse, recomputes each
+segment's K states from its checkpoint into a per-program scratch buffer, then runs the adjoint (spec mamba.md §2)::
+
+    ĝ_t = C_t·gy'_t + a_{t+1}·ĝ_{t+1},  ĝ_T seeded by g_final;  g_initial = a_1·ĝ_1
+
+The same kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (loop offsets use ``tl.cast``; one fixed config).
+Importing this module without Triton succeeds; calling ``selective_scan_triton`` then raises.
+"""
+from __future__ import annotations
+
+import torch
+
+from zoo.kernels._common import triton_available
+
+CHECKPOINT_STEPS = 64  # K: steps between stored states
+MAX_BLOCK_D = 16
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _softplus(x):
+        # max(x, 0) + log1p(exp(-|x|)), log1p by Goldberg's trick (exact for tiny arguments)
+        e = tl.exp(-tl.abs(x))
+        w = 1.0 + e
+        log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+        return tl.maximum(x, 0.0) + log1p
+
+    @triton.jit
+    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+                         y_ptr, hT_ptr, ckpt_ptr,
+                         T, Dm, G, N, n_ckpt,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, K: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+        pid_b = tl.cast(tl.program_id(0), tl.int64)
+        pid_d = tl.program_id(1)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        mask_d = d < Dm
+        mask_n = n < N
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        g = (pid_d * BLOCK_D) // (Dm // G)  # the block lies in one group
+        dn = d[:, None] * N + n[None, :]  # (BLOCK_D, BLOCK_N)
+        A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(COMPUTE)
+        Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(COMPUTE) if HAS_D else tl.zeros([BLOCK_D], COMPUTE)
+        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(COMPUTE) if HAS_BIAS else \
+            tl.zeros([BLOCK_D], COMPUTE)
+        state_off = pid_b * Dm * N + dn
+        if HAS_H0:
+            h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0).to(COMPUTE)
+        else:
+            h = tl.zeros([BLOCK_D, BLOCK_N], COMPUTE)
+        for s in range(0, n_ckpt):
+            s64 = tl.cast(s, tl.int64)
+            tl.store(ckpt_ptr + (pid_b * n_ckpt + s64) * Dm * N + dn, h, mask=mask_dn)
+            for k in range(0, K):
+                t = s64 * K + tl.cast(k, tl.int64)
+                valid_d = (d * 0 + t) < T  # vector masks: the interpreter turns scalar & vector into int32
+                valid_n = (n * 0 + t) < T
+                row = pid_b * T + t
+                u = tl.load(u_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE)
+                dlt = tl.load(delta_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE) + bias
+                if SOFTPLUS:
+                    dlt = _softplus(dlt)
+                dlt = tl.where(valid_d, dlt, 0.0)
+                Bt = tl.load(B_ptr + (row * G + g) * N + n, mask=mask_n & valid_n, other=0.0).to(COMPUTE)
+                Ct = tl.load(C_ptr + (row * G + g) * N + n, mask=mask_n & valid_n, other=0.0).to(COMPUTE)
+                a = tl.exp(dlt[:, None] * A)
+                h = a * h + (dlt * u)[:, None] * Bt[None, :]
+                y = tl.sum(h * Ct[None, :], 1) + Dv * u
+                if HAS_Z:
+                    zt = tl.load(z_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE)
+                    y = y * zt * tl.sigmoid(zt)
+                tl.store(y_ptr + row * Dm + d, y.to(y_ptr.dtype.element_ty), mask=mask_d & valid_d)
+        tl.store(hT_ptr + state_off, h, mask=mask_dn)
+
+    @triton.jit
+    def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
+                         gout_ptr, ghT_ptr, scratch_ptr,
+                         gu_ptr, gdelta_ptr, gz_ptr, gB_ptr, gC_ptr, gA_ptr, gD_ptr, gbias_ptr, gh0_ptr,
+                         T, Dm, G, N, n_ckpt, n_dblocks,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, K: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+        pid_b = tl.cast(tl.program_id(0), tl.int64)
+        pid_d = tl.program_id(1)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, BLOCK_N)
+        mask_d = d < Dm
+        mask_n = n < N
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        g = (pid_d * BLOCK_D) // (Dm // G)
+        dn = d[:, None] * N + n[None, :]
+        tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]  # offsets inside a scratch slot
+        scratch = scratch_ptr + (pid_b * n_dblocks + pid_d) * (K + 1) * BLOCK_D * BLOCK_N
+        A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(COMPUTE)
+        Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(COMPUTE) if HAS_D else tl.zeros([BLOCK_D], COMPUTE)
+        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(COMPUTE) if HAS_BIAS else \
+            tl.zeros([BLOCK_D], COMPUTE)
+        state_off = pid_b * Dm * N + dn
+        g_carry = tl.load(ghT_ptr + state_off, mask=mask_dn, other=0.0).to(COMPUTE)  # ∂L/∂h_t from the future
+        gA_acc = tl.zeros([BLOCK_D, BLOCK_N], COMPUTE)
+        gD_acc = tl.zeros([BLOCK_D], COMPUTE)
+        gbias_acc = tl.zeros([BLOCK_D], COMPUTE)
+        for s_rev in range(0, n_ckpt):
+            s64 = tl.cast(n_ckpt - 1 - s_rev, tl.int64)
+            # recompute the segment's states: slot 0 = checkpoint, slot k + 1 = state after step k
+            h = tl.load(ckpt_ptr + (pid_b * n_ckpt + s64) * Dm * N + dn, mask=mask_dn, other=0.0)
+            tl.store(scratch + tile, h)
+            for k in range(0, K):
+                t = s64 * K + tl.cast(k, tl.int64)
+                valid_d = (d * 0 + t) < T  # vector masks: the interpreter turns scalar & vector into int32
+                valid_n = (n * 0 + t) < T
+                row = pid_b * T + t
+                u = tl.load(u_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE)
+                dlt = tl.load(delta_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE) + bias
+                if SOFTPLUS:
+                    dlt = _softplus(dlt)
+                dlt = tl.where(valid_d, dlt, 0.0)
+                Bt = tl.load(B_ptr + (row * G + g) * N + n, mask=mask_n & valid_n, other=0.0).to(COMPUTE)
+                h = tl.exp(dlt[:, None] * A) * h + (dlt * u)[:, None] * Bt[None, :]
+                tl.store(scratch + (tl.cast(k, tl.int64) + 1) * BLOCK_D * BLOCK_N + tile, h)
+            tl.debug_barrier()
+            # adjoint, newest step first
+            for k_rev in range(0, K):
+                k64 = tl.cast(K - 1 - k_rev, tl.int64)
+                t = s64 * K + k64
+                valid_d = (d * 0 + t) < T  # vector masks: the interpreter turns scalar & vector into int32
+                valid_n = (n * 0 + t) < T
+                row = pid_b * T + t
+                h_t = tl.load(scratch + (k64 + 1) * BLOCK_D * BLOCK_N + tile)
+                h_prev = tl.load(scratch + k64 * BLOCK_D * BLOCK_N + tile)
+                u = tl.load(u_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE)
+                raw = tl.load(delta_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE) + bias
+                dlt = _softplus(raw) if SOFTPLUS else raw
+                dlt = tl.where(valid_d, dlt, 0.0)
+                Bt = tl.load(B_ptr + (row * G + g) * N + n, mask=mask_n & valid_n, other=0.0).to(COMPUTE)
+                Ct = tl.load(C_ptr + (row * G + g) * N + n, mask=mask_n & valid_n, other=0.0).to(COMPUTE)
+                gout = tl.load(gout_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE)
+                if HAS_Z:
+                    zt = tl.load(z_ptr + row * Dm + d, mask=mask_d & valid_d, other=0.0).to(COMPUTE)
+                    sz = tl.sigmoid(zt)
+                    y_pre = tl.sum(h_t * Ct[None, :], 1) + Dv * u
+                    gy = gout * zt * sz
+                    gz = gout * y_pre * sz * (1.0 + zt * (1.0 - sz))
+                    tl.store(gz_ptr + row * Dm + d, gz, mask=mask_d & valid_d)
+                else:
+                    gy = gout
+                a = tl.exp(dlt[:, None] * A)
+                g_hat = g_carry + gy[:, None] * Ct[None, :]  # (BLOCK_D, BLOCK_N)
+                part = (row * n_dblocks + pid_d) * N + n
+                tl.store(gC_ptr + part, tl.sum(gy[:, None] * h_t, 0), mask=mask_n & valid_n)
+                tl.store(gB_ptr + part, tl.sum(g_hat * (dlt * u)[:, None], 0), mask=mask_n & valid_n)
+                gu = Dv * gy + tl.sum(g_hat * Bt[None, :], 1) * dlt
+                gdlt = tl.sum(g_hat * (h_prev * a * A + Bt[None, :] * u[:, None]), 1)
+                if SOFTPLUS:
+                    gdlt = gdlt * tl.sigmoid(raw)
+                gdlt = tl.where(valid_d, gdlt, 0.0)
+                gA_acc += g_hat * h_prev * a * dlt[:, None]
+                gD_acc += gy * u
+                gbias_acc += gdlt
+                tl.store(gu_ptr + row * Dm + d, gu, mask=mask_d & valid_d)
+                tl.store(gdelta_ptr + row * Dm + d, gdlt, mask=mask_d & valid_d)
+                g_carry = a * g_hat
+            tl.debug_barrier()
+        tl.store(gh0_ptr + state_off, g_carry, mask=mask_dn)
+        tl.store(gA_ptr + state_off, gA_acc, mask=mask_dn)
+        tl.store(gD_ptr + pid_b * Dm + d, gD_acc, mask=mask_d)
+        tl.store(gbias_ptr + pid_b * Dm + d, gbias_acc, mask=mask_d)
+
+
+def _block_d(group_width: int) -> int:
+    """Largest power of two ≤ MAX_BLOCK_D dividing the group width, so a block stays inside one group."""
+    block = 1
+    while block * 2 <= MAX_BLOCK_D and group_width % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+def _nan(shape, dtype, device):
+    """Outputs are poisoned with NaN before a kernel writes them."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    """Triton forward and hand-written backward of the selective scan."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoint_steps):
+        compute = torch.float64 if any(t is not None and t.dtype == torch.float64
+                                       for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)) \
+            else torch.float32
+        batch, T, Dm = u.shape
+        G, N = B.shape[2], B.shape[3]
+        K = min(checkpoint_steps, max(8, triton.next_power_of_2(T)))  # short sequences: one short segment
+        n_ckpt = -(-T // K)
+        block_d = _block_d(Dm // G)
+        block_n = triton.next_power_of_2(N)
+        dummy = u.new_empty(1)
+        y = _nan((batch, T, Dm), u.dtype, u.device)
+        final = _nan((batch, Dm, N), compute, u.device)
+        ckpt = _nan((batch, n_ckpt, Dm, N), compute, u.device)
+        grid = (batch, Dm // block_d)
+        _scan_fwd_kernel[grid](
+            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy,
+            initial_state if initial_state is not None else dummy,
+            y, final, ckpt, T, Dm, G, N, n_ckpt,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_H0=initial_state is not None, K=K, BLOCK_D=block_d, BLOCK_N=block_n,
+            COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, num_warps=4)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.config = (delta_softplus, K, block_d, block_n, compute, initial_state is not None)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gout, gfinal):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        delta_softplus, K, block_d, block_n, compute, has_h0 = ctx.config
+        batch, T, Dm = u.shape
+        G, N = B.shape[2], B.shape[3]
+        n_ckpt = ckpt.shape[1]
+        n_dblocks = Dm // block_d
+        dev = u.device
+        gout = gout.contiguous()
+        gfinal = gfinal.to(compute).contiguous() if gfinal is not None else torch.zeros(batch, Dm, N, dtype=compute,
+                                                                                         device=dev)
+        scratch = _nan((batch, n_dblocks, K + 1, block_d, block_n), compute, dev)
+        gu, gdelta = _nan((batch, T, Dm), compute, dev), _nan((batch, T, Dm), compute, dev)
+        gz = _nan((batch, T, Dm), compute, dev) if z is not None else u.new_empty(1)
+        gB_part = _nan((batch, T, n_dblocks, N), compute, dev)
+        gC_part = _nan((batch, T, n_dblocks, N), compute, dev)
+        gA_part = _nan((batch, Dm, N), compute, dev)
+        gD_part, gbias_part = _nan((batch, Dm), compute, dev), _nan((batch, Dm), compute, dev)
+        gh0 = _nan((batch, Dm, N), compute, dev)
+        dummy = u.new_empty(1)
+        _scan_bwd_kernel[(batch, n_dblocks)](
+            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, ckpt, gout, gfinal, scratch,
+            gu, gdelta, gz, gB_part, gC_part, gA_part, gD_part, gbias_part, gh0,
+            T, Dm, G, N, n_ckpt, n_dblocks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            K=K, BLOCK_D=block_d, BLOCK_N=block_n,
+            COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, num_warps=4)
+        # per-block partials of gB, gC summed over each group's blocks (deterministic, no atomics)
+        gB = gB_part.view(batch, T, G, n_dblocks // G, N).sum(3)  # (B, T, G, N)
+        gC = gC_part.view(batch, T, G, n_dblocks // G, N).sum(3)
+        return (gu.to(u.dtype), gdelta.to(delta.dtype), gA_part.sum(0).to(A.dtype), gB.to(B.dtype),
+                gC.to(C.dtype), gD_part.sum(0).to(D.dtype) if D is not None else None,
+                gz.to(z.dtype) if z is not None else None,
+                gbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+                gh0 if has_h0 else None, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          initial_state=None, checkpoint_steps=CHECKPOINT_STEPS):
+    """Triton selective scan (arguments as ``selective_scan``; inputs already validated). Needs CUDA tensors, or CPU
+    tensors under ``TRITON_INTERPRET=1``."""
+    if not triton_available():
+        raise RuntimeError("selective_scan: backend='triton' needs the triton package")
+    squeeze = B.dim() == 3
+    B4 = (B.unsqueeze(2) if squeeze else B).contiguous()  # (B, T, G, N)
+    C4 = (C.unsqueeze(2) if squeeze else C).contiguous()
+    contiguous = [t.contiguous() if t is not None else None for t in (u, delta, A, D, z, delta_bias, initial_state)]
+    u, delta, A, D, z, delta_bias, initial_state = contiguous
+    y, final = _SelectiveScanTriton.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state,
+                                          bool(delta_softplus), int(checkpoint_steps))
+    return y, final

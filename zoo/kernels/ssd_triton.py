@@ -1,0 +1,361 @@
+"""Part 3 of ``ssd``: Triton forward/backward kernels and the autograd Function (the GPU path).
+
+Forward (spec mamba.md §3): (1) chunk cumsum Λ and chunk states S^c = Σ_j exp(Λ_Q − Λ_j)·X_j ⊗ B_j, one program per
+(batch·head, chunk); (2) sequential state passing per (batch·head), fp32, from the initial state; (3) the chunk
+output (C·Bᵀ ⊙ L)·X + exp(Λ)·C·S_startᵀ + D·x, recomputing C·Bᵀ and L. Stored: Δ, Λ, the chunk-start states and the
+final state. Backward: (1) gS_start from the output stage; (2) reverse state passing seeded by g_final; (3) one
+program per chunk for gx, gdt, gB, gC and partial sums of gA, gD, gdt_bias. Exponents are clamped to ≤ 0.
+
+Variable-length batches reach these kernels unpacked to rows with a per-row length ``seq_lens``: Δ is 0 past a
+row's end, so the state passes through unchanged and each row's final state is the state at its last token.
+The same kernels run under ``TRITON_INTERPRET=1`` on CPU tensors. Importing this module without Triton succeeds.
+"""
+from __future__ import annotations
+
+import torch
+
+from zoo.kernels._common import triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _softplus(x):
+        # max(x, 0) + log1p(exp(-|x|)), log1p by Goldberg's trick (exact for tiny arguments)
+        e = tl.exp(-tl.abs(x))
+        w = 1.0 + e
+        log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+        return tl.maximum(x, 0.0) + log1p
+
+    @triton.jit
+    def _ssd_chunk_state_fwd_kernel(x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, len_ptr, delta_ptr, Lam_ptr, Sc_ptr,
+                                    T, H, G, P, N, nc,
+                                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LEN: tl.constexpr,
+                                    Q: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+        pid_bh = tl.program_id(0)
+        c = tl.cast(tl.program_id(1), tl.int64)
+        b = tl.cast(pid_bh // H, tl.int64)
+        h = pid_bh % H
+        g = h // (H // G)
+        q = tl.arange(0, BLOCK_Q)
+        p = tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        t = c * Q + q  # (BLOCK_Q,)
+        limit = tl.load(len_ptr + b) if HAS_LEN else T
+        valid = (q < Q) & (t < T) & (t < limit)
+        raw = tl.load(dt_ptr + (b * T + t) * H + h, mask=valid, other=0.0).to(COMPUTE)
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + h).to(COMPUTE)
+        dlt = _softplus(raw) if SOFTPLUS else raw
+        dlt = tl.where(valid, dlt, 0.0)  # Δ = 0 past the end: a = 0, X = 0
+        Lam = tl.cumsum(dlt * tl.load(A_ptr + h).to(COMPUTE), 0)  # (BLOCK_Q,)
+        Lam_last = tl.sum(tl.where(q == Q - 1, Lam, 0.0), 0)
+        row = (b * H + h) * nc * Q + c * Q + q
+        tl.store(delta_ptr + row, dlt, mask=q < Q)
+        tl.store(Lam_ptr + row, Lam, mask=q < Q)
+        xm = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=valid[:, None] & (p[None, :] < P),
+                     other=0.0).to(COMPUTE)  # (BLOCK_Q, BLOCK_P)
+        Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=valid[:, None] & (n[None, :] < N),
+                     other=0.0).to(COMPUTE)  # (BLOCK_Q, BLOCK_N)
+        w = tl.where(valid, tl.exp(tl.minimum(Lam_last - Lam, 0.0)) * dlt, 0.0)  # decay to the chunk end, times Δ
+        S = tl.dot(tl.trans(xm * w[:, None]), Bm, input_precision=PRECISION)  # (BLOCK_P, BLOCK_N)
+        pn = p[:, None] * N + n[None, :]
+        tl.store(Sc_ptr + ((b * nc + c) * H + h) * P * N + pn, S, mask=(p[:, None] < P) & (n[None, :] < N))
+
+    @triton.jit
+    def _ssd_state_passing_fwd_kernel(Sc_ptr, Lam_ptr, h0_ptr, Sstart_ptr, final_ptr, H, P, N, nc,
+                                      HAS_H0: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                                      BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+        pid_bh = tl.program_id(0)
+        b = tl.cast(pid_bh // H, tl.int64)
+        h = pid_bh % H
+        p = tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        pn = p[:, None] * N + n[None, :]
+        mask = (p[:, None] < P) & (n[None, :] < N)
+        if HAS_H0:
+            S = tl.load(h0_ptr + (b * H + h) * P * N + pn, mask=mask, other=0.0).to(COMPUTE)
+        else:
+            S = tl.zeros([BLOCK_P, BLOCK_N], COMPUTE)
+        for c in range(0, nc):
+            c64 = tl.cast(c, tl.int64)
+            off = ((b * nc + c64) * H + h) * P * N + pn
+            tl.store(Sstart_ptr + off, S, mask=mask)
+            decay = tl.exp(tl.load(Lam_ptr + (b * H + h) * nc * Q + c64 * Q + Q - 1))
+            S = decay * S + tl.load(Sc_ptr + off, mask=mask, other=0.0)
+        tl.store(final_ptr + (b * H + h) * P * N + pn, S, mask=mask)
+
+    @triton.jit
+    def _ssd_chunk_scan_fwd_kernel(x_ptr, B_ptr, C_ptr, D_ptr, delta_ptr, Lam_ptr, Sstart_ptr, y_ptr,
+                                   T, H, G, P, N, nc,
+                                   HAS_D: tl.constexpr, Q: tl.constexpr, BLOCK_Q: tl.constexpr,
+                                   BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr,
+                                   PRECISION: tl.constexpr):
+        pid_bh = tl.program_id(0)
+        c = tl.cast(tl.program_id(1), tl.int64)
+        b = tl.cast(pid_bh // H, tl.int64)
+        h = pid_bh % H
+        g = h // (H // G)
+        q = tl.arange(0, BLOCK_Q)
+        p = tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        t = c * Q + q
+        inside = (q < Q) & (t < T)
+        row = (b * H + h) * nc * Q + c * Q + q
+        dlt = tl.load(delta_ptr + row, mask=q < Q, other=0.0)
+        Lam = tl.load(Lam_ptr + row, mask=q < Q, other=0.0)
+        xm = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                     mask=inside[:, None] & (p[None, :] < P), other=0.0).to(COMPUTE)  # (BLOCK_Q, BLOCK_P)
+        Bm = tl.load(B_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                     mask=inside[:, None] & (n[None, :] < N), other=0.0).to(COMPUTE)  # (BLOCK_Q, BLOCK_N)
+        Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                     mask=inside[:, None] & (n[None, :] < N), other=0.0).to(COMPUTE)
+        causal = (q[:, None] >= q[None, :]) & inside[:, None] & inside[None, :]
+        L = tl.where(causal, tl.exp(tl.minimum(Lam[:, None] - Lam[None, :], 0.0)), 0.0)  # (BLOCK_Q, BLOCK_Q)
+        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PRECISION)  # (BLOCK_Q, BLOCK_Q)
+        y = tl.dot(CB * L, xm * dlt[:, None], input_precision=PRECISION)  # (BLOCK_Q, BLOCK_P)
+        pn = p[:, None] * N + n[None, :]
+        S0 = tl.load(Sstart_ptr + ((b * nc + c) * H + h) * P * N + pn, mask=(p[:, None] < P) & (n[None, :] < N),
+                     other=0.0)  # (BLOCK_P, BLOCK_N)
+        decay_in = tl.where(inside, tl.exp(tl.minimum(Lam, 0.0)), 0.0)
+        y += decay_in[:, None] * tl.dot(Cm, tl.trans(S0), input_precision=PRECISION)
+        if HAS_D:
+            y += tl.load(D_ptr + h).to(COMPUTE) * xm
+        tl.store(y_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=inside[:, None] & (p[None, :] < P))
+
+    @triton.jit
+    def _ssd_state_grad_kernel(gy_ptr, C_ptr, Lam_ptr, gSout_ptr, T, H, G, P, N, nc,
+                               Q: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+        # gS_start^c from Y_off = exp(Λ_i)·C_i·S_startᵀ:  Σ_i exp(Λ_i)·gy_i ⊗ C_i
+        pid_bh = tl.program_id(0)
+        c = tl.cast(tl.program_id(1), tl.int64)
+        b = tl.cast(pid_bh // H, tl.int64)
+        h = pid_bh % H
+        g = h // (H // G)
+        q = tl.arange(0, BLOCK_Q)
+        p = tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        t = c * Q + q
+        inside = (q < Q) & (t < T)
+        Lam = tl.load(Lam_ptr + (b * H + h) * nc * Q + c * Q + q, mask=q < Q, other=0.0)
+        gy = tl.load(gy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                     mask=inside[:, None] & (p[None, :] < P), other=0.0).to(COMPUTE)
+        Cm = tl.load(C_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                     mask=inside[:, None] & (n[None, :] < N), other=0.0).to(COMPUTE)
+        decay_in = tl.where(inside, tl.exp(tl.minimum(Lam, 0.0)), 0.0)
+        gS = tl.dot(tl.trans(gy * decay_in[:, None]), Cm, input_precision=PRECISION)  # (BLOCK_P, BLOCK_N)
+        pn = p[:, None] * N + n[None, :]
+        tl.store(gSout_ptr + ((b * nc + c) * H + h) * P * N + pn, gS, mask=(p[:, None] < P) & (n[None, :] < N))
+
+    @triton.jit
+    def _ssd_state_passing_bwd_kernel(gSout_ptr, Sstart_ptr, Lam_ptr, gfinal_ptr, gSc_ptr, gLamlast_ptr, gh0_ptr,
+                                      H, P, N, nc, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      COMPUTE: tl.constexpr):
+        # reverse of S_start^{c+1} = exp(Λ_Q^c)·S_start^c + S^c, seeded by g_final
+        pid_bh = tl.program_id(0)
+        b = tl.cast(pid_bh // H, tl.int64)
+        h = pid_bh % H
+        p = tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        pn = p[:, None] * N + n[None, :]
+        mask = (p[:, None] < P) & (n[None, :] < N)
+        g_acc = tl.load(gfinal_ptr + (b * H + h) * P * N + pn, mask=mask, other=0.0).to(COMPUTE)
+        for c_rev in range(0, nc):
+            c64 = tl.cast(nc - 1 - c_rev, tl.int64)
+            off = ((b * nc + c64) * H + h) * P * N + pn
+            tl.store(gSc_ptr + off, g_acc, mask=mask)  # gradient of the chunk state S^c
+            decay = tl.exp(tl.load(Lam_ptr + (b * H + h) * nc * Q + c64 * Q + Q - 1))
+            S0 = tl.load(Sstart_ptr + off, mask=mask, other=0.0)
+            tl.store(gLamlast_ptr + (b * H + h) * nc + c64, decay * tl.sum(tl.sum(S0 * g_acc, 1), 0))
+            g_acc = tl.load(gSout_ptr + off, mask=mask, other=0.0) + decay * g_acc
+        tl.store(gh0_ptr + (b * H + h) * P * N + pn, g_acc, mask=mask)
+
+    @triton.jit
+    def _ssd_chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, D_ptr, len_ptr, delta_ptr, Lam_ptr,
+                              Sstart_ptr, gSc_ptr, gLamlast_ptr, gy_ptr,
+                              gx_ptr, gdt_ptr, gB_ptr, gC_ptr, gA_ptr, gD_ptr, gbias_ptr,
+                              T, H, G, P, N, nc,
+                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+                              HAS_LEN: tl.constexpr, Q: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+        pid_bh = tl.program_id(0)
+        c = tl.cast(tl.program_id(1), tl.int64)
+        b = tl.cast(pid_bh // H, tl.int64)
+        h = pid_bh % H
+        g = h // (H // G)
+        q = tl.arange(0, BLOCK_Q)
+        p = tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        t = c * Q + q
+        inside = (q < Q) & (t < T)
+        limit = tl.load(len_ptr + b) if HAS_LEN else T
+        valid = inside & (t < limit)
+        row = (b * H + h) * nc * Q + c * Q + q
+        dlt = tl.load(delta_ptr + row, mask=q < Q, other=0.0)
+        Lam = tl.load(Lam_ptr + row, mask=q < Q, other=0.0)
+        Lam_last = tl.sum(tl.where(q == Q - 1, Lam, 0.0), 0)
+        mask_qp = inside[:, None] & (p[None, :] < P)
+        mask_qn = inside[:, None] & (n[None, :] < N)
+        x_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
+        bc_off = ((b * T + t[:, None]) * G + g) * N + n[None, :]
+        xm = tl.load(x_ptr + x_off, mask=mask_qp, other=0.0).to(COMPUTE)  # (BLOCK_Q, BLOCK_P)
+        gy = tl.load(gy_ptr + x_off, mask=mask_qp, other=0.0).to(COMPUTE)
+        Bm = tl.load(B_ptr + bc_off, mask=mask_qn, other=0.0).to(COMPUTE)  # (BLOCK_Q, BLOCK_N)
+        Cm = tl.load(C_ptr + bc_off, mask=mask_qn, other=0.0).to(COMPUTE)
+        pn = p[:, None] * N + n[None, :]
+        mask_pn = (p[:, None] < P) & (n[None, :] < N)
+        state_off = ((b * nc + c) * H + h) * P * N + pn
+        S0 = tl.load(Sstart_ptr + state_off, mask=mask_pn, other=0.0)  # (BLOCK_P, BLOCK_N)
+        gS = tl.load(gSc_ptr + state_off, mask=mask_pn, other=0.0)
+        X = xm * dlt[:, None]
+        # intra-chunk:  Y_diag = (CB ⊙ L)·X
+        causal = (q[:, None] >= q[None, :]) & inside[:, None] & inside[None, :]
+        L = tl.where(causal, tl.exp(tl.minimum(Lam[:, None] - Lam[None, :], 0.0)), 0.0)
+        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PRECISION)  # (BLOCK_Q, BLOCK_Q)
+        gX = tl.dot(tl.trans(CB * L), gy, input_precision=PRECISION)  # (BLOCK_Q, BLOCK_P)
+        gM = tl.dot(gy, tl.trans(X), input_precision=PRECISION)  # (BLOCK_Q, BLOCK_Q)
+        gCB = gM * L
+        gC = tl.dot(gCB, Bm, input_precision=PRECISION)  # (BLOCK_Q, BLOCK_N)
+        gB = tl.dot(tl.trans(gCB), Cm, input_precision=PRECISION)
+        gseg = gCB * CB  # ∂L/∂segsum[i, j] (L already masked)
+        gLam = tl.sum(gseg, 1) - tl.sum(gseg, 0)
+        # state entering the chunk:  Y_off = exp(Λ_i)·C_i·S_startᵀ
+        decay_in = tl.where(inside, tl.exp(tl.minimum(Lam, 0.0)), 0.0)
+        gC += decay_in[:, None] * tl.dot(gy, S0, input_precision=PRECISION)
+        y_off = tl.dot(Cm, tl.trans(S0), input_precision=PRECISION)  # (BLOCK_Q, BLOCK_P)
+        gLam += decay_in * tl.sum(gy * y_off, 1)
+        # chunk state:  S^c = Σ_j w_j·X_j ⊗ B_j,  w_j = exp(Λ_Q − Λ_j)
+        w = tl.where(inside, tl.exp(tl.minimum(Lam_last - Lam, 0.0)), 0.0)
+        XG = tl.dot(X, gS, input_precision=PRECISION)  # (BLOCK_Q, BLOCK_N)
+        gB += w[:, None] * XG
+        gX += w[:, None] * tl.dot(Bm, tl.trans(gS), input_precision=PRECISION)
+        gw = tl.sum(XG * Bm, 1) * w
+        gLam -= gw
+        gLam_last = tl.sum(gw, 0) + tl.load(gLamlast_ptr + (b * H + h) * nc + c)
+        gLam += tl.where(q == Q - 1, gLam_last, 0.0)
+        # Λ = cumsum(a):  g_a = reverse cumsum of gΛ
+        g_a = tl.cumsum(gLam, 0, reverse=True)
+        A_h = tl.load(A_ptr + h).to(COMPUTE)
+        g_dlt = g_a * A_h + tl.sum(gX * xm, 1)
+        gx = gX * dlt[:, None]
+        if HAS_D:
+            D_h = tl.load(D_ptr + h).to(COMPUTE)
+            gx += D_h * gy
+            tl.store(gD_ptr + pid_bh * nc + c, tl.sum(tl.sum(gy * xm, 1), 0))
+        raw = tl.load(dt_ptr + (b * T + t) * H + h, mask=valid, other=0.0).to(COMPUTE)
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + h).to(COMPUTE)
+        g_raw = g_dlt * tl.sigmoid(raw) if SOFTPLUS else g_dlt
+        g_raw = tl.where(valid, g_raw, 0.0)
+        tl.store(gA_ptr + pid_bh * nc + c, tl.sum(g_a * dlt, 0))
+        tl.store(gbias_ptr + pid_bh * nc + c, tl.sum(g_raw, 0))
+        tl.store(gx_ptr + x_off, gx, mask=mask_qp)
+        tl.store(gdt_ptr + (b * T + t) * H + h, g_raw, mask=inside)
+        bh_off = ((b * T + t[:, None]) * H + h) * N + n[None, :]  # per-head partials, summed over heads in torch
+        tl.store(gB_ptr + bh_off, gB, mask=mask_qn)
+        tl.store(gC_ptr + bh_off, gC, mask=mask_qn)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    """tl.dot needs every dimension ≥ 16 and a power of two."""
+    return max(16, 1 << max(0, (n - 1).bit_length()))
+
+
+def _nan(shape, dtype, device):
+    """Outputs are poisoned with NaN before a kernel writes them."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+class _SSDTriton(torch.autograd.Function):
+    """Triton forward and hand-written backward of the chunked SSD."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, chunk_size, dt_softplus):
+        compute = torch.float64 if any(t is not None and t.dtype == torch.float64
+                                       for t in (x, dt, A, B, C, D, dt_bias, initial_state)) else torch.float32
+        batch, T, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        Q = chunk_size
+        nc = -(-T // Q)
+        dev = x.device
+        blocks = dict(Q=Q, BLOCK_Q=_pow2_at_least_16(Q), BLOCK_P=_pow2_at_least_16(P), BLOCK_N=_pow2_at_least_16(N),
+                      COMPUTE=tl.float64 if compute == torch.float64 else tl.float32)
+        precision = "ieee"
+        dummy = x.new_empty(1)
+        delta = _nan((batch, H, nc * Q), compute, dev)
+        Lam = _nan((batch, H, nc * Q), compute, dev)
+        S_chunk = _nan((batch, nc, H, P, N), compute, dev)
+        S_start = _nan((batch, nc, H, P, N), compute, dev)
+        final = _nan((batch, H, P, N), compute, dev)
+        y = _nan((batch, T, H, P), x.dtype, dev)
+        lens = seq_lens if seq_lens is not None else dummy
+        _ssd_chunk_state_fwd_kernel[(batch * H, nc)](
+            x, dt, A, dt_bias if dt_bias is not None else dummy, B, lens, delta, Lam, S_chunk, T, H, G, P, N, nc,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LEN=seq_lens is not None, PRECISION=precision,
+            **blocks)
+        _ssd_state_passing_fwd_kernel[(batch * H,)](
+            S_chunk, Lam, initial_state if initial_state is not None else dummy, S_start, final, H, P, N, nc,
+            HAS_H0=initial_state is not None, Q=Q, BLOCK_P=blocks["BLOCK_P"], BLOCK_N=blocks["BLOCK_N"],
+            COMPUTE=blocks["COMPUTE"])
+        _ssd_chunk_scan_fwd_kernel[(batch * H, nc)](
+            x, B, C, D if D is not None else dummy, delta, Lam, S_start, y, T, H, G, P, N, nc,
+            HAS_D=D is not None, PRECISION=precision, **blocks)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, seq_lens, delta, Lam, S_start)
+        ctx.config = (blocks, precision, dt_softplus, compute, initial_state is not None)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gy, gfinal):
+        x, dt, A, B, C, D, dt_bias, seq_lens, delta, Lam, S_start = ctx.saved_tensors
+        blocks, precision, dt_softplus, compute, has_h0 = ctx.config
+        batch, T, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        Q = blocks["Q"]
+        nc = S_start.shape[1]
+        dev = x.device
+        dummy = x.new_empty(1)
+        gy = gy.contiguous()
+        gfinal = gfinal.to(compute).contiguous() if gfinal is not None else torch.zeros(batch, H, P, N, dtype=compute,
+                                                                                         device=dev)
+        gS_out = _nan((batch, nc, H, P, N), compute, dev)
+        _ssd_state_grad_kernel[(batch * H, nc)](gy, C, Lam, gS_out, T, H, G, P, N, nc, PRECISION=precision, **blocks)
+        gS_chunk = _nan((batch, nc, H, P, N), compute, dev)
+        gLam_last = _nan((batch, H, nc), compute, dev)
+        gh0 = _nan((batch, H, P, N), compute, dev)
+        _ssd_state_passing_bwd_kernel[(batch * H,)](
+            gS_out, S_start, Lam, gfinal, gS_chunk, gLam_last, gh0, H, P, N, nc, Q=Q, BLOCK_P=blocks["BLOCK_P"],
+            BLOCK_N=blocks["BLOCK_N"], COMPUTE=blocks["COMPUTE"])
+        gx = _nan((batch, T, H, P), compute, dev)
+        gdt = _nan((batch, T, H), compute, dev)
+        gB_head = _nan((batch, T, H, N), compute, dev)
+        gC_head = _nan((batch, T, H, N), compute, dev)
+        gA_part = _nan((batch, H, nc), compute, dev)
+        gD_part = _nan((batch, H, nc), compute, dev)
+        gbias_part = _nan((batch, H, nc), compute, dev)
+        _ssd_chunk_bwd_kernel[(batch * H, nc)](
+            x, dt, A, dt_bias if dt_bias is not None else dummy, B, C, D if D is not None else dummy,
+            seq_lens if seq_lens is not None else dummy, delta, Lam, S_start, gS_chunk, gLam_last, gy,
+            gx, gdt, gB_head, gC_head, gA_part, gD_part, gbias_part, T, H, G, P, N, nc,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_LEN=seq_lens is not None,
+            PRECISION=precision, **blocks)
+        gB = gB_head.view(batch, T, G, H // G, N).sum(3)  # sum over each group's heads
+        gC = gC_head.view(batch, T, G, H // G, N).sum(3)
+        return (gx.to(x.dtype), gdt.to(dt.dtype), gA_part.sum((0, 2)).to(A.dtype), gB.to(B.dtype), gC.to(C.dtype),
+                gD_part.sum((0, 2)).to(D.dtype) if D is not None else None,
+                gbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None,
+                gh0 if has_h0 else None, None, None, None)
+
+
+def ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=True, initial_state=None,
+               seq_lens=None):
+    """Triton SSD (arguments as ``ssd``, inputs validated; ``seq_lens`` (B,) masks each row past its length).
+    Needs CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+    if not triton_available():
+        raise RuntimeError("ssd: backend='triton' needs the triton package")
+    tensors = [t.contiguous() if t is not None else None for t in (x, dt, A, B, C, D, dt_bias, initial_state)]
+    x, dt, A, B, C, D, dt_bias, initial_state = tensors
+    return _SSDTriton.apply(x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, int(chunk_size), bool(dt_softplus))

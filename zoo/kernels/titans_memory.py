@@ -1,0 +1,258 @@
+"""``titans_linear_memory``: the Titans long-term memory with a matrix (depth-1) memory (specs/titans.md §3).
+
+Per (batch, head), with row vectors, chunk size b and chunks aligned to the start of the call, token t reads and writes
+
+    R = M at the start of t's chunk;  U_t = 2 k_tᵀ(k_t R − v_t)          (gradient of ‖k_t R − v_t‖² at R)
+    S_t = η_t S_{t−1} − θ_t U_t;  M_t = (1 − α_t) M_{t−1} + S_t;  o_t = q_t M_t
+
+(Behrouz et al., "Titans: Learning to Memorize at Test Time", arXiv 2501.00663, eqs. 13–18). The file holds the four
+parts of the kernel contract: the token loop (oracle), the chunked dual form in torch, the Triton path (kernels in
+``titans_memory_triton.py``, imported lazily) and the public function.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from zoo.kernels._common import check_finite, check_floating, check_range, check_shape, resolve_backend
+
+_OP = "titans_linear_memory"
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 when any input is fp64, else fp32 (states and gate maths never run in half precision)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _zero_state(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, _, heads, key_dim = q.shape
+    zeros = torch.zeros(batch, heads, key_dim, v.shape[-1], dtype=dtype, device=q.device)  # (B, H, K, V)
+    return zeros, zeros.clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Reference: the token loop of §3.1
+# ---------------------------------------------------------------------------------------------------------------------
+
+def titans_linear_memory_reference(q, k, v, alpha, eta, theta, chunk_size=16, initial_state=None):
+    """The §3.1 token loop, written from the equations; the oracle for every other backend (works in float64).
+
+    Shapes as in :func:`titans_linear_memory`; returns ``(o, (M, S))`` with M, S the state after the last token.
+    """
+    dtype = _compute_dtype(q, k, v)
+    M, S = _zero_state(q, v, dtype) if initial_state is None else (t.to(dtype) for t in initial_state)
+    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    a, e, th = alpha.to(dtype), eta.to(dtype), theta.to(dtype)
+    outputs = []
+    R = M
+    for t in range(q.shape[1]):
+        if t % chunk_size == 0:
+            R = M  # chunk-start weights: every gradient of this chunk is taken here
+        k_t = kc[:, t]  # (B, H, K)
+        error = torch.einsum("bhk,bhkv->bhv", k_t, R) - vc[:, t]  # (B, H, V)
+        U = 2 * k_t[..., :, None] * error[..., None, :]  # (B, H, K, V)
+        S = e[:, t, :, None, None] * S - th[:, t, :, None, None] * U
+        M = (1 - a[:, t, :, None, None]) * M + S
+        outputs.append(torch.einsum("bhk,bhkv->bhv", qc[:, t], M))  # (B, H, V)
+    if outputs:
+        o = torch.stack(outputs, dim=1)  # (B, T, H, V)
+    else:
+        o = v.new_zeros(v.shape, dtype=dtype)
+    return o.to(v.dtype), (M, S)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Chunked dual form in torch (§3.2); the gate coefficients are shared with the Triton path and the deep memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _segment_products(factors: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, r] = Π_{r<j≤i} factors[..., j]`` for r ≤ i (1 on the diagonal), 0 above it.
+
+    The masked cumulative product over the b×b tile equals exp of the Mamba-2 segment sum of the log-factors, but it
+    stays exact when a factor is 0 (α = 1 or η = 0), so the gate gradients there match the token loop exactly.
+    """
+    size = factors.shape[-1]
+    strictly_lower = torch.ones(size, size, dtype=torch.bool, device=factors.device).tril(-1)
+    tile = torch.where(strictly_lower, factors[..., :, None], torch.ones((), dtype=factors.dtype,
+                                                                            device=factors.device))  # (..., b, b)
+    products = torch.cumprod(tile, dim=-2)  # (..., b, b)
+    return torch.where(strictly_lower | torch.eye(size, dtype=torch.bool, device=factors.device), products,
+                       torch.zeros((), dtype=factors.dtype, device=factors.device))
+
+
+def _chunk_gate_coefficients(alpha, eta, chunk_size: int, dtype: torch.dtype) -> dict:
+    """Gate-only coefficients of the dual form for every chunk at once (§3.2).
+
+    alpha, eta: (B, T, H). Returns, in layout (B, H, N, b, ...) with N = ceil(T / b) chunks (the last one zero-padded):
+    ``G`` = A·B (b×b), ``B`` (b×b), ``beta`` (b), ``f`` (b), and the chunk-end rows ``G_end``, ``B_end`` (b) and scalars
+    ``beta_end``, ``f_end``, ``m_end`` taken at the last real token of each chunk.
+    """
+    T = alpha.shape[1]
+    num_chunks = -(-T // chunk_size)
+    pad = num_chunks * chunk_size - T
+    decay = rearrange(torch.nn.functional.pad(1 - alpha.to(dtype), (0, 0, 0, pad), value=1.0),
+                      "b (n c) h -> b h n c", c=chunk_size)  # (B, H, N, b)
+    momentum = rearrange(torch.nn.functional.pad(eta.to(dtype), (0, 0, 0, pad), value=1.0),
+                         "b (n c) h -> b h n c", c=chunk_size)  # (B, H, N, b)
+    A = _segment_products(decay)  # (B, H, N, b, b)
+    Bm = _segment_products(momentum)  # (B, H, N, b, b)
+    beta = torch.cumprod(decay, dim=-1)  # (B, H, N, b)
+    m = torch.cumprod(momentum, dim=-1)  # (B, H, N, b)
+    G = A @ Bm  # (B, H, N, b, b)
+    f = (A @ m[..., None])[..., 0]  # (B, H, N, b)
+    last = torch.full((num_chunks,), chunk_size - 1, dtype=torch.long, device=alpha.device)
+    last[-1] = T - 1 - (num_chunks - 1) * chunk_size
+    chunk = torch.arange(num_chunks, device=alpha.device)
+    return dict(G=G, B=Bm, beta=beta, f=f, G_end=G[:, :, chunk, last], B_end=Bm[:, :, chunk, last],
+                beta_end=beta[:, :, chunk, last], f_end=f[:, :, chunk, last], m_end=m[:, :, chunk, last],
+                num_chunks=num_chunks, pad=pad)
+
+
+def _to_chunks(x: torch.Tensor, chunk_size: int, pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, H, D) -> (B, H, N, b, D), zero-padded in time, in ``dtype``."""
+    x = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
+    return rearrange(x, "b (n c) h d -> b h n c d", c=chunk_size)
+
+
+def _titans_linear_memory_torch(q, k, v, alpha, eta, theta, chunk_size, initial_state):
+    """Chunk-parallel dual form (§3.2): gate/q/k work for all chunks at once, a loop over the T/b chunks carries (W, S)."""
+    dtype = _compute_dtype(q, k, v)
+    T = q.shape[1]
+    W, S = _zero_state(q, v, dtype) if initial_state is None else (t.to(dtype) for t in initial_state)
+    with torch.autocast(q.device.type, enabled=False):
+        coef = _chunk_gate_coefficients(alpha, eta, chunk_size, dtype)
+        pad = coef["pad"]
+        th = rearrange(torch.nn.functional.pad(theta.to(dtype), (0, 0, 0, pad)), "b (n c) h -> b h n c",
+                       c=chunk_size)  # (B, H, N, b)
+        Q, K, V = (_to_chunks(x, chunk_size, pad, dtype) for x in (q, k, v))  # (B, H, N, b, K|V)
+        P = (Q @ K.transpose(-1, -2)) * coef["G"] * th[..., None, :]  # (B, H, N, b, b)
+        c = coef["G_end"] * th  # (B, H, N, b)
+        e = coef["B_end"] * th  # (B, H, N, b)
+        beta, f = coef["beta"][..., None], coef["f"][..., None]  # (B, H, N, b, 1)
+        beta_end, f_end, m_end = (coef[name][..., None, None] for name in ("beta_end", "f_end", "m_end"))
+        outputs = []
+        for n in range(coef["num_chunks"]):
+            Qn, Kn = Q[:, :, n], K[:, :, n]  # (B, H, b, K)
+            delta = 2 * (Kn @ W - V[:, :, n])  # (B, H, b, V)
+            outputs.append(beta[:, :, n] * (Qn @ W) + f[:, :, n] * (Qn @ S) - P[:, :, n] @ delta)  # (B, H, b, V)
+            Kt = Kn.transpose(-1, -2)  # (B, H, K, b)
+            W, S = (beta_end[:, :, n] * W + f_end[:, :, n] * S - Kt @ (c[:, :, n, :, None] * delta),
+                    m_end[:, :, n] * S - Kt @ (e[:, :, n, :, None] * delta))
+        o = rearrange(torch.stack(outputs, dim=2), "b h n c d -> b (n c) h d")[:, :T]  # (B, T, H, V)
+    return o.to(v.dtype), (W, S)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Triton path: kernels and the autograd.Function live in titans_memory_triton.py (imported only when used)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _triton_supports(chunk_size: int, key_dim: int) -> str | None:
+    """Why the Triton kernels cannot take this shape, or None when they can."""
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        return f"chunk_size must be a power of two >= 16 for backend='triton', got {chunk_size}"
+    if key_dim > 256:
+        return f"q/k head dim K must be <= 256 for backend='triton', got {key_dim}"
+    return None
+
+
+def _titans_linear_memory_triton(q, k, v, alpha, eta, theta, chunk_size, initial_state):
+    from zoo.kernels.titans_memory_triton import titans_linear_memory_triton
+
+    dtype = _compute_dtype(q, k, v)
+    M0, S0 = _zero_state(q, v, dtype) if initial_state is None else (t.to(dtype) for t in initial_state)
+    T = q.shape[1]
+    with torch.autocast(q.device.type, enabled=False):
+        coef = _chunk_gate_coefficients(alpha, eta, chunk_size, dtype)
+        pad = coef["pad"]
+        th = rearrange(torch.nn.functional.pad(theta.to(dtype), (0, 0, 0, pad)), "b (n c) h -> b h n c",
+                       c=chunk_size)  # (B, H, N, b)
+        gamma = coef["G"] * th[..., None, :]  # (B, H, N, b, b)
+        ends = torch.stack([coef["beta_end"], coef["f_end"], coef["m_end"]], dim=-1)  # (B, H, N, 3)
+        Q, K, V = (rearrange(_to_chunks(x, chunk_size, pad, dtype), "b h n c d -> b h (n c) d")
+                   for x in (q, k, v))  # (B, H, N·b, K|V)
+        o, M, S = titans_linear_memory_triton(Q, K, V, gamma, coef["beta"], coef["f"], coef["G_end"] * th,
+                                              coef["B_end"] * th, ends, M0, S0, chunk_size)
+        o = rearrange(o, "b h t d -> b t h d")[:, :T]  # (B, T, H, V)
+    return o.to(v.dtype), (M, S)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Public op
+# ---------------------------------------------------------------------------------------------------------------------
+
+def titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size: int = 16, initial_state=None, backend: str = "auto"):
+    """Titans neural long-term memory with a matrix memory M ∈ R^{K×V}, trained online by chunked gradient descent.
+
+    Args:
+        q, k: (B, T, H, K) queries and keys (no normalisation, scale or activation is applied inside the op).
+        v: (B, T, H, V) values.
+        alpha: (B, T, H) forget gate α_t ∈ [0, 1] (weight decay).
+        eta: (B, T, H) momentum gate η_t ∈ [0, 1] (decay of the past surprise S).
+        theta: (B, T, H) learning rate θ_t ≥ 0.
+        chunk_size: b ≥ 1; every gradient of a chunk of b tokens is taken at the chunk-start weights. Chunks align to
+            the start of the call (the last one may be partial). b = 1 is plain online gradient descent.
+        initial_state: (M_0, S_0), each (B, H, K, V); None means zeros.
+        backend: "auto" (Triton for CUDA tensors, torch otherwise), "reference", "torch" or "triton".
+
+    Returns:
+        o: (B, T, H, V) in v's dtype, o_t = q_t M_t read after absorbing token t.
+        (M, S): memory and momentum after the last token, (B, H, K, V), fp32 (fp64 for fp64 inputs).
+
+    Per chunk of b tokens with start weights R, for each token t (v1 eqs. 13–14, specs/titans.md §3.1):
+    S_t = η_t S_{t−1} − θ_t ∇‖k_t R − v_t‖², M_t = (1 − α_t) M_{t−1} + S_t.
+    Splitting a sequence at a multiple of b and passing (M, S) on gives the same result as one call.
+
+    Example:
+        >>> import torch
+        >>> from zoo.kernels import titans_linear_memory
+        >>> B, T, H, K, V = 2, 40, 3, 8, 8
+        >>> q, k = torch.nn.functional.normalize(torch.randn(2, B, T, H, K), dim=-1)
+        >>> v = torch.randn(B, T, H, V)
+        >>> alpha, eta, theta = torch.rand(3, B, T, H)
+        >>> o, (M, S) = titans_linear_memory(q, k, v, alpha, eta, 0.1 * theta, chunk_size=16)
+        >>> o.shape, M.shape
+        (torch.Size([2, 40, 3, 8]), torch.Size([2, 3, 8, 8]))
+    """
+    check_shape(_OP, "q", q, (None, None, None, None), " (B, T, H, K)")
+    B, T, H, K = q.shape
+    check_shape(_OP, "k", k, (B, T, H, K), " (the shape of q)")
+    check_shape(_OP, "v", v, (B, T, H, None), " (B, T, H, V)")
+    for name, gate in (("alpha", alpha), ("eta", eta), ("theta", theta)):
+        check_shape(_OP, name, gate, (B, T, H), " (B, T, H)")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{_OP}: chunk_size must be an integer >= 1, got {chunk_size!r}")
+    Vdim = v.shape[-1]
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise ValueError(f"{_OP}: initial_state must be a pair (M_0, S_0) or None")
+        for name, state in zip(("initial_state[0] (M_0)", "initial_state[1] (S_0)"), initial_state):
+            check_shape(_OP, name, state, (B, H, K, Vdim), " (B, H, K, V)")
+    named = dict(q=q, k=k, v=v, alpha=alpha, eta=eta, theta=theta)
+    if initial_state is not None:
+        named.update(M_0=initial_state[0], S_0=initial_state[1])
+    for name, tensor in named.items():
+        check_floating(_OP, name, tensor)
+        check_finite(_OP, name, tensor)
+    check_range(_OP, "alpha", alpha, 0.0, 1.0)
+    check_range(_OP, "eta", eta, 0.0, 1.0)
+    check_range(_OP, "theta", theta, 0.0, None)
+
+    resolved = resolve_backend(backend, q, _OP)
+    if resolved == "triton":
+        reason = _triton_supports(chunk_size, K)
+        if reason is not None:
+            if backend == "triton":
+                raise ValueError(f"{_OP}: {reason}")
+            resolved = "torch"
+    if T == 0:
+        dtype = _compute_dtype(q, k, v)
+        state = _zero_state(q, v, dtype) if initial_state is None else tuple(t.to(dtype) for t in initial_state)
+        return v.new_zeros(v.shape), state
+    if resolved == "reference":
+        return titans_linear_memory_reference(q, k, v, alpha, eta, theta, chunk_size, initial_state)
+    if resolved == "triton":
+        return _titans_linear_memory_triton(q, k, v, alpha, eta, theta, chunk_size, initial_state)
+    return _titans_linear_memory_torch(q, k, v, alpha, eta, theta, chunk_size, initial_state)
+
+
+__all__ = ["titans_linear_memory", "titans_linear_memory_reference"]
