@@ -44,6 +44,36 @@ class AttentionConfig:
 
 
 @dataclass
+class TitansConfig:
+    """Options of the Titans mixers: ``titans`` (the LMM alone), ``titans_mac``, ``titans_mag``, ``titans_mal``."""
+
+    heads: int = field(default=4, metadata={"help": "memory (and attention) heads"})
+    head_dim: Optional[int] = field(default=None, metadata={"help": "per-head width d; null = dim // heads"})
+    memory_depth: int = field(default=2, metadata={"help": "layers L of the memory MLP (1 = matrix memory)"})
+    memory_expansion: int = field(default=4, metadata={"help": "hidden width of the memory MLP / d"})
+    chunk_size: int = field(default=16, metadata={"help": "tokens b whose gradients share the chunk-start weights"})
+    conv_size: int = field(default=4, metadata={"help": "short causal conv on q, k, v"})
+    momentum: bool = field(default=True, metadata={"help": "false = the paper's 'w/o momentum' ablation"})
+    forget: bool = field(default=True, metadata={"help": "false = the paper's 'w/o weight decay' ablation"})
+    theta_max: float = field(default=1.0, metadata={"help": "upper bound of the inner learning rate"})
+    segment_len: int = field(default=128, metadata={"help": "MAC segment length C (a multiple of chunk_size)"})
+    window: int = field(default=128, metadata={"help": "MAG/MAL sliding-window length"})
+    persistent_tokens: int = field(default=16, metadata={"help": "learned persistent-memory tokens N_p (hybrids)"})
+
+
+@dataclass
+class MoMConfig:
+    """Options of ``mom`` (Mixture-of-Memories) and ``gdn`` (Gated DeltaNet, the one-memory baseline)."""
+
+    heads: int = field(default=2, metadata={"help": "heads H"})
+    head_dim: Optional[int] = field(default=None, metadata={"help": "per-head key/value width d; null = dim // heads"})
+    num_memories: int = field(default=4, metadata={"help": "routed memories M (mom only)"})
+    topk: int = field(default=2, metadata={"help": "memories each token is routed to (mom only)"})
+    shared_memory: bool = field(default=True, metadata={"help": "add the always-on shared memory (mom only)"})
+    aux_loss_scale: float = field(default=1e-3, metadata={"help": "weight of the load-balancing loss (mom only)"})
+
+
+@dataclass
 class ModelConfig:
     """The network: a stack of pre-norm blocks built from ``pattern``, repeated to ``depth`` blocks."""
 
@@ -59,6 +89,8 @@ class ModelConfig:
     norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
     init_std: float = field(default=0.02, metadata={"help": "std of embedding and linear initialisation"})
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    titans: TitansConfig = field(default_factory=TitansConfig)
+    mom: MoMConfig = field(default_factory=MoMConfig)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 Torch-free: the config layer validates ``model.pattern`` against ``MIXERS`` before torch is imported.
 A layer family registers its mixers by adding a line here: name -> (import path, config section of ``ModelConfig``).
+The model builds a mixer as ``cls.from_config(dim, section)`` when the class defines it, else
+``cls(dim=dim, **fields of section)``.
 """
 from __future__ import annotations
 
@@ -10,6 +12,12 @@ from pathlib import Path
 
 MIXERS: dict[str, tuple[str, str]] = {
     "attention": ("zoo.layers.attention:Attention", "attention"),
+    "titans": ("zoo.layers.titans:TitansMemory", "titans"),
+    "titans_mac": ("zoo.layers.titans:TitansMAC", "titans"),
+    "titans_mag": ("zoo.layers.titans:TitansMAG", "titans"),
+    "titans_mal": ("zoo.layers.titans:TitansMAL", "titans"),
+    "gdn": ("zoo.layers.mom:GatedDeltaNet", "mom"),
+    "mom": ("zoo.layers.mom:MixtureOfMemories", "mom"),
 }
 
 # A pattern entry that is not a mixer: a block with only the channel MLP (Mamba-2-Hybrid's MLP layers).

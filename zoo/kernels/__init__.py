@@ -8,6 +8,7 @@ import importlib
 
 _OPS = {
     "titans_linear_memory": "zoo.kernels.titans_memory",
+    "titans_mlp_memory": "zoo.kernels.titans_deep_memory",
     "selective_scan": "zoo.kernels.selective_scan",
     "ssd": "zoo.kernels.ssd",
     "gated_delta_rule": "zoo.kernels.gated_delta",

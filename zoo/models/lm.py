@@ -24,8 +24,11 @@ from zoo.registry import MLP_ONLY, mixer_class, mixer_section
 
 def build_mixer(name: str, cfg: ModelConfig) -> nn.Module:
     """The mixer ``name`` with its options from the matching section of ``cfg``."""
-    options = dataclasses.asdict(getattr(cfg, mixer_section(name)))
-    return mixer_class(name)(dim=cfg.dim, **options)
+    cls = mixer_class(name)
+    section = getattr(cfg, mixer_section(name))
+    if hasattr(cls, "from_config"):
+        return cls.from_config(cfg.dim, section)
+    return cls(dim=cfg.dim, **dataclasses.asdict(section))
 
 
 class Block(nn.Module):

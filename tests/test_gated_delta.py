@@ -1,0 +1,247 @@
+"""The op ``gated_delta_rule`` against its sequential reference (specs/mom.md §5, items 1–7)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zoo.kernels.gated_delta as gated_delta
+from zoo.kernels import gated_delta_rule
+from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
+
+NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+TRITON_RUNNABLE = triton_available() and (torch.cuda.is_available() or triton_interpreted())
+needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs triton with CUDA or TRITON_INTERPRET=1")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(B, T, H, K, V, dtype=torch.float64, normalize_k=True, num_states=None, seed=0, device="cpu"):
+    """Random inputs: g in [−3, 0] with some exact 0 and some −30 entries; β in [0, 1]; unit keys."""
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    randn = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)  # (B, T, H, ·)
+    if normalize_k:
+        k = torch.nn.functional.normalize(k, dim=-1)
+    g = -3 * rand(B, T, H)  # (B, T, H)
+    draw = rand(B, T, H)
+    g = torch.where(draw < 0.1, torch.zeros_like(g), g)
+    g = torch.where(draw > 0.95, torch.full_like(g, -30.0), g)
+    beta = rand(B, T, H)  # (B, T, H)
+    initial_state = randn(num_states or B, H, K, V)  # (N, H, K, V)
+    return [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v, g, beta, initial_state)]
+
+
+def outputs_and_gradients(inputs, backend, seed=1, **options):
+    """o, final_state and the gradients of all six inputs through a random linear functional of (o, final_state)."""
+    o, final_state = gated_delta_rule(*inputs, backend=backend, **options)
+    generator = torch.Generator().manual_seed(seed)
+    weight_o = torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)
+    weight_s = torch.randn(final_state.shape, generator=generator, dtype=torch.float64).to(final_state)
+    loss = (o * weight_o).sum() + (final_state * weight_s).sum()
+    gradients = torch.autograd.grad(loss, inputs)
+    return [o, final_state, *gradients]
+
+
+def assert_close(results, expected, tolerance, names=("o", "final_state") + tuple("d" + n for n in NAMES)):
+    errors = {name: rel_rms_error(a, b) for name, a, b in zip(names, results, expected)}
+    bad = {name: error for name, error in errors.items() if not error <= tolerance.get(name, tolerance["default"])}
+    assert not bad, f"relative RMS errors above tolerance: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8, 8), (2, 65, 2, 16, 32), (1, 130, 1, 64, 64)])
+@pytest.mark.parametrize("use_qk_l2norm", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_chunked_matches_reference_float64(shape, use_qk_l2norm, scale):
+    inputs = make_inputs(*shape, normalize_k=not use_qk_l2norm)
+    options = dict(use_qk_l2norm=use_qk_l2norm, scale=scale)
+    o, state = gated_delta_rule(*inputs, backend="torch", **options)
+    o_ref, state_ref = gated_delta_rule(*inputs, backend="reference", **options)
+    assert o.dtype == torch.float64 and state.dtype == torch.float64
+    assert rel_rms_error(o, o_ref) < 1e-10
+    assert rel_rms_error(state, state_ref) < 1e-10
+
+
+@pytest.mark.parametrize("use_qk_l2norm", [False, True])
+def test_chunked_float32_matches_float64_reference(use_qk_l2norm):
+    inputs64 = make_inputs(2, 130, 2, 16, 32, normalize_k=not use_qk_l2norm)
+    inputs32 = [x.detach().float() for x in inputs64]
+    o, state = gated_delta_rule(*inputs32, backend="torch", use_qk_l2norm=use_qk_l2norm)
+    o_ref, state_ref = gated_delta_rule(*inputs64, backend="reference", use_qk_l2norm=use_qk_l2norm)
+    assert o.dtype == torch.float32 and state.dtype == torch.float32
+    assert rel_rms_error(o, o_ref) < 5e-5
+    assert rel_rms_error(state, state_ref) < 5e-5
+
+
+@pytest.mark.parametrize("use_qk_l2norm", [False, True])
+def test_chunked_gradients_match_reference(use_qk_l2norm):
+    inputs64 = make_inputs(2, 65, 2, 16, 32, normalize_k=not use_qk_l2norm)
+    expected = outputs_and_gradients(inputs64, "reference", use_qk_l2norm=use_qk_l2norm)
+    results64 = outputs_and_gradients(inputs64, "torch", use_qk_l2norm=use_qk_l2norm)
+    assert_close(results64, expected, {"default": 1e-9})
+    inputs32 = [x.detach().float().requires_grad_() for x in inputs64]
+    results32 = outputs_and_gradients(inputs32, "torch", use_qk_l2norm=use_qk_l2norm)
+    assert_close(results32, expected, {"default": 5e-4})
+
+
+def test_chunked_gradcheck_with_small_chunks(monkeypatch):
+    monkeypatch.setattr(gated_delta, "CHUNK_SIZE", 4)
+    inputs = make_inputs(1, 9, 1, 3, 2, normalize_k=False)
+    inputs[3] = (inputs[3].detach() - 0.1).requires_grad_()  # keep g < 0 under the finite-difference steps
+    function = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm=True, scale=0.7, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(function, inputs)
+
+
+def varlen_inputs(lengths, H=2, K=8, V=16, dtype=torch.float64, device="cpu"):
+    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(0)  # (N + 1,)
+    inputs = make_inputs(1, sum(lengths), H, K, V, dtype=dtype, num_states=len(lengths), device=device)
+    return inputs, cu_seqlens
+
+
+def per_sequence_results(inputs, cu_seqlens, backend):
+    """Run each packed sequence alone and stitch o, final_state and the input gradients back together."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    bounds = cu_seqlens.tolist()
+    outputs, finals = [], []
+    for n in range(len(bounds) - 1):
+        span = slice(bounds[n], bounds[n + 1])
+        pieces = [x[:, span] for x in leaves[:5]]
+        if bounds[n + 1] == bounds[n]:  # an empty sequence keeps its state
+            outputs.append(pieces[2].new_zeros(1, 0, *pieces[2].shape[2:]))
+            finals.append(leaves[5][n:n + 1] * 1.0)
+            continue
+        o, final = gated_delta_rule(*pieces, initial_state=leaves[5][n:n + 1], backend=backend)
+        outputs.append(o)
+        finals.append(final)
+    o, final = torch.cat(outputs, dim=1), torch.cat(finals, dim=0)
+    generator = torch.Generator().manual_seed(1)
+    weight_o = torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)
+    weight_s = torch.randn(final.shape, generator=generator, dtype=torch.float64).to(final)
+    gradients = torch.autograd.grad((o * weight_o).sum() + (final * weight_s).sum(), leaves)
+    return [o, final, *gradients]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_varlen_equals_per_sequence_calls(backend):
+    inputs, cu_seqlens = varlen_inputs([0, 5, 70, 0, 64, 63])
+    packed = outputs_and_gradients(inputs, backend, cu_seqlens=cu_seqlens)
+    assert_close(packed, per_sequence_results(inputs, cu_seqlens, backend), {"default": 1e-12})
+
+
+def test_empty_sequence_keeps_initial_state():
+    inputs, cu_seqlens = varlen_inputs([0, 7, 0])
+    for backend in ("reference", "torch"):
+        _, final_state = gated_delta_rule(*inputs, cu_seqlens=cu_seqlens, backend=backend)
+        assert torch.equal(final_state[0], inputs[5][0]) and torch.equal(final_state[2], inputs[5][2])
+
+
+def test_stream_split_equals_one_call():
+    q, k, v, g, beta, h0 = (x.detach() for x in make_inputs(1, 130, 1, 8, 8))
+    o_full, state_full = gated_delta_rule(q, k, v, g, beta, h0, backend="torch")
+    for t in range(131):
+        first = [x[:, :t] for x in (q, k, v, g, beta)]
+        second = [x[:, t:] for x in (q, k, v, g, beta)]
+        o1, state = gated_delta_rule(*first, initial_state=h0, backend="torch")
+        o2, state = gated_delta_rule(*second, initial_state=state, backend="torch")
+        assert rel_rms_error(torch.cat([o1, o2], dim=1), o_full) <= 1e-12, f"split at t={t}"
+        assert rel_rms_error(state, state_full) <= 1e-12, f"split at t={t}"
+
+
+TRITON_TOLERANCE = {"o": 5e-3, "final_state": 5e-3, "dq": 8e-3, "dk": 8e-3, "dv": 8e-3, "dinitial_state": 8e-3,
+                    "dg": 2e-2, "dbeta": 2e-2, "default": 0.0}
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(1, 64, 1, 16, 16), (1, 100, 2, 32, 32), (2, 40, 1, 16, 24)])
+def test_triton_matches_reference(shape):
+    inputs = make_inputs(*shape, dtype=torch.float32, device=TRITON_DEVICE)
+    expected = outputs_and_gradients(inputs, "reference")
+    assert_close(outputs_and_gradients(inputs, "triton"), expected, TRITON_TOLERANCE)
+
+
+@needs_triton
+def test_triton_varlen_matches_reference():
+    inputs, cu_seqlens = varlen_inputs([37, 0, 50], dtype=torch.float32, device=TRITON_DEVICE)
+    expected = outputs_and_gradients(inputs, "reference", cu_seqlens=cu_seqlens, use_qk_l2norm=True)
+    results = outputs_and_gradients(inputs, "triton", cu_seqlens=cu_seqlens, use_qk_l2norm=True)
+    assert_close(results, expected, TRITON_TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
+def test_output_in_value_dtype_and_state_in_float32(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    inputs = [x.detach() for x in make_inputs(1, 70, 1, 16, 16, device=device)]
+    low = [x.to(torch.bfloat16) for x in inputs[:3]] + [x.float() for x in inputs[3:]]
+    o, state = gated_delta_rule(*low, backend=backend)
+    o_ref, state_ref = gated_delta_rule(*inputs, backend="reference")
+    assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert rel_rms_error(o, o_ref) < 2e-2 and rel_rms_error(state, state_ref) < 2e-2
+
+
+@pytest.fixture
+def nan_poisoned_empty(monkeypatch):
+    """Make torch.empty / torch.empty_like return NaN-filled floating tensors, so unwritten outputs show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
+def test_outputs_and_gradients_finite_with_nan_poisoned_empty(backend, nan_poisoned_empty):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    inputs, cu_seqlens = varlen_inputs([20, 0, 45], dtype=torch.float32, device=device)
+    for result in outputs_and_gradients(inputs, backend, cu_seqlens=cu_seqlens):
+        assert torch.isfinite(result).all()
+
+
+def test_bad_inputs_raise_one_line_errors():
+    q, k, v, g, beta, h0 = (x.detach() for x in make_inputs(2, 10, 2, 4, 6))
+    cu_seqlens = torch.tensor([0, 4, 10])
+    cases = [
+        (ValueError, "k has shape", dict(k=k[:, :9])),
+        (ValueError, "v has shape", dict(v=v[:, :, :1])),
+        (ValueError, "g has shape", dict(g=g[..., None])),
+        (ValueError, "beta has shape", dict(beta=beta[:1])),
+        (ValueError, "initial_state has shape", dict(initial_state=h0[:1])),
+        (ValueError, "batch size 1", dict(cu_seqlens=cu_seqlens)),
+        (ValueError, "values above 0", dict(g=-g)),
+        (TypeError, "share a dtype", dict(v=v.float())),
+        (ValueError, "backend must be one of", dict(backend="cuda")),
+    ]
+    arguments = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0)
+    for error, message, change in cases:
+        with pytest.raises(error, match=message) as raised:
+            gated_delta_rule(**{**arguments, **change})
+        assert "\n" not in str(raised.value)
+    packed = dict(q=q[:1], k=k[:1], v=v[:1], g=g[:1], beta=beta[:1])
+    for bad_cu, message in [(torch.tensor([0, 4, 9]), "end at T=10"), (torch.tensor([0, 6, 4, 10]), "non-decreasing"),
+                            (torch.tensor([0.0, 10.0]), "int64"), (torch.tensor([[0, 10]]), "1-D")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            gated_delta_rule(**packed, cu_seqlens=bad_cu)
+
+
+@pytest.mark.skipif(triton_available() and (torch.cuda.is_available() or triton_interpreted()),
+                    reason="the Triton backend is runnable here")
+def test_triton_backend_unavailable_says_so():
+    q, k, v, g, beta, _ = (x.detach() for x in make_inputs(1, 4, 1, 4, 4))
+    with pytest.raises(RuntimeError, match="triton"):
+        gated_delta_rule(q, k, v, g, beta, backend="triton")
+
+
+def test_torch_path_works_without_triton():
+    script = ("import sys; sys.modules['triton'] = None\n"
+              "import torch\n"
+              "from zoo.kernels import gated_delta_rule\n"
+              "o, s = gated_delta_rule(*(torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4)),"
+              " -torch.rand(1, 5, 1), torch.rand(1, 5, 1))\n"
+              "assert 'triton' not in sys.modules or sys.modules['triton'] is None\n")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", script], check=True, env=environment, cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
