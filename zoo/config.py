@@ -40,6 +40,7 @@ class AttentionConfig:
     window: Optional[int] = field(default=None, metadata={"help": "sliding-window length; null = full causal"})
     persistent_tokens: int = field(default=0, metadata={"help": "learned prefix tokens visible to every query"})
     causal: bool = field(default=True, metadata={"help": "false = bidirectional (encoders)"})
+    rope: bool = field(default=True, metadata={"help": "rotary position embeddings on queries and keys"})
     rope_base: float = field(default=10000.0, metadata={"help": "rotary base frequency"})
 
 
@@ -74,10 +75,44 @@ class MoMConfig:
 
 
 @dataclass
+class MambaConfig:
+    """Options of ``mamba`` (Mamba-1, S6) and ``bimamba`` (Vim's bidirectional block)."""
+
+    d_state: int = field(default=16, metadata={"help": "SSM state size N"})
+    d_conv: int = field(default=4, metadata={"help": "depthwise causal conv width"})
+    expand: int = field(default=2, metadata={"help": "inner width E / dim"})
+    dt_rank: Optional[int] = field(default=None, metadata={"help": "rank R of the delta projection; null = ceil(dim/16)"})
+
+
+@dataclass
+class Mamba2Config:
+    """Options of ``mamba2`` (state-space duality)."""
+
+    d_state: int = field(default=64, metadata={"help": "SSM state size N"})
+    headdim: int = field(default=32, metadata={"help": "head width P"})
+    ngroups: int = field(default=1, metadata={"help": "groups G sharing B and C"})
+    chunk_size: int = field(default=64, metadata={"help": "SSD chunk length"})
+    expand: int = field(default=2, metadata={"help": "inner width E / dim"})
+    d_conv: int = field(default=4, metadata={"help": "depthwise causal conv width"})
+
+
+@dataclass
+class VisionConfig:
+    """Options of ``model.architecture=vision`` (``VisionClassifier``: patch embedding, middle class token)."""
+
+    image_size: int = field(default=8, metadata={"help": "square input images of this many pixels per side"})
+    channels: int = field(default=1, metadata={"help": "input channels"})
+    patch_size: int = field(default=2, metadata={"help": "square patch side"})
+    num_classes: int = field(default=10, metadata={"help": "output classes"})
+
+
+@dataclass
 class ModelConfig:
     """The network: a stack of pre-norm blocks built from ``pattern``, repeated to ``depth`` blocks."""
 
-    vocab_size: int = field(default=258, metadata={"help": "set from the data when left at the tokenizer's size"})
+    architecture: str = field(default="lm", metadata=_choices(
+        "lm", "vision", help="lm = decoder language model; vision = image classifier over patches"))
+    vocab_size: int = field(default=258, metadata={"help": "token vocabulary (at least the data's)"})
     dim: int = field(default=128, metadata={"help": "model width D"})
     depth: int = field(default=2, metadata={"help": "number of blocks"})
     pattern: list = field(default_factory=lambda: ["attention"],
@@ -91,6 +126,9 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     titans: TitansConfig = field(default_factory=TitansConfig)
     mom: MoMConfig = field(default_factory=MoMConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
 
 @dataclass
@@ -98,8 +136,9 @@ class DataConfig:
     """What the model reads: bundled KJV text, local text files, or a synthetic memory task."""
 
     name: str = field(default="kjv", metadata=_choices(
-        "kjv", "text", "mqar", "selective_copy", "induction", "niah",
-        help="kjv = bundled King James text; text = local files in data.path; others are synthetic tasks"))
+        "kjv", "text", "mqar", "selective_copy", "induction", "niah", "digits",
+        help="kjv = bundled King James text; text = local files in data.path; digits = scikit-learn's 8x8 "
+             "digits (vision); others are synthetic tasks"))
     path: Optional[str] = field(default=None, metadata={"help": "local .txt/.jsonl/.parquet file (data.name=text)"})
     text_field: str = field(default="text", metadata={"help": "column holding text in .jsonl/.parquet files"})
     tokenizer: str = field(default="bytes", metadata={"help": "'bytes' or a path to a tokenizer.json"})

@@ -16,6 +16,9 @@ MIXERS: dict[str, tuple[str, str]] = {
     "titans_mac": ("zoo.layers.titans:TitansMAC", "titans"),
     "titans_mag": ("zoo.layers.titans:TitansMAG", "titans"),
     "titans_mal": ("zoo.layers.titans:TitansMAL", "titans"),
+    "mamba": ("zoo.layers.mamba:Mamba", "mamba"),
+    "mamba2": ("zoo.layers.mamba:Mamba2", "mamba2"),
+    "bimamba": ("zoo.layers.mamba:BiMamba", "mamba"),
     "gdn": ("zoo.layers.mom:GatedDeltaNet", "mom"),
     "mom": ("zoo.layers.mom:MixtureOfMemories", "mom"),
 }

@@ -1,24 +1,15 @@
 """Functional ops: one file per op, each with a float64 reference, a chunked torch path and a Triton path.
 
-Names resolve lazily, so ``import zoo.kernels`` imports neither Triton nor any op module until it is used.
+``import zoo.kernels`` imports torch and the op modules but never Triton (each op imports its Triton part only when
+``backend="triton"`` runs). The functions are bound here explicitly: an op named like its module (``ssd``,
+``selective_scan``) would otherwise be shadowed by the submodule once that is imported.
 """
 from __future__ import annotations
 
-import importlib
+from zoo.kernels.gated_delta import gated_delta_rule
+from zoo.kernels.selective_scan import selective_scan
+from zoo.kernels.ssd import ssd
+from zoo.kernels.titans_deep_memory import titans_mlp_memory
+from zoo.kernels.titans_memory import titans_linear_memory
 
-_OPS = {
-    "titans_linear_memory": "zoo.kernels.titans_memory",
-    "titans_mlp_memory": "zoo.kernels.titans_deep_memory",
-    "selective_scan": "zoo.kernels.selective_scan",
-    "ssd": "zoo.kernels.ssd",
-    "gated_delta_rule": "zoo.kernels.gated_delta",
-    "hash_lookup": "zoo.kernels.hash_lookup",
-}
-
-__all__ = list(_OPS)
-
-
-def __getattr__(name: str):
-    if name in _OPS:
-        return getattr(importlib.import_module(_OPS[name]), name)
-    raise AttributeError(f"module 'zoo.kernels' has no attribute {name!r}")
+__all__ = ["gated_delta_rule", "selective_scan", "ssd", "titans_linear_memory", "titans_mlp_memory"]

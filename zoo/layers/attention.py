@@ -31,13 +31,14 @@ class Attention(nn.Module):
       returned ``AttentionState`` is the KV cache, so streaming and token-by-token decoding equal one call.
     - ``causal=False``: bidirectional; ``mask (B, T)`` marks real tokens (True) so padding never changes real
       outputs; the state is None.
+    - ``rope=False`` drops rotary embeddings (the Mamba-2-Hybrid's attention layers use no positions).
     - ``persistent_tokens = N_p``: learned tokens P (N_p, D) whose keys P W_K and values P W_V (no RoPE) every query
       sees, whatever the mask or window (Titans v1 eq. 19).
     """
 
     def __init__(self, dim: int, heads: int = 4, kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, persistent_tokens: int = 0, causal: bool = True,
-                 rope_base: float = 10000.0):
+                 rope: bool = True, rope_base: float = 10000.0):
         super().__init__()
         kv_heads = kv_heads or heads
         head_dim = head_dim or dim // heads
@@ -55,14 +56,15 @@ class Attention(nn.Module):
         self.w_k = nn.Linear(dim, kv_heads * head_dim, bias=False)
         self.w_v = nn.Linear(dim, kv_heads * head_dim, bias=False)
         self.w_o = nn.Linear(heads * head_dim, dim, bias=False)
-        self.rotary = RotaryEmbedding(head_dim, rope_base)
+        self.rotary = RotaryEmbedding(head_dim, rope_base) if rope else None
         self.persistent = nn.Parameter(torch.empty(persistent_tokens, dim)) if persistent_tokens else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for linear in (self.w_q, self.w_k, self.w_v, self.w_o):
             nn.init.normal_(linear.weight, std=0.02)
-        self.rotary.reset_parameters()
+        if self.rotary is not None:
+            self.rotary.reset_parameters()
         if self.persistent is not None:
             nn.init.normal_(self.persistent, std=0.02)
 
@@ -72,6 +74,8 @@ class Attention(nn.Module):
         q = rearrange(self.w_q(x), "b t (h d) -> b t h d", d=self.head_dim)      # (B, T, H, d)
         k = rearrange(self.w_k(x), "b t (h d) -> b t h d", d=self.head_dim)      # (B, T, H_kv, d)
         v = rearrange(self.w_v(x), "b t (h d) -> b t h d", d=self.head_dim)      # (B, T, H_kv, d)
+        if self.rotary is None:
+            return q, k, v
         return self.rotary(q, positions), self.rotary(k, positions), v
 
     def persistent_kv(self, batch: int, dtype: torch.dtype):

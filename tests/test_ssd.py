@@ -1,0 +1,269 @@
+"""Properties of the Mamba-2 SSD op (spec mamba.md §3, §7)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
+from zoo.kernels.ssd import ssd, ssd_reference
+
+OPTIONS = ("D", "dt_bias", "dt_softplus", "initial_state")
+OPTION_SETS = [set(OPTIONS), set()] + [set(OPTIONS) - {name} for name in OPTIONS]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not triton_available() or not (torch.cuda.is_available() or triton_interpreted()),
+    reason="needs triton and a GPU or TRITON_INTERPRET=1")
+TIME_INPUTS = ("x", "dt", "B", "C")
+
+
+def make_inputs(batch=2, T=37, H=4, P=8, G=2, N=8, dtype=torch.float64, options=OPTIONS, n_states=None, seed=0,
+                device="cpu"):
+    """Random inputs as a dict of ssd keyword arguments, leaves requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype).to(device)
+
+    kwargs = dict(x=rand(batch, T, H, P), dt=rand(batch, T, H, scale=0.5, shift=-1.0),
+                  A=-(torch.rand(H, generator=gen, dtype=torch.float64) * 2 + 0.3).to(dtype).to(device),
+                  B=rand(batch, T, G, N), C=rand(batch, T, G, N))
+    if "dt_softplus" not in options:  # keep Δ positive without softplus
+        kwargs["dt"] = (torch.rand(batch, T, H, generator=gen, dtype=torch.float64) * 0.5 + 0.05).to(dtype).to(device)
+    if "D" in options:
+        kwargs["D"] = rand(H)
+    if "dt_bias" in options:
+        kwargs["dt_bias"] = rand(H, scale=0.2) if "dt_softplus" in options else rand(H, scale=0.01).abs()
+    if "initial_state" in options:
+        kwargs["initial_state"] = rand(n_states or batch, H, P, N)
+    kwargs["dt_softplus"] = "dt_softplus" in options
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            value.requires_grad_(True)
+    return kwargs
+
+
+def outputs_and_grads(fn, kwargs, seed=1):
+    """(y, final_state, grads of every tensor input) for a loss on both y and the final state."""
+    y, final = fn(**kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
+    wh = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final.device, final.dtype)
+    loss = (y * wy).sum() + (final * wh).sum()
+    leaves = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return y, final, dict(zip(leaves, grads))
+
+
+def assert_close_to(out, ref, out_tol, grad_tol):
+    y, final, grads = out
+    y_ref, final_ref, grads_ref = ref
+    assert rel_rms_error(y, y_ref) < out_tol, f"y: {rel_rms_error(y, y_ref):.2e}"
+    assert rel_rms_error(final, final_ref) < out_tol, f"final_state: {rel_rms_error(final, final_ref):.2e}"
+    for name, g_ref in grads_ref.items():
+        assert grads[name] is not None and g_ref is not None, f"{name} got no gradient"
+        assert torch.isfinite(grads[name]).all(), name
+        assert rel_rms_error(grads[name], g_ref) < grad_tol, f"grad {name}: {rel_rms_error(grads[name], g_ref):.2e}"
+
+
+def with_backend(backend, **fixed):
+    return lambda **kw: ssd(**kw, **fixed, backend=backend)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda s: "+".join(sorted(s)) or "none")
+@pytest.mark.parametrize("G", [1, 2])
+@pytest.mark.parametrize("T", [1, 37, 130])
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_ssd_matches_reference(chunk_size, T, G, options):
+    ref = outputs_and_grads(ssd_reference, make_inputs(T=T, G=G, options=options))
+    for dtype, out_tol, grad_tol in ((torch.float64, 1e-10, 1e-10), (torch.float32, 2e-3, 1e-2)):
+        out = outputs_and_grads(with_backend("torch", chunk_size=chunk_size),
+                                make_inputs(T=T, G=G, dtype=dtype, options=options))
+        assert out[0].dtype == dtype and out[1].dtype == dtype
+        assert_close_to(out, ref, out_tol, grad_tol)
+
+
+def test_chunk_size_does_not_change_result():
+    kwargs = make_inputs(T=130)
+    y16, S16 = ssd(**kwargs, chunk_size=16, backend="torch")
+    for chunk in (1, 2, 32, 64, 256):
+        y, S = ssd(**kwargs, chunk_size=chunk, backend="torch")
+        assert rel_rms_error(y, y16) < 1e-10 and rel_rms_error(S, S16) < 1e-10
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3, 48, 100])
+def test_non_power_of_two_chunk_raises(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+        ssd(**make_inputs(T=10), chunk_size=chunk_size)
+
+
+def test_empty_sequence_returns_initial_state():
+    kwargs = make_inputs(T=0)
+    for backend in ("reference", "torch"):
+        y, S = ssd(**kwargs, backend=backend)
+        assert y.shape == (2, 0, 4, 8)
+        assert torch.equal(S.detach(), kwargs["initial_state"].detach())
+
+
+def test_reference_gradcheck():
+    kwargs = make_inputs(batch=1, T=4, H=2, P=2, G=1, N=2)
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+    def fn(*tensors):
+        return ssd_reference(**{**kwargs, **dict(zip(names, tensors))})
+
+    assert torch.autograd.gradcheck(fn, tuple(kwargs[k] for k in names))
+
+
+def test_reference_backward_linear_in_T():
+    def backward_seconds(T):
+        kwargs = make_inputs(batch=1, T=T, H=4, P=8, G=1, N=8, options={"D", "dt_softplus"})
+        times = []
+        for _ in range(3):
+            y, final = ssd_reference(**kwargs)
+            loss = y.sum() + final.sum()
+            start = time.perf_counter()
+            loss.backward()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), loss
+
+    short, _ = backward_seconds(512)
+    long, loss = backward_seconds(1024)
+    assert long / short < 3, f"backward T=1024 / T=512 = {long / short:.2f}"
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        assert type(node).__name__ not in ("SelectBackward0", "CopySlices"), type(node).__name__
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_stream_split_equals_full(backend):
+    T = 130
+    kwargs = make_inputs(T=T)
+    y_full, S_full = ssd(**kwargs, chunk_size=16, backend=backend)
+    for t in (0, 1, 5, 63, 64, 65, T):
+        head = {k: (v[:, :t] if k in TIME_INPUTS else v) for k, v in kwargs.items()}
+        tail = {k: (v[:, t:] if k in TIME_INPUTS else v) for k, v in kwargs.items()}
+        y1, S1 = ssd(**head, chunk_size=16, backend=backend)
+        y2, S2 = ssd(**{**tail, "initial_state": S1}, chunk_size=16, backend=backend)
+        assert rel_rms_error(torch.cat([y1, y2], 1), y_full) < 1e-12, t
+        assert rel_rms_error(S2, S_full) < 1e-12, t
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_future_does_not_leak(backend):
+    T, t = 70, 40
+    kwargs = make_inputs(T=T)
+    y, _ = ssd(**kwargs, chunk_size=16, backend=backend)
+    perturbed = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    for name in TIME_INPUTS:
+        perturbed[name][:, t + 1:] += torch.randn_like(perturbed[name][:, t + 1:])
+    y_perturbed, _ = ssd(**perturbed, chunk_size=16, backend=backend)
+    assert (y_perturbed[:, :t + 1] - y[:, :t + 1]).abs().max() < 1e-12
+    assert (y_perturbed[:, t + 1:] - y[:, t + 1:]).abs().max() > 1e-3
+
+
+def _varlen_vs_separate(backend, lengths, dtype, tol, chunk_size=16, device="cpu"):
+    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(0)
+    T = sum(lengths)
+    kwargs = make_inputs(batch=1, T=T, n_states=len(lengths), dtype=dtype, device=device)
+    packed = outputs_and_grads(lambda **kw: ssd(**kw, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                                                backend=backend), kwargs)
+    ys, finals = [], []
+    for k, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        one = {name: (v[:, start:end] if name in TIME_INPUTS else v) for name, v in kwargs.items()}
+        one["initial_state"] = kwargs["initial_state"][k:k + 1]
+        y, S = ssd_reference(**one)
+        ys.append(y)
+        finals.append(S)
+    separate_kwargs = kwargs
+
+    def separate(**_):
+        return torch.cat(ys, 1), torch.cat(finals, 0)
+
+    ref = outputs_and_grads(separate, separate_kwargs)
+    assert_close_to(packed, ref, tol, tol * 5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_ssd_varlen_equals_separate(backend):
+    _varlen_vs_separate(backend, [1, 5, 16, 40], torch.float64, 1e-10)
+    _varlen_vs_separate(backend, [1, 5, 16, 40], torch.float32, 2e-3)
+
+
+def test_varlen_validation():
+    kwargs = make_inputs(batch=1, T=10, n_states=2)
+    with pytest.raises(ValueError, match="non-decreasing from 0 to T"):
+        ssd(**kwargs, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="int32/int64"):
+        ssd(**kwargs, cu_seqlens=torch.tensor([0.0, 4.0, 10.0]))
+    with pytest.raises(ValueError, match=r"initial_state has shape .*nseq"):
+        ssd(**kwargs, cu_seqlens=torch.tensor([0, 2, 4, 10]))
+    with pytest.raises(ValueError, match="batch size 1"):
+        ssd(**make_inputs(batch=2, T=10), cu_seqlens=torch.tensor([0, 10]))
+
+
+def test_long_sequence_is_finite():
+    """T = 65536 with Δ up to 10, A down to −16, then Δ = 1e-4; the float64 oracle is the torch path in float64,
+    which test_ssd_matches_reference ties to the reference loop at 1e-10."""
+    T = 65536
+    gen = torch.Generator().manual_seed(0)
+    dt = torch.rand(1, T, 2, generator=gen, dtype=torch.float64) * 10
+    dt[:, T // 2:] = 1e-4
+    kwargs64 = dict(x=torch.randn(1, T, 2, 2, generator=gen, dtype=torch.float64), dt=dt,
+                    A=torch.tensor([-16.0, -0.01], dtype=torch.float64),
+                    B=torch.randn(1, T, 1, 2, generator=gen, dtype=torch.float64),
+                    C=torch.randn(1, T, 1, 2, generator=gen, dtype=torch.float64))
+    y_ref, S_ref = ssd(**kwargs64, dt_softplus=False, backend="torch")
+    for dtype in (torch.float32, torch.bfloat16):
+        kwargs = {k: v.to(dtype).requires_grad_() for k, v in kwargs64.items()}
+        y, S = ssd(**kwargs, dt_softplus=False, backend="torch")
+        (y.float().square().mean() + S.square().mean()).backward()
+        assert torch.isfinite(y).all() and torch.isfinite(S).all()
+        assert all(torch.isfinite(v.grad).all() for v in kwargs.values())
+        if dtype == torch.float32:
+            assert rel_rms_error(y, y_ref) < 1e-3 and rel_rms_error(S, S_ref) < 1e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)])
+def test_triton_interpreter_matches_reference(dtype):
+    """Forward and backward of the Triton kernels (H = 4, P = 16, N = 16, chunk 16, initial states), dense and
+    varlen, NaN-poisoned outputs."""
+    tolerances = {torch.float32: (2e-3, 1e-2), torch.float64: (1e-10, 1e-10)}
+    dtypes = [(dtype, *tolerances[dtype])]
+    if DEVICE == "cuda" and dtype == torch.float32:
+        dtypes.append((torch.bfloat16, 3e-2, 5e-2))
+    shape = dict(batch=2, T=37, H=4, P=16, G=2, N=16)
+    ref = outputs_and_grads(ssd_reference, make_inputs(**shape))
+    for dt_, out_tol, grad_tol in dtypes:
+        out = outputs_and_grads(with_backend("triton", chunk_size=16),
+                                make_inputs(**shape, dtype=dt_, device=DEVICE))
+        assert_close_to(out, ref, out_tol, grad_tol)
+    _varlen_vs_separate("triton", [1, 5, 16, 15], dtype, tolerances[dtype][0], device=DEVICE)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x=torch.randn(2, 5, 4)), "x must be"),
+    (dict(dt=torch.randn(2, 5, 3)), "dt has shape"),
+    (dict(A=-torch.rand(3)), "A has shape"),
+    (dict(A=torch.ones(4)), "A has values above"),
+    (dict(B=torch.randn(2, 5, 3, 8), C=torch.randn(2, 5, 3, 8)), "must divide the number of heads"),
+    (dict(C=torch.randn(2, 5, 2, 4)), "C has shape"),
+    (dict(D=torch.randn(5)), "D has shape"),
+    (dict(initial_state=torch.randn(2, 4, 8, 4)), "initial_state has shape"),
+    (dict(x=torch.randint(0, 3, (2, 5, 4, 8))), "floating-point"),
+    (dict(backend="gpu"), "backend must be one of"),
+])
+def test_bad_inputs_raise(change, message):
+    kwargs = dict(x=torch.randn(2, 5, 4, 8), dt=torch.randn(2, 5, 4), A=-torch.rand(4), B=torch.randn(2, 5, 2, 8),
+                  C=torch.randn(2, 5, 2, 8))
+    kwargs.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        ssd(**kwargs)
