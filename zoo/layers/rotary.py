@@ -26,8 +26,9 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq.copy_(1.0 / self.base ** (exponent / self.head_dim))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        angles = positions.float().unsqueeze(-1) * self.inv_freq      # (B, T, d/2)
+        dtype = torch.promote_types(x.dtype, torch.float32)              # at least fp32; fp64 stays fp64
+        angles = positions.to(dtype).unsqueeze(-1) * self.inv_freq.to(dtype)  # (B, T, d/2)
         cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)  # (B, T, 1, d/2)
-        x1, x2 = x.float().chunk(2, dim=-1)                            # (B, T, H, d/2) each
+        x1, x2 = x.to(dtype).chunk(2, dim=-1)                          # (B, T, H, d/2) each
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return rotated.to(x.dtype)

@@ -1,0 +1,99 @@
+"""LanguageModel: build, meta init, compile, streaming, generation, weight-decay groups."""
+import pytest
+import torch
+
+from zoo.config import ModelConfig
+from zoo.models import LanguageModel
+from tests.helpers import rel_err
+
+
+def tiny(**overrides) -> ModelConfig:
+    cfg = ModelConfig(dim=32, depth=3, pattern=["attention", "attention", "mlp"], dropout=0.0)
+    cfg.attention.heads = 2
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_meta_init_equals_normal_init():
+    cfg = tiny()
+    cfg.attention.persistent_tokens = 2
+    torch.manual_seed(7)
+    normal = LanguageModel(cfg)
+    with torch.device("meta"):
+        meta = LanguageModel(cfg)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(7)
+    meta.reset_parameters()
+    for (name, a), (_, b) in zip(normal.state_dict().items(), meta.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randint(0, 258, (2, 9))
+    assert torch.equal(normal(x)[0], meta(x)[0])                       # non-persistent RoPE buffers recomputed
+
+
+def test_pattern_builds_mixer_and_mlp_only_blocks():
+    model = LanguageModel(tiny())
+    kinds = [(type(b.mixer).__name__ if b.mixer is not None else None, b.mlp is not None) for b in model.blocks]
+    assert kinds == [("Attention", True), ("Attention", True), (None, True)]
+    no_mlp = LanguageModel(tiny(mlp="none", pattern=["attention"]))
+    assert all(b.mlp is None for b in no_mlp.blocks)
+
+
+def test_stream_split_and_decode_equal_full_forward():
+    torch.manual_seed(0)
+    model = LanguageModel(tiny()).double()
+    x = torch.randint(0, 258, (2, 12))
+    full, _ = model(x)
+    first, state = model(x[:, :5])
+    second, _ = model(x[:, 5:], state)
+    assert rel_err(torch.cat([first, second], 1), full) < 1e-12
+    state, steps = None, []
+    for t in range(12):
+        logits, state = model(x[:, t:t + 1], state)
+        steps.append(logits)
+    assert rel_err(torch.cat(steps, 1), full) < 1e-12
+
+
+def test_greedy_generate_matches_full_forward_argmax():
+    torch.manual_seed(1)
+    model = LanguageModel(tiny()).eval()
+    prompt = torch.randint(0, 258, (2, 5))
+    out = model.generate(prompt, max_new_tokens=6)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
+    logits, _ = model(out[:, :-1])
+    assert torch.equal(logits[:, 4:].argmax(-1), out[:, 5:])
+
+
+def test_tied_embeddings_share_weights_and_untied_do_not():
+    tied = LanguageModel(tiny())
+    assert tied.lm_head is None
+    h = torch.randn(1, 2, 32)
+    assert torch.allclose(tied.head(h), h @ tied.embed.weight.T)
+    untied = LanguageModel(tiny(tie_embeddings=False))
+    assert untied.lm_head is not None and not torch.equal(untied.lm_head.weight, untied.embed.weight)
+
+
+def test_no_weight_decay_covers_norms_biases_embeddings():
+    model = LanguageModel(tiny())
+    names = model.no_weight_decay()
+    assert "embed.weight" in names and "norm.weight" in names
+    assert "blocks.0.mixer_norm.weight" in names
+    assert "blocks.0.mixer.w_q.weight" not in names and "blocks.2.mlp.w_in.weight" not in names
+
+
+def test_compile_fullgraph_no_breaks():
+    torch.manual_seed(2)
+    model = LanguageModel(tiny()).eval()
+    x = torch.randint(0, 258, (2, 8))
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(x)[0], model(x)[0]) < 1e-5
+
+
+def test_bad_input_shapes_raise():
+    model = LanguageModel(tiny())
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\)"):
+        model(torch.randint(0, 258, (8,)))
+    with pytest.raises(ValueError, match="state has 1 entries, the model has 3 blocks"):
+        model(torch.randint(0, 258, (1, 4)), state=(None,))
