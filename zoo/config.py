@@ -166,6 +166,8 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr of the cosine"})
+    decay_steps: Optional[int] = field(default=None, metadata={
+        "help": "step where the cosine ends; null = trainer.max_steps (fix it to stop early and resume on schedule)"})
 
 
 @dataclass
@@ -506,6 +508,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
     if cfg.data.batch_size < 1 or cfg.data.seq_len < 2:
         raise ConfigError("data.batch_size must be >= 1 and data.seq_len >= 2")
+    if (cfg.model.architecture == "vision") != (cfg.data.name == "digits"):
+        raise ConfigError(f"model.architecture={cfg.model.architecture} does not fit data.name={cfg.data.name}: "
+                          f"the vision classifier reads images (data.name=digits) and language models read tokens")
     if cfg.data.name == "text" and not cfg.data.path:
         raise ConfigError("data.name=text needs data.path=FILE (a local .txt, .jsonl or .parquet file)")
     task = task_config(cfg.data)

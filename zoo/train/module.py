@@ -95,8 +95,10 @@ class LanguageModelTask(pl.LightningModule):
             self.train_loader.mark_consumed()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        self._last_loss = loss.detach()
         return loss
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._last_loss = loss.detach()
 
     def validation_step(self, batch, batch_idx):
         logits, _ = self._forward(batch["input_ids"])
@@ -135,7 +137,8 @@ class LanguageModelTask(pl.LightningModule):
                   {"params": plain_params, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(optim.warmup_steps, self.config.trainer.max_steps, optim.min_lr_ratio))
+            optimizer, lr_lambda(optim.warmup_steps, optim.decay_steps or self.config.trainer.max_steps,
+                                 optim.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
