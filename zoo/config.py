@@ -97,6 +97,17 @@ class Mamba2Config:
 
 
 @dataclass
+class MemoryFormerConfig:
+    """Options of the ``memoryformer`` block (``MemoryAttention`` mixer + ``MemoryFFN``, hash-lookup layers)."""
+
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    tau: int = field(default=8, metadata={"help": "bits per hash chunk: each table has 2^tau rows"})
+    score: str = field(default="prob", metadata=_choices(
+        "prob", "l1prob", help="bucket weight: the paper's product of sigmoids, or the released code's L1 form"))
+    rotary_pct: float = field(default=0.25, metadata={"help": "fraction of each head's channels rotated by RoPE"})
+
+
+@dataclass
 class VisionConfig:
     """Options of ``model.architecture=vision`` (``VisionClassifier``: patch embedding, middle class token)."""
 
@@ -128,6 +139,7 @@ class ModelConfig:
     mom: MoMConfig = field(default_factory=MoMConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    memoryformer: MemoryFormerConfig = field(default_factory=MemoryFormerConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
 

@@ -19,8 +19,15 @@ MIXERS: dict[str, tuple[str, str]] = {
     "mamba": ("zoo.layers.mamba:Mamba", "mamba"),
     "mamba2": ("zoo.layers.mamba:Mamba2", "mamba2"),
     "bimamba": ("zoo.layers.mamba:BiMamba", "mamba"),
+    "memoryformer": ("zoo.layers.memoryformer:MemoryAttention", "memoryformer"),
     "gdn": ("zoo.layers.mom:GatedDeltaNet", "mom"),
     "mom": ("zoo.layers.mom:MixtureOfMemories", "mom"),
+}
+
+# Blocks whose channel mixer is part of the layer family (instead of ``model.mlp``): name -> import path. The class
+# is built like a mixer (``from_config(dim, section)`` or ``cls(dim=dim, **fields)``) and maps (B, T, D) -> (B, T, D).
+BLOCK_MLPS: dict[str, str] = {
+    "memoryformer": "zoo.layers.memoryformer:MemoryFFN",
 }
 
 # A pattern entry that is not a mixer: a block with only the channel MLP (Mamba-2-Hybrid's MLP layers).
@@ -37,6 +44,14 @@ def mixer_class(name: str):
     if name not in MIXERS:
         raise KeyError(f"unknown mixer '{name}'; known: {', '.join(sorted(MIXERS))}")
     module, _, attr = MIXERS[name][0].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def block_mlp_class(name: str):
+    """The channel mixer class a block kind brings with it, or None (then ``model.mlp`` applies)."""
+    if name not in BLOCK_MLPS:
+        return None
+    module, _, attr = BLOCK_MLPS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
 

@@ -19,16 +19,29 @@ from torch import nn
 from zoo.config import ModelConfig
 from zoo.layers.mlp import SwiGLU, swiglu_hidden
 from zoo.layers.norm import RMSNorm
-from zoo.registry import MLP_ONLY, mixer_class, mixer_section
+from zoo.registry import MLP_ONLY, block_mlp_class, mixer_class, mixer_section
 
 
-def build_mixer(name: str, cfg: ModelConfig) -> nn.Module:
-    """The mixer ``name`` with its options from the matching section of ``cfg``."""
-    cls = mixer_class(name)
+def _build_from_section(cls, name: str, cfg: ModelConfig) -> nn.Module:
     section = getattr(cfg, mixer_section(name))
     if hasattr(cls, "from_config"):
         return cls.from_config(cfg.dim, section)
     return cls(dim=cfg.dim, **dataclasses.asdict(section))
+
+
+def build_mixer(name: str, cfg: ModelConfig) -> nn.Module:
+    """The mixer ``name`` with its options from the matching section of ``cfg``."""
+    return _build_from_section(mixer_class(name), name, cfg)
+
+
+def build_block_mlp(name: str, cfg: ModelConfig, hidden: int) -> nn.Module | None:
+    """The channel mixer of a block of kind ``name``: the family's own (MemoryFFN), SwiGLU, or None."""
+    own = block_mlp_class(name)
+    if own is not None:
+        return _build_from_section(own, name, cfg)
+    if name == MLP_ONLY or cfg.mlp == "swiglu":
+        return SwiGLU(cfg.dim, hidden, cfg.init_std)
+    return None
 
 
 class Block(nn.Module):
@@ -78,8 +91,7 @@ class LanguageModel(nn.Module):
         for i in range(config.depth):
             name = config.pattern[i % len(config.pattern)]
             mixer = None if name == MLP_ONLY else build_mixer(name, config)
-            wants_mlp = name == MLP_ONLY or config.mlp == "swiglu"
-            mlp = SwiGLU(D, hidden, config.init_std) if wants_mlp else None
+            mlp = build_block_mlp(name, config, hidden)
             blocks.append(Block(D, mixer, mlp, config.norm_eps, config.dropout))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(D, config.norm_eps)
