@@ -191,7 +191,7 @@ class TrainerConfig:
     devices: int = field(default=1, metadata={"help": "devices (processes) per node"})
     num_nodes: int = 1
     strategy: str = field(default="auto", metadata=_choices(
-        "auto", "ddp", "fsdp", "fsdp2", help="ddp runs on CPU (gloo) and GPU; fsdp needs GPUs"))
+        "auto", "ddp", "fsdp", help="ddp runs on CPU (gloo) and GPU; fsdp (sharded) needs GPUs"))
     precision: str = field(default="32-true", metadata=_choices(
         "32-true", "bf16-mixed", "16-mixed", "bf16-true", help="numeric precision"))
     gradient_clip_val: float = field(default=1.0, metadata={"help": "clip the gradient norm; 0 disables"})
@@ -516,6 +516,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
+    if cfg.trainer.strategy == "fsdp" and cfg.trainer.accelerator == "cpu":
+        raise ConfigError("trainer.strategy=fsdp needs GPUs (Lightning's FSDP refuses CPU); use ddp on CPU")
     if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
     if cfg.data.batch_size < 1 or cfg.data.seq_len < 2:
