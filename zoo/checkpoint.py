@@ -135,6 +135,10 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.n
     from zoo.models import build_model
 
     path = Path(path)
+    from zoo.hf_import import foreign_format, load_foreign
+
+    if path.is_dir() and foreign_format(path):  # Hugging Face / mamba_ssm Mamba directories
+        return load_foreign(path, device)
     config = read_export_config(path)
     weights = path / "model.safetensors"
     try:

@@ -144,7 +144,8 @@ def cmd_generate(argv: list[str]) -> int:
     try:
         max_new = int(options.get("max_new_tokens", 200))
         temperature = float(options.get("temperature", 0.8))
-        top_k = int(options["top_k"]) if options.get("top_k", "50") != "null" else None
+        top_k_text = options.get("top_k", "50")
+        top_k = None if top_k_text == "null" else int(top_k_text)
         seed = int(options.get("seed", 0))
     except ValueError as error:
         raise ConfigError(f"zoo generate: {error}") from None

@@ -36,6 +36,10 @@ def build_data(data_cfg) -> DataBundle:
     """Datasets for ``data_cfg`` (text windows, or a synthetic task's train/test streams)."""
     from zoo.config import task_config
 
+    if data_cfg.name == "digits":
+        from zoo.data.images import digits_bundle
+
+        return digits_bundle(data_cfg)
     task = task_config(data_cfg)
     if task is not None:
         return DataBundle(TaskDataset(task, "train", data_cfg.seed), TaskDataset(task, "test", data_cfg.seed),

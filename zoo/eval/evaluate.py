@@ -18,7 +18,10 @@ def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int, max_batc
     token_bytes = None if data.is_task else torch.tensor(data.tokenizer.token_bytes(), dtype=torch.long)
     for batch in eval_batches(data.test, batch_size, max_batches):
         logits, _ = model(batch["input_ids"].to(device))
-        tally.add(logits, batch["labels"].to(device), token_bytes)
+        labels = batch["labels"].to(device)
+        if logits.dim() == 2:  # a classifier (VisionClassifier): one scored position per example
+            logits, labels = logits.unsqueeze(1), labels.unsqueeze(1)
+        tally.add(logits, labels, token_bytes)
     model.train(was_training)
     if tally.positions == 0:
         raise ValueError("the held-out set has no scored positions")

@@ -18,6 +18,11 @@ _NAMES = {
     "RotaryEmbedding": "zoo.layers.rotary",
     "Attention": "zoo.layers.attention",
     "AttentionState": "zoo.layers.attention",
+    "Mamba": "zoo.layers.mamba",
+    "Mamba2": "zoo.layers.mamba",
+    "BiMamba": "zoo.layers.mamba",
+    "MambaState": "zoo.layers.mamba",
+    "Mamba2State": "zoo.layers.mamba",
 }
 
 __all__ = list(_NAMES)

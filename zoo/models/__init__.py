@@ -9,6 +9,10 @@ def build_model(config):
     from zoo.config import Config
 
     model_config = config.model if isinstance(config, Config) else config
+    if model_config.architecture == "vision":
+        from zoo.models.vision import VisionClassifier
+
+        return VisionClassifier(model_config)
     return LanguageModel(model_config)
 
 

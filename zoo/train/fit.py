@@ -44,8 +44,6 @@ def build_strategy(cfg: Config):
     from zoo.models import Block
 
     if cfg.trainer.strategy == "fsdp":
-        if cfg.trainer.accelerator == "cpu":
-            raise ConfigError("trainer.strategy=fsdp needs GPUs (Lightning's FSDP refuses CPU); use ddp on CPU")
         from lightning.pytorch.strategies import FSDPStrategy
 
         return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")
@@ -101,17 +99,20 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
     if is_global_rank_zero():
         write_run_start(cfg, directory, argv, cfg.trainer.devices * cfg.trainer.num_nodes,
                         "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
-    module = LanguageModelTask(cfg, data, last_checkpoint=str(directory / "last.ckpt"))
+    task_class = LanguageModelTask
+    if cfg.model.architecture == "vision":
+        from zoo.train.vision import VisionClassificationTask as task_class
+    module = task_class(cfg, data, last_checkpoint=str(directory / "last.ckpt"))
     progress = ProgressLines(cfg.trainer.log_every_n_steps, print_lines=not use_progress_bar())
     trainer = build_trainer(cfg, directory, [ResumeState(), progress])
     try:
         trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
+    except SystemExit:
+        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1); nothing is saved mid-step.
+        if trainer.interrupted and trainer.is_global_zero:
+            print(f"zoo: interrupted at step {trainer.global_step}; last checkpoint: {module.last_checkpoint_note()}; "
+                  f"continue with: zoo train {' '.join(argv)} resume=auto", file=sys.stderr, flush=True)
         raise
-    if trainer.interrupted:
-        last = directory / "last.ckpt"
-        raise KeyboardInterrupt(f"interrupted; last checkpoint {last}; continue with: zoo train "
-                                f"{' '.join(argv)} resume=auto")
     trainer.save_checkpoint(directory / "last.ckpt")
     if not trainer.is_global_zero:
         return {}

@@ -103,7 +103,7 @@ def write_run_start(cfg, directory: Path, argv: list[str], world_size: int, devi
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(dump_yaml(cfg))
     info = {
-        "command": ["zoo", *argv], "seed": cfg.seed, "data_seed": cfg.data.seed,
+        "command": ["zoo", "train", *argv], "seed": cfg.seed, "data_seed": cfg.data.seed,
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world_size, "device": device,
         "platform": platform.platform(),
         "versions": {"zoo": _version("memzoo"), "python": sys.version.split()[0], "torch": _version("torch"),

@@ -1,0 +1,208 @@
+"""Mamba/Mamba-2 stacks on CPU, side by side: zoo vs Hugging Face transformers' PyTorch paths vs mamba.py (mambapy).
+
+Each row is a stack of ``--layers`` residual blocks ``x + mixer(RMSNorm(x))`` at d_model ``--dim``, batch 1, random
+init, fp32; the timed work is forward + backward of mean(y²) on random input embeddings. Every (contestant, T) runs
+in its own subprocess, so the peak RSS it reports is that run's alone (it includes torch itself, ~0.3 GB); a run past
+``--timeout`` seconds is recorded as such. Missing packages (transformers, mambapy) skip their rows.
+
+Quick (default): ``python benchmarks/bench_mamba.py`` (T = 512, 1024; 1 repeat after a warm-up).
+Full grid of the design card: ``OMP_NUM_THREADS=2 python benchmarks/bench_mamba.py --lengths 2048 8192 16384
+--repeats 2 --timeout 1800`` (hours on 2 cores; the HF/mambapy rows need ~20 GB RSS at 16k).
+Writes ``benchmarks/results/mamba.md`` and ``.json`` (``--out`` to change).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONTESTANTS = {
+    "zoo Mamba (chunked selective_scan)": "zoo_mamba",
+    "zoo Mamba2 (chunked SSD, chunk 64)": "zoo_mamba2",
+    "HF Mamba-1 + mamba.py pscan (use_mambapy=True)": "hf_mamba_pscan",
+    "HF Mamba-1 sequential slow path (forward only)": "hf_mamba_slow",
+    "HF Mamba-2 torch chunked SSD (chunk 256)": "hf_mamba2",
+    "mamba.py Mamba(pscan=True)": "mambapy",
+}
+N1, N2, HEADDIM = 16, 128, 64   # Mamba-1 state; Mamba-2 state and head width (24 heads at d_model 768)
+
+
+def _build(kind: str, dim: int, layers: int):
+    """(module, forward(x) -> y, does_backward) for one contestant."""
+    import torch
+
+    if kind in ("zoo_mamba", "zoo_mamba2"):
+        from zoo.config import Mamba2Config, MambaConfig, ModelConfig
+        from zoo.models.lm import LanguageModel
+
+        cfg = ModelConfig(vocab_size=8, dim=dim, depth=layers, mlp="none",
+                          pattern=["mamba" if kind == "zoo_mamba" else "mamba2"])
+        cfg.mamba = MambaConfig(d_state=N1)
+        cfg.mamba2 = Mamba2Config(d_state=N2, headdim=HEADDIM, ngroups=1, chunk_size=64)
+        model = LanguageModel(cfg)
+        return model, lambda x: model.forward_embeds(x)[0], True
+    if kind.startswith("hf_"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import transformers
+
+        if kind == "hf_mamba2":
+            config = transformers.Mamba2Config(hidden_size=dim, num_hidden_layers=layers, state_size=N2,
+                                               num_heads=2 * dim // HEADDIM, head_dim=HEADDIM, n_groups=1,
+                                               chunk_size=256, vocab_size=8)
+            model = transformers.Mamba2Model(config)
+        else:
+            config = transformers.MambaConfig(hidden_size=dim, num_hidden_layers=layers, state_size=N1, vocab_size=8,
+                                              use_mambapy=kind == "hf_mamba_pscan")
+            model = transformers.MambaModel(config)
+        return model, lambda x: model(inputs_embeds=x, use_cache=False).last_hidden_state, kind != "hf_mamba_slow"
+    if kind == "mambapy":
+        from mambapy.mamba import Mamba, MambaConfig
+
+        model = Mamba(MambaConfig(d_model=dim, n_layers=layers, d_state=N1, expand_factor=2, pscan=True))
+        return model, model, True
+    raise ValueError(kind)
+
+
+def run_one(kind: str, T: int, dim: int, layers: int, repeats: int) -> dict:
+    """In a fresh process: median seconds of fwd+bwd after one warm-up, and this process's peak RSS."""
+    import resource
+
+    import torch
+
+    torch.manual_seed(0)
+    model, forward, backward = _build(kind, dim, layers)
+    times = []
+    for i in range(repeats + 1):
+        x = torch.randn(1, T, dim, requires_grad=backward)
+        start = time.perf_counter()
+        if backward:
+            forward(x).square().mean().backward()
+        else:
+            with torch.no_grad():
+                forward(x).square().mean()
+        if i:
+            times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "tokens_per_s": T / seconds, "backward": backward,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _available(kind: str) -> str | None:
+    """None when the contestant can run, else why not."""
+    import importlib.util
+
+    need = {"hf_mamba_pscan": ["transformers", "mambapy"], "hf_mamba_slow": ["transformers"],
+            "hf_mamba2": ["transformers"], "mambapy": ["mambapy"]}.get(kind, [])
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+           "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+           "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    for package in ("transformers", "mambapy", "memzoo"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            out[package] = None
+    try:
+        out["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return out
+
+
+def _write(results: list[dict], meta: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    lengths = sorted({r["T"] for r in results})
+    lines = [f"# Mamba stacks on CPU: zoo vs Hugging Face vs mamba.py\n",
+             f"d_model {meta['dim']}, {meta['layers']} layers, batch 1, fp32, random init; forward + backward of "
+             f"mean(y²) on random embeddings; median of {meta['repeats']} after a warm-up; each run in its own "
+             f"process (peak RSS includes torch). Command: `{meta['command']}`.\n",
+             "Versions and machine: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".\n",
+             "| contestant | T | seconds | tok/s | peak RSS (GB) | vs zoo Mamba | vs zoo Mamba2 |",
+             "|---|---|---|---|---|---|---|"]
+    base = {(r["kind"], r["T"]): r for r in results if "seconds" in r}
+    for r in results:
+        if "seconds" not in r:
+            lines.append(f"| {r['name']} | {r['T']} | {r['error']} | | | | |")
+            continue
+        ratios = []
+        for ref in ("zoo_mamba", "zoo_mamba2"):
+            b = base.get((ref, r["T"]))
+            ratios.append(f"{r['seconds'] / b['seconds']:.2f}x" if b and r["backward"] else "")
+        note = "" if r["backward"] else " (fwd only)"
+        lines.append(f"| {r['name']} | {r['T']} | {r['seconds']:.2f}{note} | {r['tokens_per_s']:.0f} | "
+                     f"{r['peak_rss_gb']:.2f} | {ratios[0]} | {ratios[1]} |")
+    if len(lengths) > 1:
+        lines += ["", "Scaling (seconds at the longest T / seconds at the shortest; linear = "
+                  f"{lengths[-1] / lengths[0]:.1f}):", ""]
+        for name, kind in CONTESTANTS.items():
+            lo, hi = base.get((kind, lengths[0])), base.get((kind, lengths[-1]))
+            if lo and hi:
+                lines.append(f"- {name}: {hi['seconds'] / lo['seconds']:.1f}")
+    lines += ["", "Ratios are contestant time / zoo time at the same T (above 1: zoo is faster). Compare only "
+              "rows from one run: concurrent load on a shared machine changes CPU timings by several times."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per (contestant, T) run")
+    parser.add_argument("--only", nargs="+", choices=sorted(CONTESTANTS.values()), default=None)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mamba.md"))
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_one(args.child[0], int(args.child[1]), args.dim, args.layers, args.repeats)))
+        return 0
+    results = []
+    kinds = [(n, k) for n, k in CONTESTANTS.items() if args.only is None or k in args.only]
+    for T in args.lengths:
+        for name, kind in kinds:
+            row = {"name": name, "kind": kind, "T": T}
+            why = _available(kind)
+            if why is None:
+                cmd = [sys.executable, __file__, "--child", kind, str(T), "--dim", str(args.dim), "--layers",
+                       str(args.layers), "--repeats", str(args.repeats)]
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    if done.returncode == 0:
+                        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+                    else:
+                        tail = (done.stderr.strip().splitlines() or ["?"])[-1][:100]
+                        why = f"failed (exit {done.returncode}: {tail})"
+                except subprocess.TimeoutExpired:
+                    why = f"over the {args.timeout:.0f} s timeout"
+            if why is not None:
+                row["error"] = why
+            results.append(row)
+            shown = f"{row['seconds']:.2f} s, {row['peak_rss_gb']:.2f} GB" if "seconds" in row else row["error"]
+            print(f"T={T:>6}  {name:<50} {shown}", flush=True)
+    meta = {"dim": args.dim, "layers": args.layers, "repeats": args.repeats, "lengths": args.lengths,
+            "command": "python benchmarks/bench_mamba.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "versions": _versions()}
+    _write(results, meta, Path(args.out))
+    print(f"wrote {Path(args.out).with_suffix('.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Mamba, Mamba2 and BiMamba mixers: streaming, causality, decode, bidirectional symmetry, padding, init, compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
+from zoo.config import Mamba2Config, MambaConfig, ModelConfig
+from zoo.layers.mamba import BiMamba, Mamba, Mamba2, Mamba2State
+from zoo.models.lm import LanguageModel
+
+SPLITS = [0, 1, 5, 63, 64, 65, 130]
+
+
+def make_mixer(kind: str, dtype=torch.float64):
+    torch.manual_seed(0)
+    if kind == "mamba":
+        mixer = Mamba(16, d_state=4, d_conv=4, expand=2)
+    else:
+        mixer = Mamba2(16, d_state=8, headdim=8, ngroups=2, chunk_size=16, expand=2)
+    return mixer.to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_stream_split_equals_full(kind):
+    mixer = make_mixer(kind)
+    x = torch.randn(2, 130, 16, dtype=torch.float64)
+    check_stream_split(mixer, x, SPLITS, 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_future_does_not_leak(kind):
+    mixer = make_mixer(kind)
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    for t in (0, 17, 38):
+        check_future_does_not_leak(mixer, x, t)
+    y1, _ = mixer(x)
+    x2 = x.clone()
+    x2[:, 21:] += 1.0
+    y2, _ = mixer(x2)
+    assert rel_err(y2[:, :21], y1[:, :21]) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_decode_equals_full(kind):
+    mixer = make_mixer(kind)
+    x = torch.randn(2, 30, 16, dtype=torch.float64)
+    check_decode_equals_full(mixer, x, 1e-10)
+    # after a 17-token prefill
+    full, _ = mixer(x)
+    _, state = mixer(x[:, :17])
+    outs = []
+    for t in range(17, 30):
+        y, state = mixer(x[:, t:t + 1], state)
+        outs.append(y)
+    assert rel_err(torch.cat(outs, 1), full[:, 17:]) < 1e-10
+
+
+def test_state_shapes_and_dtypes():
+    x = torch.randn(3, 7, 16)
+    _, s = Mamba(16, d_state=4, d_conv=3)(x)
+    assert s.conv.shape == (3, 2, 32) and s.ssm.shape == (3, 32, 4) and s.ssm.dtype == torch.float32
+    _, s = Mamba2(16, d_state=8, headdim=8, ngroups=2, chunk_size=16)(x)
+    assert s.conv.shape == (3, 3, 32 + 2 * 2 * 8) and s.ssm.shape == (3, 4, 8, 8)
+
+
+def test_mamba2_validates_shapes():
+    with pytest.raises(ValueError, match="headdim"):
+        Mamba2(16, headdim=12)
+    with pytest.raises(ValueError, match="ngroups"):
+        Mamba2(16, headdim=8, ngroups=3)
+
+
+def test_mamba2_varlen_equals_separate():
+    mixer = make_mixer("mamba2")
+    lengths = [1, 5, 16, 40]
+    seqs = [torch.randn(1, n, 16, dtype=torch.float64) for n in lengths]
+    cu = torch.tensor([0, 1, 6, 22, 62])
+    packed, state = mixer(torch.cat(seqs, 1), cu_seqlens=cu)
+    for k, (seq, (s, e)) in enumerate(zip(seqs, zip(cu[:-1].tolist(), cu[1:].tolist()))):
+        alone, alone_state = mixer(seq)
+        assert rel_err(packed[:, s:e], alone) < 1e-10
+        assert rel_err(state.ssm[k], alone_state.ssm[0]) < 1e-10
+        assert rel_err(state.conv[k], alone_state.conv[0]) < 1e-12
+    # continuing every sequence from its packed state equals continuing it alone
+    nxt = [torch.randn(1, 3, 16, dtype=torch.float64) for _ in lengths]
+    cont, _ = mixer(torch.cat(nxt, 1), state, cu_seqlens=torch.tensor([0, 3, 6, 9, 12]))
+    for k, seq in enumerate(seqs):
+        _, alone_state = mixer(seq)
+        alone, _ = mixer(nxt[k], alone_state)
+        assert rel_err(cont[:, 3 * k:3 * k + 3], alone) < 1e-10
+
+
+def _swapped(mixer: BiMamba) -> BiMamba:
+    """A copy of ``mixer`` with the forward and backward parameter sets exchanged."""
+    other = BiMamba(mixer.dim, mixer.d_state, mixer.d_conv, mixer.d_inner // mixer.dim, mixer.dt_rank).to(
+        mixer.A_log.dtype)
+    state = mixer.state_dict()
+    swapped = {}
+    for key, value in state.items():
+        if key.startswith(("conv1d_b.", "x_proj_b.", "dt_proj_b.")):
+            swapped[key.replace("_b.", ".", 1)] = value
+        elif key.startswith(("conv1d.", "x_proj.", "dt_proj.")):
+            head, _, rest = key.partition(".")
+            swapped[f"{head}_b.{rest}"] = value
+        elif key in ("A_log", "A_b_log"):
+            swapped["A_b_log" if key == "A_log" else "A_log"] = value
+        elif key in ("D", "D_b"):
+            swapped["D_b" if key == "D" else "D"] = value
+        else:
+            swapped[key] = value
+    other.load_state_dict(swapped)
+    return other
+
+
+def test_bimamba_flip_symmetry():
+    torch.manual_seed(0)
+    mixer = BiMamba(16, d_state=4).double()
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    y, state = mixer(x)
+    assert state is None
+    y_swapped, _ = _swapped(mixer)(x.flip(1))
+    assert rel_err(y_swapped, y.flip(1)) < 1e-12
+    # not causal: output 0 depends on the last input
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    assert not torch.allclose(mixer(x2)[0][:, 0], y[:, 0])
+    with pytest.raises(ValueError, match="state"):
+        mixer(x, (torch.zeros(1),))
+
+
+def test_bimamba_padding_mask_invariance():
+    torch.manual_seed(0)
+    mixer = BiMamba(16, d_state=4).double()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    full, _ = mixer(x)
+    pad = torch.randn(2, 5, 16, dtype=torch.float64) * 3
+    for padded, mask, valid in (
+            (torch.cat([x, pad], 1), torch.arange(17) < 12, slice(0, 12)),          # right padding
+            (torch.cat([pad, x], 1), torch.arange(17) >= 5, slice(5, 17))):         # left padding
+        mask = mask.expand(2, 17)
+        y, _ = mixer(padded, mask=mask)
+        assert rel_err(y[:, valid], full) < 1e-12
+        assert torch.equal(y[~mask], torch.zeros_like(y[~mask]))
+
+
+def _lm(pattern, **section):
+    cfg = ModelConfig(dim=32, depth=2, pattern=pattern, mlp="none", vocab_size=50)
+    if pattern == ["mamba"]:
+        cfg.mamba = MambaConfig(d_state=8)
+    else:
+        cfg.mamba2 = Mamba2Config(d_state=8, headdim=16, chunk_size=16)
+    return cfg
+
+
+@pytest.mark.parametrize("pattern", [["mamba"], ["mamba2"]])
+def test_init_survives_model_init(pattern):
+    torch.manual_seed(0)
+    model = LanguageModel(_lm(pattern))
+    for block in model.blocks:
+        mixer = block.mixer
+        bias = mixer.dt_proj.bias if pattern == ["mamba"] else mixer.dt_bias
+        dt = F.softplus(bias.detach())
+        assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001 and dt.std() > 0
+        assert torch.equal(mixer.D.detach(), torch.ones_like(mixer.D))
+        if pattern == ["mamba"]:
+            expected = torch.log(torch.arange(1, 9, dtype=torch.float32)).expand_as(mixer.A_log)
+            assert torch.equal(mixer.A_log.detach(), expected)
+        else:
+            A = torch.exp(mixer.A_log.detach())
+            assert A.min() >= 1 and A.max() <= 16
+        assert getattr(mixer.A_log, "_no_weight_decay", False) and getattr(bias, "_no_reinit", False)
+    names = model.no_weight_decay()
+    assert "blocks.0.mixer.A_log" in names and "blocks.0.mixer.D" in names
+
+
+@pytest.mark.parametrize("pattern", [["mamba"], ["mamba2"]])
+def test_meta_init_equals_normal_init(pattern):
+    cfg = _lm(pattern)
+    torch.manual_seed(3)
+    normal = LanguageModel(cfg)
+    with torch.device("meta"):
+        meta = LanguageModel(cfg)
+    meta = meta.to_empty(device="cpu")
+    torch.manual_seed(3)
+    meta.reset_parameters()
+    for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a mixer alone, too
+    torch.manual_seed(5)
+    alone = Mamba(16, d_state=4)
+    with torch.device("meta"):
+        meta_alone = Mamba(16, d_state=4)
+    meta_alone = meta_alone.to_empty(device="cpu")
+    torch.manual_seed(5)
+    meta_alone.reset_parameters()
+    for (name, a), b in zip(alone.state_dict().items(), meta_alone.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2, BiMamba])
+def test_fp32_parameters_kept_under_bfloat16(cls):
+    mixer = cls(16, d_state=8) if cls is not Mamba2 else cls(16, d_state=8, headdim=8, chunk_size=16)
+    A_before = mixer.A_log.detach().clone()
+    mixer = mixer.to(torch.bfloat16)
+    assert mixer.in_proj.weight.dtype == torch.bfloat16
+    assert mixer.A_log.dtype == mixer.D.dtype == torch.float32 and torch.equal(mixer.A_log, A_before)
+    bias = mixer.dt_bias if cls is Mamba2 else mixer.dt_proj.bias
+    assert bias.dtype == torch.float32 and getattr(bias, "_no_reinit", False)
+    y, _ = mixer(torch.randn(2, 9, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_torch_path_compiles(kind):
+    pytest.importorskip("torch._inductor")
+    mixer = make_mixer(kind, torch.float32)
+    x = torch.randn(1, 6, 16)
+    expected, _ = mixer(x)
+    compiled = torch.compile(mixer, fullgraph=True, backend="eager")
+    got, _ = compiled(x)
+    assert rel_err(got, expected) < 1e-5

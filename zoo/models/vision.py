@@ -1,0 +1,104 @@
+"""Image classifier over patches with a middle class token and bidirectional mixers (Vision Mamba, arXiv 2401.09417).
+
+    from zoo.config import ModelConfig
+    from zoo.models.vision import VisionClassifier
+    cfg = ModelConfig(architecture="vision", dim=64, depth=4, pattern=["bimamba"], mlp="none")
+    logits, _ = VisionClassifier(cfg)(torch.rand(8, 1, 8, 8))          # (8, 10)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zoo.config import ModelConfig
+from zoo.layers.mlp import SwiGLU, swiglu_hidden
+from zoo.layers.norm import RMSNorm
+from zoo.models.lm import Block, build_mixer
+from zoo.registry import MLP_ONLY
+
+BIDIRECTIONAL = ("bimamba", MLP_ONLY)  # pattern entries that never need a causal flag
+
+
+class VisionClassifier(nn.Module):
+    """Patch embedding → class token inserted at position M//2 → + learned positions → pre-norm blocks → RMSNorm →
+    ``Linear(dim, num_classes)`` at the class position.
+
+    ``forward(images (B, C, H, W), state=None) -> (logits (B, num_classes), None)``. The mixers of ``model.pattern``
+    must be bidirectional (``bimamba``, or ``attention`` with ``causal: false``); ``model.vision`` sets image size,
+    channels, patch size and classes. Patch embedding is ``Conv2d(C, dim, patch, stride=patch)``: M = (H/patch)²
+    tokens, M + 1 with the class token.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        rng_at_start = torch.get_rng_state()
+        vision, D = config.vision, config.dim
+        if vision.image_size % vision.patch_size:
+            raise ValueError(f"VisionClassifier: image_size {vision.image_size} is not a multiple of patch_size "
+                             f"{vision.patch_size}")
+        side = vision.image_size // vision.patch_size
+        self.num_patches = side * side
+        self.class_position = self.num_patches // 2
+        self.patch_embed = nn.Conv2d(vision.channels, D, kernel_size=vision.patch_size, stride=vision.patch_size)
+        self.class_token = nn.Parameter(torch.empty(1, 1, D))
+        self.position = nn.Parameter(torch.empty(1, self.num_patches + 1, D))
+        self.embed_dropout = nn.Dropout(config.dropout)
+        hidden = swiglu_hidden(D, config.mlp_expansion)
+        blocks = []
+        for i in range(config.depth):
+            name = config.pattern[i % len(config.pattern)]
+            if name not in BIDIRECTIONAL and not (name == "attention" and not config.attention.causal):
+                raise ValueError(f"VisionClassifier: mixer '{name}' is causal; use bimamba, mlp, or attention with "
+                                 f"model.attention.causal=false")
+            mixer = None if name == MLP_ONLY else build_mixer(name, config)
+            wants_mlp = name == MLP_ONLY or config.mlp == "swiglu"
+            mlp = SwiGLU(D, hidden, config.init_std) if wants_mlp else None
+            blocks.append(Block(D, mixer, mlp, config.norm_eps, config.dropout))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(D, config.norm_eps)
+        self.head = nn.Linear(D, vision.num_classes)
+        torch.set_rng_state(rng_at_start)  # meta build + reset_parameters() under one seed == this build
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Class token and positions trunc-normal(0.02); head trunc-normal(0.02) with zero bias; mixers their own."""
+        self.patch_embed.reset_parameters()
+        nn.init.trunc_normal_(self.class_token, std=0.02)
+        nn.init.trunc_normal_(self.position, std=0.02)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        for module in self.blocks.modules():
+            if hasattr(module, "reset_parameters") and not isinstance(module, nn.Linear):
+                module.reset_parameters()
+        self.norm.reset_parameters()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay: class token, positions, norms, biases and those mixers mark."""
+        names = {"class_token", "position"}
+        for module_name, module in self.named_modules():
+            marked = set(getattr(module, "_no_weight_decay", ()))
+            for param_name, param in module.named_parameters(recurse=False):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                if isinstance(module, RMSNorm) or param.dim() < 2 or param_name in marked:
+                    names.add(full)
+        return names
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with the class token in the middle and positions added: (B, M+1, D)."""
+        if images.dim() != 4:
+            raise ValueError(f"VisionClassifier: images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)   # (B, M, D)
+        cls = self.class_token.expand(x.shape[0], -1, -1).to(x.dtype)                             # (B, 1, D)
+        m = self.class_position
+        x = torch.cat([x[:, :m], cls, x[:, m:]], dim=1)                                           # (B, M+1, D)
+        return x + self.position.to(x.dtype)
+
+    def forward(self, images: torch.Tensor, state=None):
+        if state is not None:
+            raise ValueError("VisionClassifier is not recurrent; call it with state=None")
+        h = self.embed_dropout(self.tokens(images))
+        for block in self.blocks:
+            h, _ = block(h)
+        h = self.norm(h[:, self.class_position])                                                  # (B, D)
+        return self.head(h), None
