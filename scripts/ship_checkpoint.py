@@ -58,8 +58,8 @@ def main() -> None:
     for plot in ("loss.png", "accuracy.png"):
         if (args.run / plot).is_file():
             shutil.copy(args.run / plot, target / plot)
-    evaluation = subprocess.run([sys.executable, "-m", "zoo.cli", "eval", f"checkpoint={target}"],
-                                capture_output=True, text=True, check=True).stdout.strip()
+    evaluation = subprocess.run([sys.executable, "-m", "zoo.cli", "eval", f"checkpoint=checkpoints/{args.name}"],
+                                capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
     curve = validation_curve(args.run / "metrics.csv")
     curve_lines = ["| step | " + " | ".join(curve[0][1]) + " |", "|---|" + "---|" * len(curve[0][1])] if curve else []
     curve_lines += [f"| {step} | " + " | ".join(f"{v:.4f}" for v in values.values()) + " |" for step, values in curve]
