@@ -39,7 +39,9 @@ class FileTokenizer:
             raise ImportError("a tokenizer.json needs the tokenizers package: pip install tokenizers") from None
         self._tok = Tokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size()
-        eos = self._tok.token_to_id("<eos>") or self._tok.token_to_id("<|endoftext|>")
+        eos = self._tok.token_to_id("<eos>")
+        if eos is None:
+            eos = self._tok.token_to_id("<|endoftext|>")
         if eos is None:
             raise ValueError(f"tokenizer {path} has no <eos> or <|endoftext|> token")
         self.eos_id = eos
