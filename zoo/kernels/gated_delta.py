@@ -120,10 +120,14 @@ def _chunk_dense(q, k, v, g, beta, state, scale, chunk_size):
     k_decayed = k * (G_last[..., None] - G).exp()[..., None]  # (N, H, NT, C, K): diag(e^{G_n − G}) K
 
     outputs = []
-    for c in range(q.shape[2]):
-        U = U_tilde[:, :, c] - W[:, :, c] @ state  # (N, H, C, V): the true pseudo-values u_i
-        outputs.append(scale * (q_decayed[:, :, c] @ state + QKL[:, :, c] @ U))  # (N, H, C, V)
-        state = G_last[:, :, c, None, None].exp() * state + k_decayed[:, :, c].transpose(-1, -2) @ U  # (N, H, K, V)
+    # Unbind once: indexing [:, :, c] inside the loop makes each chunk's backward allocate a full-size gradient,
+    # which turns the backward quadratic in the number of chunks.
+    per_chunk = zip(U_tilde.unbind(2), W.unbind(2), q_decayed.unbind(2), QKL.unbind(2),
+                    G_last.exp().unbind(2), k_decayed.unbind(2))
+    for u_tilde_c, w_c, q_c, qkl_c, decay_c, k_c in per_chunk:
+        U = u_tilde_c - w_c @ state  # (N, H, C, V): the true pseudo-values u_i
+        outputs.append(scale * (q_c @ state + qkl_c @ U))  # (N, H, C, V)
+        state = decay_c[..., None, None] * state + k_c.transpose(-1, -2) @ U  # (N, H, K, V)
     o = torch.stack(outputs, dim=2)  # (N, H, NT, C, V)
     return rearrange(o, "n h c l d -> n (c l) h d"), state
 

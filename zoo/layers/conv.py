@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,7 +39,13 @@ class ShortConv(nn.Module):
         if state is None:
             state = self.initial_state(x)
         padded = torch.cat([state.to(x.dtype), x], dim=1)        # (B, size-1+T, C)
-        y = F.conv1d(padded.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype),
-                     None if self.bias is None else self.bias.to(x.dtype), groups=C)  # (B, C, T)
+        weight = self.weight.to(x.dtype)
+        # A sum of size shifted products: on CPU this is several times faster than a depthwise conv1d, mostly in
+        # the backward, for the small kernels used here.
+        y = padded[:, :T] * weight[:, 0]                          # (B, T, C)
+        for j in range(1, self.size):
+            y = y + padded[:, j:j + T] * weight[:, j]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
         new_state = padded[:, padded.shape[1] - (self.size - 1):]  # (B, size-1, C)
-        return y.transpose(1, 2), new_state
+        return y, new_state

@@ -56,9 +56,14 @@ def _depthwise_conv(conv: nn.Conv1d, x: torch.Tensor, state: torch.Tensor | None
     padded = torch.cat([state.to(x.dtype), x], dim=1)                                # (B, K-1+T, C)
     if x.shape[1] == 0:  # an empty call: nothing out, the state passes through
         return x, padded
-    bias = None if conv.bias is None else conv.bias.to(x.dtype)
-    y = F.conv1d(padded.transpose(1, 2), conv.weight.to(x.dtype), bias, groups=x.shape[2])  # (B, C, T)
-    return y.transpose(1, 2), padded[:, padded.shape[1] - (K - 1):]
+    T = x.shape[1]
+    weight = conv.weight[:, 0].to(x.dtype)                                           # (C, K)
+    y = padded[:, :T] * weight[:, 0]          # shifted sums: several times faster than conv1d on CPU  (B, T, C)
+    for j in range(1, K):
+        y = y + padded[:, j:j + T] * weight[:, j]
+    if conv.bias is not None:
+        y = y + conv.bias.to(x.dtype)
+    return y, padded[:, padded.shape[1] - (K - 1):]
 
 
 def _dt_bias_init_(bias: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): ``x / rms(x) * weight`` over the last dimension.
 
-    Shapes: x (..., D) -> (..., D). Computed in float32 and cast back to x's dtype.
+    Shapes: x (..., D) -> (..., D). Computed in at least float32 (float64 stays float64), cast back to x's dtype.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -22,7 +22,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):

@@ -25,12 +25,12 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
 
 
 def auxiliary_loss(state) -> torch.Tensor | None:
-    """Sum of the ``aux_loss`` fields of the block states (MoM's load balance), or None when no block has one.
+    """Mean of the ``aux_loss`` fields of the block states (MoM's load balance), or None when no block has one.
 
     This is the zoo's convention for auxiliary losses: a mixer returns them in its state, never through a global.
     """
     terms = [s.aux_loss for s in (state or ()) if getattr(s, "aux_loss", None) is not None]
-    return torch.stack([t.float() for t in terms]).sum() if terms else None
+    return torch.stack([t.float() for t in terms]).mean() if terms else None
 
 
 class LanguageModelTask(pl.LightningModule):

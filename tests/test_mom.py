@@ -1,0 +1,370 @@
+"""MixtureOfMemories and GatedDeltaNet against loop oracles and the mixer contract (specs/mom.md §5, items 8–16)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import zoo.layers.mom as mom_module
+from tests.helpers import check_decode_equals_full, check_stream_split, rel_err
+from zoo.config import MoMConfig, ModelConfig
+from zoo.kernels.gated_delta import gated_delta_rule_reference
+from zoo.layers.mom import CONV_SIZE, GatedDeltaNet, MixtureOfMemories, MoMState, sort_by_memory
+from zoo.models.lm import LanguageModel, build_mixer
+from zoo.train.module import auxiliary_loss
+
+TINY = dict(dim=32, heads=2, head_dim=8, num_memories=3, topk=2)          # mom-tiny (spec §8)
+
+
+def make_mom(seed=0, dtype=torch.float64, **options):
+    torch.manual_seed(seed)
+    return MixtureOfMemories(**{**TINY, **options}).to(dtype)
+
+
+def make_x(B, T, seed=1, dtype=torch.float64, dim=32):
+    return torch.randn(B, T, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------------ oracle
+def conv_zero_history(z, weight):
+    """Causal depthwise conv of z (L, C) with zero history; weight (C, w), the last tap multiplies z_t."""
+    w = weight.shape[1]
+    padded = torch.cat([z.new_zeros(w - 1, z.shape[1]), z])                              # (w−1+L, C)
+    return sum(padded[j:j + z.shape[0]] * weight[:, j] for j in range(w))                  # (L, C)
+
+
+def memory_branch(layer, x_sub, k_weight, v_weight, b_weight, a_weight):
+    """One memory over a subsequence x_sub (L, D) from a fresh state: convs, SiLU, the reference op. -> (L, H, d)."""
+    d = layer.head_dim
+    q = F.silu(conv_zero_history(x_sub @ layer.q_proj.weight.T, layer.conv_q.weight))
+    k = F.silu(conv_zero_history(x_sub @ k_weight.T, layer.conv_k.weight))
+    v = F.silu(conv_zero_history(x_sub @ v_weight.T, layer.conv_v.weight))
+    beta = torch.sigmoid(x_sub @ b_weight.T)                                               # (L, H)
+    g = -layer.A_log.exp() * F.softplus(x_sub @ a_weight.T + layer.dt_bias)                # (L, H)
+    q, k, v = (rearrange(z, "l (h d) -> 1 l h d", d=d) for z in (q, k, v))
+    o, _ = gated_delta_rule_reference(q, k, v, g[None], beta[None], use_qk_l2norm=True)
+    return o[0]                                                                            # (L, H, d)
+
+
+def output_head(layer, o, x):
+    """W_O(RMSNorm(o) ⊙ SiLU(x W_G)) for o (B, T, H, d) in float64."""
+    normed = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight
+    gate = rearrange(x @ layer.gate_proj.weight.T, "b t (h d) -> b t h d", d=layer.head_dim)
+    return rearrange(normed * F.silu(gate), "b t h d -> b t (h d)") @ layer.o_proj.weight.T
+
+
+def mom_oracle(layer, x):
+    """The spec's per-(b, m) loop: route, run each memory on its own tokens in time order, mix, norm, gate, W_O."""
+    B, T, _ = x.shape
+    M, H, d = layer.num_memories, layer.heads, layer.head_dim
+    probs = (x @ layer.router.weight.T).softmax(-1)                                        # (B, T, M)
+    top_probs, top_index = probs.topk(layer.topk, dim=-1)
+    weights = top_probs / top_probs.sum(-1, keepdim=True)
+    o = x.new_zeros(B, T, H, d)
+    for b in range(B):
+        for m in range(M):
+            selected = (top_index[b] == m)                                                 # (T, k)
+            times = selected.any(-1).nonzero().flatten()
+            if times.numel() == 0:
+                continue
+            weight = (weights[b] * selected).sum(-1)[times]                                 # (L,)
+            o_m = memory_branch(layer, x[b, times], layer.k_proj[m], layer.v_proj[m], layer.b_proj[m],
+                                layer.a_proj[m])
+            o[b, times] += weight[:, None, None] * o_m
+        if layer.shared_memory:
+            o[b] += memory_branch(layer, x[b], layer.k_proj[M], layer.v_proj[M], layer.b_proj[M], layer.a_proj[M])
+    return output_head(layer, o, x)
+
+
+@torch.no_grad()
+def test_matches_per_memory_loop_oracle_float64():
+    layer = make_mom()
+    x = make_x(2, 45)
+    expected = mom_oracle(layer, x)
+    y_train, _ = layer.train()(x)
+    y_eval, _ = layer.eval()(x)
+    assert rel_err(y_train, expected) < 1e-10
+    assert rel_err(y_eval, y_train) < 1e-14                 # no training-only conv leak across segments
+
+
+@torch.no_grad()
+def test_matches_oracle_without_shared_memory_and_topk_one():
+    layer = make_mom(num_memories=4, topk=1, shared_memory=False)
+    x = make_x(2, 70, seed=3)
+    assert rel_err(layer(x)[0], mom_oracle(layer, x)) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------ one memory
+def copy_gdn_weights(mom, gdn, memory):
+    with torch.no_grad():
+        for name in ("q_proj", "gate_proj", "o_proj", "conv_q", "conv_k", "conv_v", "o_norm"):
+            getattr(gdn, name).load_state_dict(getattr(mom, name).state_dict())
+        gdn.A_log.copy_(mom.A_log)
+        gdn.dt_bias.copy_(mom.dt_bias)
+        for name in ("k_proj", "v_proj", "b_proj", "a_proj"):
+            getattr(gdn, name).weight.copy_(getattr(mom, name)[memory])
+
+
+@torch.no_grad()
+def test_one_memory_without_shared_equals_gated_deltanet():
+    mom = make_mom(num_memories=1, topk=1, shared_memory=False)
+    gdn = GatedDeltaNet(32, heads=2, head_dim=8).double()
+    copy_gdn_weights(mom, gdn, 0)
+    x = make_x(2, 70)
+    (y_mom, s_mom), (y_gdn, s_gdn) = mom(x), gdn(x)
+    assert rel_err(y_mom, y_gdn) < 1e-12
+    assert rel_err(s_mom.S[:, 0], s_gdn.S) < 1e-12
+    assert rel_err(s_mom.conv_k[:, 0], s_gdn.conv_k) < 1e-14
+
+
+@torch.no_grad()
+def test_one_memory_with_shared_equals_two_branches_summed_before_norm():
+    mom = make_mom(num_memories=1, topk=1, shared_memory=True)
+    x = make_x(2, 50)
+    o = torch.stack([memory_branch(mom, x[b], mom.k_proj[0], mom.v_proj[0], mom.b_proj[0], mom.a_proj[0])
+                     + memory_branch(mom, x[b], mom.k_proj[1], mom.v_proj[1], mom.b_proj[1], mom.a_proj[1])
+                     for b in range(2)])
+    assert rel_err(mom(x)[0], output_head(mom, o, x)) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- sort order
+@torch.no_grad()
+def test_sort_keeps_time_order_when_routing_ties():
+    layer = make_mom()
+    layer.router.weight.zero_()                             # every routing decision is a tie
+    x = make_x(2, 257)
+    _, top_index, _ = layer.route(x)
+    order, segment, cu_seqlens = sort_by_memory(top_index, layer.num_memories)
+    token = order // layer.topk
+    times, batch = token % 257, token // 257
+    for s in range(2 * layer.num_memories):
+        span = slice(int(cu_seqlens[s]), int(cu_seqlens[s + 1]))
+        assert bool((segment[span] == s).all()) and bool((batch[span] == s // layer.num_memories).all())
+        assert bool((times[span][1:] > times[span][:-1]).all()), f"segment {s} is out of time order"
+    first, second = layer(x)[0], layer(x)[0]
+    assert torch.equal(first, second)
+
+
+# ------------------------------------------------------------------------------------------------ causality
+@torch.no_grad()
+@pytest.mark.parametrize("t", [0, 17, 64, 100, 128])
+def test_future_does_not_leak(t):
+    layer = make_mom()
+    x = make_x(2, 130)
+    y1, _ = layer(x)
+    x2 = x.clone()
+    x2[:, t + 1:] = make_x(2, 130 - t - 1, seed=9)          # new future: new routing and new conv inputs
+    y2, _ = layer(x2)
+    assert (y1[:, :t + 1] - y2[:, :t + 1]).abs().max() <= 1e-12 * y1.abs().max()
+    assert not torch.allclose(y1[:, t + 1:], y2[:, t + 1:])
+
+
+@torch.no_grad()
+def test_batch_samples_are_independent():
+    layer = make_mom()
+    x = make_x(3, 60)
+    x2 = x.clone()
+    x2[1] = make_x(1, 60, seed=5)[0]
+    assert torch.equal(layer(x)[0][0], layer(x2)[0][0])
+
+
+# ---------------------------------------------------------------------------------------- streaming, decode
+@torch.no_grad()
+def test_stream_split_equals_full_every_split():
+    layer = make_mom()
+    check_stream_split(layer, make_x(2, 40), range(0, 41), 1e-10)
+
+
+@torch.no_grad()
+def test_three_way_stream_split_equals_full():
+    layer = make_mom()
+    x = make_x(2, 40)
+    full, _ = layer(x)
+    for a, b in [(1, 2), (3, 30), (13, 14), (0, 39), (20, 40)]:
+        y1, s = layer(x[:, :a])
+        y2, s = layer(x[:, a:b], s)
+        y3, _ = layer(x[:, b:], s)
+        assert rel_err(torch.cat([y1, y2, y3], dim=1), full) < 1e-10
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_decode_equals_full(dtype, tolerance):
+    check_decode_equals_full(make_mom(dtype=dtype), make_x(2, 24, dtype=dtype), tolerance)
+
+
+@torch.no_grad()
+def test_decode_equals_full_without_shared_memory():
+    layer = make_mom(num_memories=4, topk=1, shared_memory=False)
+    check_decode_equals_full(layer, make_x(2, 24), 1e-10)
+
+
+@torch.no_grad()
+def test_decode_state_holds_m_plus_one_memories():
+    layer = make_mom()
+    _, state = layer(make_x(2, 5))
+    assert state.S.shape == (2, 3, 2, 8, 8) and state.S_shared.shape == (2, 2, 8, 8)
+    assert state.conv_q.shape == (2, 4, CONV_SIZE - 1, 16) and state.S.dtype == torch.float64
+    _, state = make_mom(shared_memory=False)(make_x(2, 5))
+    assert state.S_shared is None and state.conv_v.shape == (2, 3, CONV_SIZE - 1, 16)
+
+
+@torch.no_grad()
+def test_gated_deltanet_streams_and_decodes():
+    torch.manual_seed(0)
+    gdn = GatedDeltaNet(32, heads=2, head_dim=8).double()
+    x = make_x(2, 40)
+    check_stream_split(gdn, x, [0, 1, 7, 33, 40], 1e-10)
+    check_decode_equals_full(gdn, x[:, :20], 1e-10)
+
+
+# -------------------------------------------------------------------------------------------------- aux loss
+def test_aux_loss_equals_switch_formula_and_is_none_in_eval():
+    layer = make_mom(aux_loss_scale=0.5).train()
+    x = make_x(2, 50)
+    _, state = layer(x)
+    probs = (x @ layer.router.weight.detach().T).softmax(-1)                            # (B, T, M)
+    chosen = F.one_hot(probs.topk(2, dim=-1).indices, 3).sum(2).double()               # (B, T, M)
+    expected = 3 * (chosen.mean((0, 1)) * probs.mean((0, 1))).sum()
+    assert abs(float(state.aux_loss.detach()) - 0.5 * float(expected)) < 1e-12 and state.aux_loss.dim() == 0
+    assert layer.eval()(x)[1].aux_loss is None
+    assert make_mom(aux_loss_scale=0.0).train()(x)[1].aux_loss is None
+
+
+def test_aux_loss_is_topk_for_uniform_routing():
+    layer = make_mom(aux_loss_scale=1.0).train()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    assert abs(float(layer(make_x(2, 30))[1].aux_loss.detach()) - layer.topk) < 1e-12
+
+
+def test_aux_loss_gradient_reaches_router_only_through_probabilities():
+    layer = make_mom(aux_loss_scale=1.0).train()
+    x = make_x(2, 50)
+    aux = layer(x)[1].aux_loss
+    grads = torch.autograd.grad(aux, list(layer.parameters()), allow_unused=True)
+    named = dict(zip([n for n, _ in layer.named_parameters()], grads))
+    assert named["router.weight"] is not None and named["router.weight"].abs().sum() > 0
+    assert all(g is None or not g.any() for n, g in named.items() if n != "router.weight")
+    weight = layer.router.weight.detach().requires_grad_()
+    probs = (x @ weight.T).softmax(-1)
+    fraction = F.one_hot(probs.topk(2, dim=-1).indices, 3).sum(2).double().mean((0, 1))  # no gradient
+    (expected,) = torch.autograd.grad(3 * (fraction * probs.mean((0, 1))).sum(), weight)
+    assert rel_err(named["router.weight"], expected) < 1e-12
+
+
+def test_gradients_reach_every_parameter():
+    layer = make_mom(num_memories=4).train()
+    x = make_x(2, 80)
+    y, state = layer(x)
+    (y.pow(2).sum() + state.aux_loss).backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None, name
+        per_memory = param.grad.flatten(1).abs().sum(1) if param.dim() == 3 else param.grad.abs().sum()[None]
+        assert bool((per_memory > 0).all()), f"{name} has a memory without gradient"
+
+
+# ----------------------------------------------------------------------------------------------- host sync
+def test_forward_has_no_host_sync(monkeypatch):
+    def stub(q, k, v, g, beta, initial_state=None, cu_seqlens=None, **_):
+        return v * 1.0, initial_state * 1.0
+
+    def refuse(*_, **__):
+        raise AssertionError("host sync in the layer's forward")
+
+    layer = make_mom(dtype=torch.float32).train()
+    x = make_x(2, 30, dtype=torch.float32)
+    monkeypatch.setattr(mom_module, "gated_delta_rule", stub)
+    for owner, name in ((torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch, "unique"), (torch, "nonzero"),
+                        (torch.Tensor, "nonzero"), (torch.Tensor, "unique")):
+        monkeypatch.setattr(owner, name, refuse)
+    y, state = layer(x)
+    y, state = layer(x[:, :1], state)
+    assert y.shape == (2, 1, 32) and state.aux_loss is not None
+
+
+# ---------------------------------------------------------------------------------------- init and configs
+@pytest.mark.parametrize("cls, options", [(MixtureOfMemories, TINY), (GatedDeltaNet, dict(dim=32, heads=2))])
+def test_meta_init_then_reset_equals_normal_build(cls, options):
+    torch.manual_seed(7)
+    built = cls(**options)
+    with torch.device("meta"):
+        meta = cls(**options)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(7)
+    meta.reset_parameters()
+    for (name, a), (_, b) in zip(built.state_dict().items(), meta.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_language_model_meta_init_equals_normal_build():
+    config = ModelConfig(dim=32, depth=2, pattern=["mom"], mom=MoMConfig(heads=2, head_dim=8, num_memories=3))
+    torch.manual_seed(3)
+    built = LanguageModel(config)
+    with torch.device("meta"):
+        meta = LanguageModel(config)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(3)
+    meta.reset_parameters()
+    for (name, a), (_, b) in zip(built.state_dict().items(), meta.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_from_config_builds_both_mixers():
+    section = MoMConfig(heads=2, head_dim=8, num_memories=3, topk=1, shared_memory=False, aux_loss_scale=0.01)
+    config = ModelConfig(dim=32, mom=section)
+    mom = build_mixer("mom", config)
+    assert (mom.num_memories, mom.topk, mom.shared_memory, mom.aux_loss_scale) == (3, 1, False, 0.01)
+    assert mom.k_proj.shape == (3, 16, 32)
+    gdn = build_mixer("gdn", config)
+    assert isinstance(gdn, GatedDeltaNet) and gdn.k_proj.weight.shape == (16, 32)
+
+
+def test_language_model_with_mom_trains_and_reports_aux_loss():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, dim=32, depth=2, pattern=["mom"],
+                         mom=MoMConfig(heads=2, head_dim=8, num_memories=3, topk=2))
+    model = LanguageModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tokens = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(8):
+        logits, state = model(tokens[:, :-1])
+        assert all(isinstance(s, MoMState) and s.aux_loss is not None for s in state)
+        aux = auxiliary_loss(state)
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + aux
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        assert torch.isfinite(loss)
+    assert losses[-1] < losses[0] - 0.1
+    assert 0 < float(aux.detach()) < 1e-2                            # ~ scale · k per layer
+    assert model.blocks[0].mixer.router.weight.grad.abs().sum() > 0
+    model.eval()
+    assert all(s.aux_loss is None for s in model(tokens[:, :-1])[1])
+    generated = model.generate(tokens[:2, :5], 4)
+    assert generated.shape == (2, 9)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("options, message", [
+    (dict(topk=4), "topk"),
+    (dict(topk=0), "topk"),
+    (dict(num_memories=0, topk=0), "num_memories"),
+    (dict(rule="delta"), "rule"),
+    (dict(aux_loss_scale=-1.0), "aux_loss_scale"),
+    (dict(head_dim=None, heads=3), "divisible"),
+    (dict(heads=0), "heads"),
+])
+def test_bad_options_raise_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        MixtureOfMemories(**{**TINY, **options})
+
+
+def test_bad_input_shape_raises():
+    with pytest.raises(ValueError, match=r"\(B, T, 32\)"):
+        make_mom()(torch.randn(2, 5, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="divisible"):
+        GatedDeltaNet(30, heads=4)
