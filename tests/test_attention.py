@@ -12,6 +12,10 @@ def reference_attention(layer: Attention, x: torch.Tensor, mask: torch.Tensor | 
     """Per-query loop over visible keys, from the equations: softmax(q k^T / sqrt(d)) v, RoPE by absolute position."""
     B, T, _ = x.shape
     d, H, Hkv = layer.head_dim, layer.heads, layer.kv_heads
+    if layer.conv is not None:  # x_t + sum_j w_j x_{t-(size-1)+j}, zeros before the start
+        size = layer.conv.size
+        padded = torch.cat([x.new_zeros(B, size - 1, x.shape[2]), x], 1)
+        x = x + sum(padded[:, j:j + T] * layer.conv.weight[:, j] for j in range(size))
     q = (x @ layer.w_q.weight.T).view(B, T, H, d)
     k = (x @ layer.w_k.weight.T).view(B, T, Hkv, d)
     v = (x @ layer.w_v.weight.T).view(B, T, Hkv, d)
@@ -56,6 +60,7 @@ CASES = {
     "persistent": dict(heads=2, persistent_tokens=3),
     "window_persistent_gqa": dict(heads=4, kv_heads=1, window=4, persistent_tokens=2),
     "no_rope": dict(heads=2, rope=False),
+    "conv": dict(heads=2, conv_size=3, window=6),
 }
 
 

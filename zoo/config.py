@@ -41,6 +41,7 @@ class AttentionConfig:
     persistent_tokens: int = field(default=0, metadata={"help": "learned prefix tokens visible to every query"})
     causal: bool = field(default=True, metadata={"help": "false = bidirectional (encoders)"})
     rope: bool = field(default=True, metadata={"help": "rotary position embeddings on queries and keys"})
+    conv_size: int = field(default=0, metadata={"help": "residual short causal conv on the input (0 = none)"})
     rope_base: float = field(default=10000.0, metadata={"help": "rotary base frequency"})
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from zoo.layers.conv import ShortConv
 from zoo.layers.rotary import RotaryEmbedding
 
 
@@ -15,11 +16,13 @@ class AttentionState(NamedTuple):
     """KV cache of a causal ``Attention``: rotated keys, values and their absolute positions.
 
     k, v: (B, t, H_kv, d); positions: (B, t) long. With a sliding window only the last ``window`` tokens are kept.
+    conv: (B, conv_size-1, D), the input short conv's state, or None without one.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     positions: torch.Tensor
+    conv: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -32,13 +35,16 @@ class Attention(nn.Module):
     - ``causal=False``: bidirectional; ``mask (B, T)`` marks real tokens (True) so padding never changes real
       outputs; the state is None.
     - ``rope=False`` drops rotary embeddings (the Mamba-2-Hybrid's attention layers use no positions).
+    - ``conv_size = w > 0`` adds a residual depthwise causal conv on the input, ``x + conv(x)``, before the
+      projections (token shift, as the short convs of Mamba/GatedDeltaNet); it hands each token its neighbours, which
+      shortens the plateau on recall tasks. Its state rides in the KV cache.
     - ``persistent_tokens = N_p``: learned tokens P (N_p, D) whose keys P W_K and values P W_V (no RoPE) every query
       sees, whatever the mask or window (Titans v1 eq. 19).
     """
 
     def __init__(self, dim: int, heads: int = 4, kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, persistent_tokens: int = 0, causal: bool = True,
-                 rope: bool = True, rope_base: float = 10000.0):
+                 rope: bool = True, rope_base: float = 10000.0, conv_size: int = 0):
         super().__init__()
         kv_heads = kv_heads or heads
         head_dim = head_dim or dim // heads
@@ -48,6 +54,8 @@ class Attention(nn.Module):
             raise ValueError(f"Attention: window must be >= 1 or None, got {window}")
         if window is not None and not causal:
             raise ValueError("Attention: a sliding window needs causal=True")
+        if conv_size and not causal:
+            raise ValueError("Attention: conv_size needs causal=True (the conv looks only backwards)")
         if persistent_tokens < 0:
             raise ValueError(f"Attention: persistent_tokens must be >= 0, got {persistent_tokens}")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
@@ -58,6 +66,7 @@ class Attention(nn.Module):
         self.w_o = nn.Linear(heads * head_dim, dim, bias=False)
         self.rotary = RotaryEmbedding(head_dim, rope_base) if rope else None
         self.persistent = nn.Parameter(torch.empty(persistent_tokens, dim)) if persistent_tokens else None
+        self.conv = ShortConv(dim, conv_size) if conv_size else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,6 +76,8 @@ class Attention(nn.Module):
             self.rotary.reset_parameters()
         if self.persistent is not None:
             nn.init.normal_(self.persistent, std=0.02)
+        if self.conv is not None:
+            self.conv.reset_parameters()
 
     # ------------------------------------------------------------------------------------------------ pieces
     def project(self, x: torch.Tensor, positions: torch.Tensor):
@@ -126,6 +137,10 @@ class Attention(nn.Module):
         if mask is not None:
             raise ValueError("Attention: mask is for bidirectional attention; causal attention takes no mask")
         B, T, _ = x.shape
+        conv_state = None
+        if self.conv is not None:
+            shifted, conv_state = self.conv(x, None if state is None else state.conv)
+            x = x + shifted                                                           # (B, T, D)
         steps = torch.arange(T, device=x.device).expand(B, T)                         # (B, T)
         if state is None:
             q_pos = steps
@@ -143,7 +158,7 @@ class Attention(nn.Module):
         else:
             out = self.attend(q, k_all, v_all, self.causal_allowed(q_pos, k_pos))
         keep = k_all.shape[1] if self.window is None else min(self.window, k_all.shape[1])
-        new_state = AttentionState(k_all[:, -keep:], v_all[:, -keep:], k_pos[:, -keep:])
+        new_state = AttentionState(k_all[:, -keep:], v_all[:, -keep:], k_pos[:, -keep:], conv_state)
         return self.w_o(out), new_state
 
     def _forward_bidirectional(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
