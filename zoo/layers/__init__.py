@@ -23,6 +23,17 @@ _NAMES = {
     "BiMamba": "zoo.layers.mamba",
     "MambaState": "zoo.layers.mamba",
     "Mamba2State": "zoo.layers.mamba",
+    "GatedDeltaNet": "zoo.layers.mom",
+    "MixtureOfMemories": "zoo.layers.mom",
+    "GDNState": "zoo.layers.mom",
+    "MoMState": "zoo.layers.mom",
+    "MemoryLinear": "zoo.layers.memoryformer",
+    "MemoryFFN": "zoo.layers.memoryformer",
+    "MemoryAttention": "zoo.layers.memoryformer",
+    "TitansMemory": "zoo.layers.titans",
+    "TitansMAC": "zoo.layers.titans_hybrids",
+    "TitansMAG": "zoo.layers.titans_hybrids",
+    "TitansMAL": "zoo.layers.titans_hybrids",
 }
 
 __all__ = list(_NAMES)
