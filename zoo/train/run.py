@@ -129,9 +129,12 @@ def next_log_version(directory: Path) -> int:
 
 
 def merge_metrics(directory: Path) -> list[dict]:
-    """Rebuild ``metrics.csv`` from every start's ``logs/<k>/metrics.csv``: one row per step.
+    """Rebuild ``metrics.csv`` from every start's ``logs/<k>/metrics.csv``: one row per optimizer step.
 
-    Rows of start k with a step beyond the step start k+1 resumed from were replayed and are dropped.
+    Lightning's CSV rows carry the number of optimizer steps completed *before* the logging batch, so the training
+    loss of step 1 sits on row 0 and the validation after step 100 on row 99; ``step`` here is that plus one, the
+    optimizer step the row belongs to (``global_step``). Rows of start k with a step at or beyond the step start k+1
+    resumed from were replayed and are dropped.
     """
     parts = sorted((int(p.name), p / "metrics.csv") for p in (directory / "logs").iterdir()
                    if p.name.isdigit() and (p / "metrics.csv").is_file()) if (directory / "logs").is_dir() else []
@@ -147,8 +150,8 @@ def merge_metrics(directory: Path) -> list[dict]:
         for row in rows:
             if row.get("step") in (None, ""):
                 continue
-            step = int(row["step"])
-            if cutoff is not None and step >= cutoff:
+            step = int(row["step"]) + 1
+            if cutoff is not None and step >= cutoff + 1:
                 continue
             target = merged.setdefault(step, {"step": step})
             for key, value in row.items():
