@@ -181,18 +181,21 @@ def _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, in
         beta, f = coef["beta"][..., None], coef["f"][..., None]  # (B, H, N, b, 1)
         ends = [coef[name][..., None, None] for name in ("beta_end", "f_end", "m_end")]  # (B, H, N, 1, 1) each
         outputs = []
-        for n in range(coef["num_chunks"]):
-            acts, grads = _chunk_store_pass(K[:, :, n], V[:, :, n], W)
-            thetas = [th[:, :, n, :, layer] for layer in range(L)]  # (B, H, b) each
-            gammas = [coef["G"][:, :, n] * t[..., None, :] for t in thetas]  # (B, H, b, b) each
-            outputs.append(_chunk_readout(Q[:, :, n], W, S, acts, grads, gammas, beta[:, :, n], f[:, :, n]))
+        # Unbind every per-chunk tensor once: indexing [:, :, n] inside the loop makes each chunk's backward
+        # allocate (and zero) a full-size gradient buffer, which turns the backward quadratic in T.
+        per_chunk = zip(Q.unbind(2), K.unbind(2), V.unbind(2), th.unbind(2), coef["G"].unbind(2), beta.unbind(2),
+                        f.unbind(2), *(x.unbind(2) for x in ends), coef["G_end"].unbind(2), coef["B_end"].unbind(2))
+        for n, (Q_n, K_n, V_n, th_n, G_n, beta_n, f_n, beta_end, f_end, m_end, G_end_n, B_end_n) in enumerate(per_chunk):
+            acts, grads = _chunk_store_pass(K_n, V_n, W)
+            thetas = [th_n[..., layer] for layer in range(L)]  # (B, H, b) each
+            gammas = [G_n * t[..., None, :] for t in thetas]  # (B, H, b, b) each
+            outputs.append(_chunk_readout(Q_n, W, S, acts, grads, gammas, beta_n, f_n))
             if (n + 1) * chunk_size <= total:  # a complete chunk: advance the boundary state
-                beta_end, f_end, m_end = (x[:, :, n] for x in ends)
                 new_W, new_S = [], []
                 for w, s, a, g, t in zip(W, S, acts, grads, thetas):
                     at = a.transpose(-1, -2)  # (B, H, in, b)
-                    c = (coef["G_end"][:, :, n] * t)[..., None]  # (B, H, b, 1)
-                    e = (coef["B_end"][:, :, n] * t)[..., None]  # (B, H, b, 1)
+                    c = (G_end_n * t)[..., None]  # (B, H, b, 1)
+                    e = (B_end_n * t)[..., None]  # (B, H, b, 1)
                     new_W.append(beta_end * w + f_end * s - at @ (c * g))
                     new_S.append(m_end * s - at @ (e * g))
                 W, S = tuple(new_W), tuple(new_S)

@@ -1,0 +1,303 @@
+"""Titans neural long-term memory (LMM) as a sequence mixer: ``TitansMemory`` (specs/titans.md §2, §3.5).
+
+Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663; v1 §3–4, NeurIPS 2025 §3.3).
+The memory is a small network M_W whose weights W are the recurrent state, trained online at test time by gradient
+descent with momentum and weight decay on ‖M_W(k_t) − v_t‖², every gradient of a chunk of b tokens taken at the
+chunk-start weights. Depth 1 runs the op :func:`zoo.kernels.titans_linear_memory` (matrix memory), depth ≥ 2 the op
+:func:`zoo.kernels.titans_deep_memory.titans_mlp_memory` (residual MLP memory with LayerNorm).
+
+The hybrids built on it (``TitansMAC``, ``TitansMAG``, ``TitansMAL``, §4) live in ``zoo.layers.titans_hybrids`` and are
+re-exported here lazily, so ``from zoo.layers.titans import TitansMAC`` works.
+
+    from zoo.layers.titans import TitansMemory
+    mixer = TitansMemory(dim=64, heads=2)
+    y, state = mixer(torch.randn(2, 40, 64))          # y (2, 40, 64)
+    y2, state = mixer(torch.randn(2, 1, 64), state)   # continue the sequence token by token
+"""
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from zoo.kernels.titans_deep_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
+from zoo.kernels.titans_memory import titans_linear_memory
+from zoo.layers.conv import ShortConv
+from zoo.layers.norm import RMSNorm
+
+_INIT_GAIN = 2 ** -2.5          # xavier_uniform gain of every projection (§2.1 [open])
+_GATE_BIAS = {"alpha": -4.6, "eta": 0.0, "theta": -2.2}   # sigmoid: α ≈ 0.01, η = 0.5, θ ≈ 0.1·θ_max
+_L2_EPS = 1e-6
+# Options of TitansMemory that the hybrids accept in their ``memory`` dict (§4).
+MEMORY_OPTIONS = ("head_dim", "memory_depth", "memory_expansion", "chunk_size", "conv_size", "momentum", "forget",
+                  "theta_max", "backend", "checkpoint_chunks")
+
+
+class TitansState(NamedTuple):
+    """Recurrent state of :class:`TitansMemory`, batch-first (specs/titans.md §3.5).
+
+    weights, momentum: tuples of L tensors (B, H, in, out), fp32 (fp64 for fp64 inputs): the fast weights W^ℓ and the
+        momentum S^ℓ at the last completed chunk boundary.
+    pending_k, pending_v: (B, p, H, d): the p < chunk_size tokens after that boundary (p is read from the shape).
+    pending_gates: (B, p, H, 2 + L) = (α, η, θ^1..θ^L) of those tokens (zeros where a gate is disabled).
+    conv: (B, conv_size − 1, 3·H·d): the last pre-conv q, k, v projections.
+    """
+
+    weights: tuple
+    momentum: tuple
+    pending_k: torch.Tensor
+    pending_v: torch.Tensor
+    pending_gates: torch.Tensor
+    conv: torch.Tensor
+
+
+def _l2_normalize(z: torch.Tensor) -> torch.Tensor:
+    """z · (Σ z² + 1e-6)^-½ over the last dimension."""
+    return z * torch.rsqrt(z.pow(2).sum(-1, keepdim=True) + _L2_EPS)
+
+
+class TitansMemory(nn.Module):
+    """Multi-head Titans long-term memory mixer (Behrouz et al. 2025, arXiv 2501.00663 v1 §3, §4.4).
+
+    ``forward(x (B, T, D), state: TitansState | None = None) -> (y (B, T, D), TitansState)``.
+
+    Per token t and head (specs/titans.md §2.2):
+    q, k, v = l2(SiLU(conv(x W_q))), l2(SiLU(conv(x W_k))), SiLU(conv(x W_v)), each (B, T, H, d);
+    [α, η, θ^1..θ^L] = sigmoid(x W_gate + b_gate), θ scaled by ``theta_max``;
+    u_t = ∇_W ‖M_W(k_t) − v_t‖² at the chunk-start weights; S_t = η_t S_{t−1} − θ_t u_t; W_t = (1 − α_t) W_{t−1} + S_t;
+    y_t = M_{W_t}(q_t); out = W_O(RMSNorm(y) ⊙ SiLU(x W_G)).
+
+    M_W is a d×d matrix for ``memory_depth`` = 1, else the residual MLP z + LN(GELU(…GELU(z W^1)…) W^L) with hidden
+    width ``memory_expansion``·d. The learned initial weights M_0 are real per-head parameters. The state carries the tokens
+    since the last chunk boundary, so streaming over any split (inside a chunk too) and token-by-token decoding equal
+    one call. ``momentum=False`` / ``forget=False`` fix η ≡ 0 / α ≡ 0 (the paper's ablations).
+
+    ``checkpoint_chunks = G > 0`` runs the memory in groups of G chunks under activation checkpointing when gradients
+    are needed: backward recomputes one group at a time, so activation memory holds the group-boundary states
+    ((T / (G·b))·|M|) instead of every chunk's (§3.4), for about one extra forward of the memory. Results are identical.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
+                 memory_expansion: int = 4, chunk_size: int = 16, conv_size: int = 4, momentum: bool = True,
+                 forget: bool = True, theta_max: float = 1.0, backend: str = "auto", checkpoint_chunks: int = 0):
+        super().__init__()
+        rng_at_start = torch.get_rng_state()
+        for name, value, low in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
+                                 ("memory_expansion", memory_expansion, 1), ("chunk_size", chunk_size, 1),
+                                 ("conv_size", conv_size, 0), ("checkpoint_chunks", checkpoint_chunks, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TitansMemory: {name} must be an integer >= {low}, got {value!r}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"TitansMemory: dim ({dim}) must be divisible by heads ({heads}) "
+                                 f"when head_dim is not given")
+            head_dim = dim // heads
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"TitansMemory: head_dim must be an integer >= 1 or None, got {head_dim!r}")
+        if not theta_max > 0:
+            raise ValueError(f"TitansMemory: theta_max must be > 0, got {theta_max!r}")
+        if backend not in ("auto", "reference", "torch", "triton"):
+            raise ValueError(f"TitansMemory: backend must be 'auto', 'reference', 'torch' or 'triton', got {backend!r}")
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.memory_depth, self.memory_expansion, self.chunk_size = memory_depth, memory_expansion, chunk_size
+        self.conv_size, self.momentum, self.forget = conv_size, momentum, forget
+        self.theta_max, self.backend, self.checkpoint_chunks = float(theta_max), backend, checkpoint_chunks
+        inner = heads * head_dim
+        self.w_q = nn.Linear(dim, inner, bias=False)
+        self.w_k = nn.Linear(dim, inner, bias=False)
+        self.w_v = nn.Linear(dim, inner, bias=False)
+        if conv_size > 0:
+            self.conv_q, self.conv_k, self.conv_v = (ShortConv(inner, conv_size) for _ in range(3))
+        else:
+            self.conv_q = self.conv_k = self.conv_v = None
+        # Gate columns per head: [α if forget] [η if momentum] θ^1..θ^L.
+        self.gate_names = (("alpha",) if forget else ()) + (("eta",) if momentum else ()) + ("theta",) * memory_depth
+        self.w_gate = nn.Linear(dim, heads * len(self.gate_names), bias=True)
+        hidden = memory_expansion * head_dim
+        widths = [head_dim] + [hidden] * (memory_depth - 1) + [head_dim]
+        self.memory_weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(heads, widths[i], widths[i + 1])) for i in range(memory_depth)])  # M_0
+        self.w_out_gate = nn.Linear(dim, inner, bias=False)
+        self.o_norm = RMSNorm(head_dim, eps=1e-5)
+        self.w_o = nn.Linear(inner, dim, bias=False)
+        torch.set_rng_state(rng_at_start)  # meta build + to_empty + reset_parameters() under a seed == this build
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, dim: int, section) -> "TitansMemory":
+        """Build from a ``TitansConfig`` (``model.titans``); segment_len/window/persistent_tokens are the hybrids'."""
+        return cls(dim=dim, heads=section.heads, **memory_options(section))
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter (specs/titans.md §2.1)."""
+        for linear in (self.w_q, self.w_k, self.w_v, self.w_gate, self.w_out_gate, self.w_o):
+            nn.init.xavier_uniform_(linear.weight, gain=_INIT_GAIN)
+        for conv in (self.conv_q, self.conv_k, self.conv_v):
+            if conv is not None:
+                conv.reset_parameters()
+        with torch.no_grad():
+            bias = self.w_gate.bias.view(self.heads, len(self.gate_names))
+            for column, name in enumerate(self.gate_names):
+                bias[:, column].fill_(_GATE_BIAS[name])
+            for weight in self.memory_weights:
+                for head in range(self.heads):
+                    nn.init.xavier_uniform_(weight[head])
+        self.o_norm.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def _conv(self, conv: ShortConv | None, x: torch.Tensor, state: torch.Tensor | None):
+        if conv is None:
+            return x, x.new_zeros(x.shape[0], 0, x.shape[-1])
+        return conv(x, state)
+
+    def _query(self, x: torch.Tensor, conv_state: torch.Tensor | None):
+        """q = l2(SiLU(conv_q(x W_q))), (B, T, H, d), and the new conv cache of the q path."""
+        q, conv_state = self._conv(self.conv_q, self.w_q(x), conv_state)
+        return _l2_normalize(rearrange(F.silu(q), "b t (h d) -> b t h d", h=self.heads)), conv_state
+
+    def _gates(self, x: torch.Tensor):
+        """α, η (B, T, H) and θ (B, T, H, L) from sigmoid(x W_gate + b_gate); disabled gates are zeros."""
+        raw = torch.sigmoid(rearrange(self.w_gate(x), "b t (h g) -> b t h g", h=self.heads))  # (B, T, H, n_gates)
+        column = 0
+        zeros = raw.new_zeros(raw.shape[:-1])
+        alpha = eta = zeros
+        if self.forget:
+            alpha, column = raw[..., column], column + 1
+        if self.momentum:
+            eta, column = raw[..., column], column + 1
+        return alpha, eta, self.theta_max * raw[..., column:]
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """W_O(RMSNorm(y) ⊙ SiLU(x W_G)) for memory reads y (B, T, H, d) -> (B, T, D)."""
+        y = rearrange(self.o_norm(y.to(x.dtype)), "b t h d -> b t (h d)")
+        return self.w_o(y * F.silu(self.w_out_gate(x)))
+
+    def initial_weights(self, batch: int) -> tuple:
+        """M_0 broadcast over the batch: L tensors (B, H, in, out) (views; nothing is written into them)."""
+        return tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in self.memory_weights)
+
+    def read(self, x: torch.Tensor, weights: tuple, conv_state: torch.Tensor | None = None):
+        """Read the memory with fixed weights and no update: W_O(RMSNorm(M_W(q)) ⊙ SiLU(x W_G)) (MAC, v1 eq. 21).
+
+        x: (B, T, D); weights: L tensors (B, H, in, out); conv_state: (B, conv_size − 1, H·d) cache of this stream's
+        q path, or None. Returns (h (B, T, D), new conv_state).
+        """
+        q, conv_state = self._query(x, conv_state)
+        q = rearrange(q, "b t h d -> b h t d").to(weights[0].dtype)  # (B, H, T, d)
+        y = q @ weights[0] if self.memory_depth == 1 else _memory_mlp(q, weights)  # (B, H, T, d)
+        return self._output(rearrange(y, "b h t d -> b t h d"), x), conv_state
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, state: TitansState | None = None):
+        B, T, D = x.shape
+        if D != self.dim:
+            raise ValueError(f"TitansMemory: x has width {D}, expected dim={self.dim}")
+        if T == 0:  # nothing to absorb (ShortConv needs at least one token)
+            return x.new_zeros(B, 0, D), (state if state is not None else self._empty_state(x))
+        inner = self.heads * self.head_dim
+        conv_states = (None,) * 3 if state is None else state.conv.split(inner, dim=-1)
+        q, conv_q = self._query(x, conv_states[0])
+        k, conv_k = self._conv(self.conv_k, self.w_k(x), conv_states[1])
+        v, conv_v = self._conv(self.conv_v, self.w_v(x), conv_states[2])
+        k = _l2_normalize(rearrange(F.silu(k), "b t (h d) -> b t h d", h=self.heads))  # (B, T, H, d)
+        v = rearrange(F.silu(v), "b t (h d) -> b t h d", h=self.heads)  # (B, T, H, d)
+        alpha, eta, theta = self._gates(x)  # (B, T, H), (B, T, H), (B, T, H, L)
+        conv = torch.cat([conv_q, conv_k, conv_v], dim=-1)  # (B, conv_size − 1, 3·H·d)
+        memory = None if state is None else tuple(state[:5])
+        group = self.checkpoint_chunks * self.chunk_size
+        if group == 0 or T <= group or not torch.is_grad_enabled():
+            y, memory = self._memory(q, k, v, alpha, eta, theta, memory)
+        else:  # groups of G chunks, aligned to the chunk grid of the stream, each recomputed in backward
+            pending = 0 if state is None else state.pending_k.shape[1]
+            pieces, start = [], 0
+            while start < T:
+                stop = min(T, start + group - (pending if start == 0 else 0))
+                y, memory = checkpoint(self._memory, q[:, start:stop], k[:, start:stop], v[:, start:stop],
+                                       alpha[:, start:stop], eta[:, start:stop], theta[:, start:stop], memory,
+                                       use_reentrant=False)
+                pieces.append(y)
+                start = stop
+            y = torch.cat(pieces, dim=1)  # (B, T, H, d)
+        return self._output(y, x), TitansState(*memory, conv)
+
+    def _memory(self, q, k, v, alpha, eta, theta, memory):
+        """Absorb and read q, k, v (B, T, H, d); memory = (weights, momentum, pending k, v, gates) or None."""
+        if self.memory_depth == 1:
+            return self._linear_memory(q, k, v, alpha, eta, theta, memory)
+        y, memory = titans_mlp_memory(q, k, v, alpha, eta, theta, list(self.memory_weights),
+                                      chunk_size=self.chunk_size,
+                                      initial_state=None if memory is None else MLPMemoryState(*memory),
+                                      backend=self.backend)
+        return y, tuple(memory)
+
+    def _linear_memory(self, q, k, v, alpha, eta, theta, memory):
+        """Matrix memory with the §3.5 pending-token protocol around :func:`titans_linear_memory`.
+
+        Prepends the pending tokens (zero queries, outputs dropped), runs the chunk-aligned prefix to get the new
+        boundary state, then the tail from it. Returns (y (B, T, H, d), (weights, momentum, pending k, v, gates)).
+        """
+        B, T, H, d = q.shape
+        gates = torch.cat([alpha[..., None], eta[..., None], theta], dim=-1)  # (B, T, H, 3)
+        if memory is None:
+            weights = self.initial_weights(B)[0]
+            momentum = torch.zeros_like(weights, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+            pending = 0
+        else:
+            (weights,), (momentum,), pending_k, pending_v, pending_gates = memory
+            pending = pending_k.shape[1]
+            q = torch.cat([q.new_zeros(B, pending, H, d), q], dim=1)
+            k = torch.cat([pending_k.to(k.dtype), k], dim=1)
+            v = torch.cat([pending_v.to(v.dtype), v], dim=1)
+            gates = torch.cat([pending_gates.to(gates.dtype), gates], dim=1)
+        total = pending + T
+        aligned = (total // self.chunk_size) * self.chunk_size
+        pieces, memory = [], (weights, momentum)
+        for start, stop, is_prefix in ((0, aligned, True), (aligned, total, False)):
+            if stop == start:
+                continue
+            g = gates[:, start:stop]
+            o, new_memory = titans_linear_memory(q[:, start:stop], k[:, start:stop], v[:, start:stop], g[..., 0],
+                                                 g[..., 1], g[..., 2], chunk_size=self.chunk_size,
+                                                 initial_state=memory, backend=self.backend)
+            pieces.append(o)
+            if is_prefix:
+                memory = new_memory  # the boundary state after the aligned prefix
+        weights, momentum = memory
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        y = torch.cat(pieces, dim=1)[:, pending:]  # (B, T, H, d)
+        return y, ((weights.to(dtype),), (momentum.to(dtype),), k[:, aligned:], v[:, aligned:],
+                   gates[:, aligned:].to(dtype))
+
+    def _empty_state(self, x: torch.Tensor) -> TitansState:
+        """The state of a fresh sequence (returned for an empty first call)."""
+        B = x.shape[0]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        weights = tuple(w.to(dtype) for w in self.initial_weights(B))
+        inner = self.heads * self.head_dim
+        empty = x.new_zeros(B, 0, self.heads, self.head_dim)
+        return TitansState(weights, tuple(torch.zeros_like(w) for w in weights), empty, empty.clone(),
+                           x.new_zeros(B, 0, self.heads, 2 + self.memory_depth, dtype=dtype),
+                           x.new_zeros(B, max(self.conv_size - 1, 0), 3 * inner))
+
+
+def memory_options(section) -> dict:
+    """The TitansMemory options of a ``TitansConfig`` section, as keyword arguments."""
+    return {name: getattr(section, name) for name in MEMORY_OPTIONS if hasattr(section, name)}
+
+
+_HYBRIDS = ("TitansMAC", "TitansMAG", "TitansMAL", "MACState", "MAGState", "MALState")
+
+
+def __getattr__(name: str):
+    """The hybrids live in ``zoo.layers.titans_hybrids``; they resolve here lazily (no import cycle)."""
+    if name in _HYBRIDS:
+        return getattr(importlib.import_module("zoo.layers.titans_hybrids"), name)
+    raise AttributeError(f"module 'zoo.layers.titans' has no attribute {name!r}")
+
+
+__all__ = ["TitansMemory", "TitansState", *_HYBRIDS]
