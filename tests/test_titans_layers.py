@@ -13,27 +13,12 @@ import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
 from zoo.config import ModelConfig, TitansConfig
-from zoo.layers.norm import RMSNorm
 from zoo.layers.titans import MACState, TitansMAC, TitansMAG, TitansMAL, TitansMemory, TitansState
 from zoo.models.lm import LanguageModel
 
 F64 = torch.float64
 DIM, HEADS, CHUNK = 32, 2, 8
 MEMORY = dict(chunk_size=CHUNK)
-
-
-@pytest.fixture(autouse=True)
-def rmsnorm_in_input_precision(monkeypatch):
-    """Run RMSNorm in float64 for float64 inputs (fp32 and below are unchanged).
-
-    zoo.layers.norm.RMSNorm always computes in float32, which caps every fp64 comparison through it near 1e-8; the
-    §5 tolerances (1e-10 in fp64) need the norm in the input's precision. A no-op once norm.py promotes instead.
-    """
-    def forward(self, x):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).to(x.dtype)
-
-    monkeypatch.setattr(RMSNorm, "forward", forward)
 
 
 def _seeded(factory, seed=0):
