@@ -2,13 +2,18 @@
 
 The environment variables are set before any test module imports zoo, datasets or triton (they read them at import).
 """
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="zoo-hf-cache-"))
+if "HF_DATASETS_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="zoo-hf-cache-")
+    os.environ["HF_DATASETS_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
