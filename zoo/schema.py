@@ -1,0 +1,222 @@
+"""The config schema: one dataclass per section. Torch-free; ``zoo.config`` parses YAML and overrides onto it.
+
+The same dataclasses are the Python API (``ModelConfig(dim=64)``) and what a checkpoint's ``config.json`` stores.
+Each field's ``metadata`` carries its help text and, for enumerations, its ``choices``; ``zoo train --help`` is
+generated from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from zoo.data.tasks import InductionConfig, MQARConfig, NIAHConfig, SelectiveCopyConfig
+
+
+def _choices(*values: str, help: str) -> Any:
+    return {"choices": values, "help": help}
+
+
+# ----------------------------------------------------------------------------------------------------- sections
+@dataclass
+class AttentionConfig:
+    """Options of the ``attention`` mixer (``zoo.layers.Attention``)."""
+
+    heads: int = field(default=4, metadata={"help": "query heads"})
+    kv_heads: Optional[int] = field(default=None, metadata={"help": "key/value heads (grouped-query); null = heads"})
+    head_dim: Optional[int] = field(default=None, metadata={"help": "per-head width; null = dim // heads"})
+    window: Optional[int] = field(default=None, metadata={"help": "sliding-window length; null = full causal"})
+    persistent_tokens: int = field(default=0, metadata={"help": "learned prefix tokens visible to every query"})
+    causal: bool = field(default=True, metadata={"help": "false = bidirectional (encoders)"})
+    rope: bool = field(default=True, metadata={"help": "rotary position embeddings on queries and keys"})
+    conv_size: int = field(default=0, metadata={"help": "residual short causal conv on the input (0 = none)"})
+    rope_base: float = field(default=10000.0, metadata={"help": "rotary base frequency"})
+
+
+@dataclass
+class TitansConfig:
+    """Options of the Titans mixers: ``titans`` (the LMM alone), ``titans_mac``, ``titans_mag``, ``titans_mal``."""
+
+    heads: int = field(default=4, metadata={"help": "memory (and attention) heads"})
+    head_dim: Optional[int] = field(default=None, metadata={"help": "per-head width d; null = dim // heads"})
+    memory_depth: int = field(default=2, metadata={"help": "layers L of the memory MLP (1 = matrix memory)"})
+    memory_expansion: int = field(default=4, metadata={"help": "hidden width of the memory MLP / d"})
+    chunk_size: int = field(default=16, metadata={"help": "tokens b whose gradients share the chunk-start weights"})
+    conv_size: int = field(default=4, metadata={"help": "short causal conv on q, k, v"})
+    momentum: bool = field(default=True, metadata={"help": "false = the paper's 'w/o momentum' ablation"})
+    forget: bool = field(default=True, metadata={"help": "false = the paper's 'w/o weight decay' ablation"})
+    theta_max: float = field(default=1.0, metadata={"help": "upper bound of the inner learning rate"})
+    segment_len: int = field(default=128, metadata={"help": "MAC segment length C (a multiple of chunk_size)"})
+    window: int = field(default=128, metadata={"help": "MAG/MAL sliding-window length"})
+    persistent_tokens: int = field(default=16, metadata={"help": "learned persistent-memory tokens N_p (hybrids)"})
+
+
+@dataclass
+class MoMConfig:
+    """Options of ``mom`` (Mixture-of-Memories) and ``gdn`` (Gated DeltaNet, the one-memory baseline)."""
+
+    heads: int = field(default=2, metadata={"help": "heads H"})
+    head_dim: Optional[int] = field(default=None, metadata={"help": "per-head key/value width d; null = dim // heads"})
+    num_memories: int = field(default=4, metadata={"help": "routed memories M (mom only)"})
+    topk: int = field(default=2, metadata={"help": "memories each token is routed to (mom only)"})
+    shared_memory: bool = field(default=True, metadata={"help": "add the always-on shared memory (mom only)"})
+    aux_loss_scale: float = field(default=1e-3, metadata={"help": "weight of the load-balancing loss (mom only)"})
+
+
+@dataclass
+class MambaConfig:
+    """Options of ``mamba`` (Mamba-1, S6) and ``bimamba`` (Vim's bidirectional block)."""
+
+    d_state: int = field(default=16, metadata={"help": "SSM state size N"})
+    d_conv: int = field(default=4, metadata={"help": "depthwise causal conv width"})
+    expand: int = field(default=2, metadata={"help": "inner width E / dim"})
+    dt_rank: Optional[int] = field(default=None, metadata={"help": "rank R of the delta projection; null = ceil(dim/16)"})
+
+
+@dataclass
+class Mamba2Config:
+    """Options of ``mamba2`` (state-space duality)."""
+
+    d_state: int = field(default=64, metadata={"help": "SSM state size N"})
+    headdim: int = field(default=32, metadata={"help": "head width P"})
+    ngroups: int = field(default=1, metadata={"help": "groups G sharing B and C"})
+    chunk_size: int = field(default=64, metadata={"help": "SSD chunk length"})
+    expand: int = field(default=2, metadata={"help": "inner width E / dim"})
+    d_conv: int = field(default=4, metadata={"help": "depthwise causal conv width"})
+
+
+@dataclass
+class MemoryFormerConfig:
+    """Options of the ``memoryformer`` block (``MemoryAttention`` mixer + ``MemoryFFN``, hash-lookup layers)."""
+
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    tau: int = field(default=8, metadata={"help": "bits per hash chunk: each table has 2^tau rows"})
+    score: str = field(default="prob", metadata=_choices(
+        "prob", "l1prob", help="bucket weight: the paper's product of sigmoids, or the released code's L1 form"))
+    rotary_pct: float = field(default=0.25, metadata={"help": "fraction of each head's channels rotated by RoPE"})
+
+
+@dataclass
+class VisionConfig:
+    """Options of ``model.architecture=vision`` (``VisionClassifier``: patch embedding, middle class token)."""
+
+    image_size: int = field(default=8, metadata={"help": "square input images of this many pixels per side"})
+    channels: int = field(default=1, metadata={"help": "input channels"})
+    patch_size: int = field(default=2, metadata={"help": "square patch side"})
+    num_classes: int = field(default=10, metadata={"help": "output classes"})
+
+
+@dataclass
+class ModelConfig:
+    """The network: a stack of pre-norm blocks built from ``pattern``, repeated to ``depth`` blocks."""
+
+    architecture: str = field(default="lm", metadata=_choices(
+        "lm", "vision", help="lm = decoder language model; vision = image classifier over patches"))
+    vocab_size: int = field(default=258, metadata={"help": "token vocabulary (at least the data's)"})
+    dim: int = field(default=128, metadata={"help": "model width D"})
+    depth: int = field(default=2, metadata={"help": "number of blocks"})
+    pattern: list = field(default_factory=lambda: ["attention"],
+                          metadata={"help": "mixer names repeated to depth; 'mlp' is an MLP-only block"})
+    mlp: str = field(default="swiglu", metadata=_choices("swiglu", "none", help="channel mixer of each block"))
+    mlp_expansion: float = field(default=8 / 3, metadata={"help": "SwiGLU hidden width / dim"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share the input embedding with the LM head"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the embeddings and each residual branch"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    init_std: float = field(default=0.02, metadata={"help": "std of embedding and linear initialisation"})
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    titans: TitansConfig = field(default_factory=TitansConfig)
+    mom: MoMConfig = field(default_factory=MoMConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    memoryformer: MemoryFormerConfig = field(default_factory=MemoryFormerConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+
+@dataclass
+class DataConfig:
+    """What the model reads: bundled KJV text, local text files, or a synthetic memory task."""
+
+    name: str = field(default="kjv", metadata=_choices(
+        "kjv", "text", "mqar", "selective_copy", "induction", "niah", "digits",
+        help="kjv = bundled King James text; text = local files in data.path; digits = scikit-learn's 8x8 "
+             "digits (vision); others are synthetic tasks"))
+    path: Optional[str] = field(default=None, metadata={"help": "local .txt/.jsonl/.parquet file (data.name=text)"})
+    text_field: str = field(default="text", metadata={"help": "column holding text in .jsonl/.parquet files"})
+    tokenizer: str = field(default="bytes", metadata={"help": "'bytes' or a path to a tokenizer.json"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training window (text data)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per device per step"})
+    eval_batch_size: int = field(default=32, metadata={"help": "sequences per evaluation batch"})
+    seed: int = field(default=0, metadata={"help": "seed of the data (shuffling, synthetic examples)"})
+    split: str = field(default="book", metadata=_choices(
+        "book", "fraction", help="held-out text: the last 10% of books, or a random fraction of chapters"))
+    val_fraction: float = field(default=0.01, metadata={"help": "held-out chapters when split=fraction"})
+    mqar: MQARConfig = field(default_factory=MQARConfig)
+    selective_copy: SelectiveCopyConfig = field(default_factory=SelectiveCopyConfig)
+    induction: InductionConfig = field(default_factory=InductionConfig)
+    niah: NIAHConfig = field(default_factory=NIAHConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay; no weight decay on norms, biases and embeddings."""
+
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay on matrices"})
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr of the cosine"})
+    decay_steps: Optional[int] = field(default=None, metadata={
+        "help": "step where the cosine ends; null = trainer.max_steps (fix it to stop early and resume on schedule)"})
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings, mapped field by field."""
+
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    accelerator: str = field(default="auto", metadata=_choices("auto", "cpu", "gpu", help="device kind"))
+    devices: int = field(default=1, metadata={"help": "devices (processes) per node"})
+    num_nodes: int = 1
+    strategy: str = field(default="auto", metadata=_choices(
+        "auto", "ddp", "fsdp", help="ddp runs on CPU (gloo) and GPU; fsdp (sharded) needs GPUs"))
+    precision: str = field(default="32-true", metadata=_choices(
+        "32-true", "bf16-mixed", "16-mixed", "bf16-true", help="numeric precision"))
+    gradient_clip_val: float = field(default=1.0, metadata={"help": "clip the gradient norm; 0 disables"})
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = field(default=10, metadata={"help": "progress line and metrics interval"})
+    val_check_interval: int = field(default=200, metadata={"help": "validate every N optimizer steps"})
+    limit_val_batches: int = field(default=20, metadata={"help": "held-out batches per validation"})
+    checkpoint_every_n_steps: int = field(default=100, metadata={"help": "write last.ckpt every N steps"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    stop_at_accuracy: Optional[float] = field(default=None, metadata={
+        "help": "stop once val/accuracy reaches this (synthetic tasks; Zoology stops at 0.99)"})
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes: ``<root>/<name>/``."""
+
+    name: Optional[str] = field(default=None, metadata={"help": "run directory name; null = the config file's stem"})
+    root: str = field(default="runs", metadata={"help": "parent directory of runs"})
+
+
+@dataclass
+class EvalConfig:
+    """``zoo eval`` and end-of-training evaluation."""
+
+    max_batches: Optional[int] = field(default=None, metadata={"help": "cap on held-out batches; null = all"})
+    out: Optional[str] = field(default=None, metadata={"help": "JSON output path; null = <checkpoint>/eval.json"})
+
+
+@dataclass
+class Config:
+    """A whole run. The same dataclasses are the Python API and what ``config.json`` stores."""
+
+    seed: int = field(default=0, metadata={"help": "training seed (init, dropout); data.seed is separate"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
