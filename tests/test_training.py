@@ -189,3 +189,20 @@ def test_ddp_two_cpu_processes(tmp_path):
     first, last = min(a), max(a)
     assert a[last] < a[first] and b[last] < b[first]
     assert abs(a[first] - b[first]) < 0.05 * b[first]
+
+
+def test_compile_option_trains_through_torch_compile(tmp_path, monkeypatch):
+    from zoo.train import module
+
+    compiled = []
+    original = module.LanguageModelTask.configure_model
+
+    def spy(self):
+        original(self)
+        compiled.append(type(self._forward).__name__)
+
+    monkeypatch.setattr(module.LanguageModelTask, "configure_model", spy)
+    assert run_zoo("train", *TINY_MQAR, f"run.root={tmp_path}", "run.name=c", "trainer.max_steps=2",
+                   "trainer.compile=true") == 0
+    assert compiled == ["OptimizedModule"]
+    assert len(train_losses(tmp_path / "c")) == 2
