@@ -158,13 +158,12 @@ of the child process's peak RSS during the timed runs (activations, gradients an
 footprint); "saved" is what autograd saved for backward in one forward (`benchmarks.harness.SavedBytes`; n/a for
 titans-pytorch, whose torch.func per-sample gradients refuse saved-tensor hooks).
 
-**Scaling with T.** The zoo rows above grow faster than T (1k → 16k: 25–35×, target ≤ 20×). A profile of the torch path
-at T = 4k without checkpointing puts ~30 % of fwd+bwd in `fill_`/`add_` of full (B, H, T/b, b, d) tensors: the backward
-of the per-chunk indexing `Q[:, :, n]`, `K[:, :, n]`, `V[:, :, n]` in `zoo/kernels/titans_deep_memory.py` allocates
-and zero-fills the whole chunked tensor once per chunk, which is O(T²/b). Unbinding the chunked tensors once before
-the chunk loop should remove that term (a trial patch gave identical gradients; its timing was too noisy on this
-shared machine to quote); the checkpointing groups used here bound it to 1024 tokens
-per op call. Part of the remaining growth is memory traffic: peak RSS still grows with T.
+**Scaling with T.** The zoo rows above still grow faster than T (1k → 16k: 23–45×, target ≤ 20×). The quadratic
+term found earlier (the backward of per-chunk indexing `Q[:, :, n]` in `zoo/kernels/titans_deep_memory.py`, which
+zero-filled the whole chunked tensor once per chunk) is gone: the chunk loop now unbinds its tensors once. What
+remains grows with memory: peak RSS at 16k reaches 16.6 GB (1 head, chunk 16) on a 24 GB machine, and the worst
+ratios are the rows with the largest footprint. Reaching the target needs a smaller working set per chunk group
+(e.g. recomputing the per-chunk activations in the backward), not fewer FLOPs.
 """
 
 
