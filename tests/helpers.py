@@ -71,3 +71,15 @@ def check_future_does_not_leak(mixer, x: torch.Tensor, t: int) -> None:
     y2, _ = mixer(x2)
     assert torch.equal(y1[:, :t + 1], y2[:, :t + 1]), "an output depends on a later input"
     assert not torch.allclose(y1[:, t + 1:], y2[:, t + 1:]), "the perturbation changed nothing (test is vacuous)"
+
+
+def outputs_and_grads(fn, kwargs, seed=1):
+    """(y, final_state, grads of every tensor input) for a loss on both y and the final state."""
+    y, final = fn(**kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
+    wh = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final.device, final.dtype)
+    loss = (y * wy).sum() + (final * wh).sum()
+    leaves = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) if loss.requires_grad else ()
+    return y, final, dict(zip(leaves, grads))

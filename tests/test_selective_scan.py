@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from tests.helpers import outputs_and_grads
 from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
 from zoo.kernels.selective_scan import _selective_scan_chunked, selective_scan, selective_scan_reference
 
@@ -46,18 +47,6 @@ def make_inputs(batch=2, T=37, Dm=8, N=4, G=1, dtype=torch.float64, options=OPTI
         if isinstance(value, torch.Tensor):
             value.requires_grad_(True)
     return kwargs
-
-
-def outputs_and_grads(fn, kwargs, seed=1):
-    """(y, final_state, grads of every tensor input) for a loss on both y and the final state."""
-    y, final = fn(**kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
-    wh = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final.device, final.dtype)
-    loss = (y * wy).sum() + (final * wh).sum()
-    leaves = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) if loss.requires_grad else ()
-    return y, final, dict(zip(leaves, grads))
 
 
 def assert_close_to(out, ref, out_tol, grad_tol):

@@ -22,13 +22,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _softplus(x):
-        # max(x, 0) + log1p(exp(-|x|)), log1p by Goldberg's trick (exact for tiny arguments)
-        e = tl.exp(-tl.abs(x))
-        w = 1.0 + e
-        log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
-        return tl.maximum(x, 0.0) + log1p
+    from zoo.kernels._triton_math import softplus as _softplus
 
     @triton.jit
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
