@@ -150,3 +150,31 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.n
     load_state_checked(model, state, f"{weights}")
     model.eval()
     return model
+
+
+def read_export_state(path: str | Path) -> dict:
+    """The weights of an export directory, with one-line errors for a missing or damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    read_export_config(path)
+    weights = Path(path) / "model.safetensors"
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"{weights} ({_size(weights)}) is truncated or corrupted: header unreadable "
+                              f"({str(error).splitlines()[0][:80]})") from None
+
+
+def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """``init_from=DIR``: initialise ``model`` from an export's weights before training.
+
+    A model with a ``load_init_state(state, source)`` method decides what it takes (an embedder takes an LM's
+    backbone without its head); any other model loads the export strictly.
+    """
+    state = read_export_state(path)
+    source = f"init_from={path}"
+    if hasattr(model, "load_init_state"):
+        model.load_init_state(state, source)
+    else:
+        load_state_checked(model, state, source)

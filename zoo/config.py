@@ -22,7 +22,7 @@ import yaml
 from zoo.errors import ConfigError  # noqa: F401  (re-exported: ``from zoo.config import ConfigError``)
 from zoo.schema import (  # noqa: F401  (re-exported: the schema is part of this module's API)
     AttentionConfig, TitansConfig, MoMConfig, MambaConfig, Mamba2Config, MemoryFormerConfig, VisionConfig,
-    ModelConfig, DataConfig, OptimConfig, TrainerConfig, RunConfig, EvalConfig, Config)
+    HMTConfig, EmbeddingConfig, RetrievalDataConfig, ModelConfig, DataConfig, OptimConfig, TrainerConfig, RunConfig, EvalConfig, Config)
 
 
 # ----------------------------------------------------------------------------------------------------- values

@@ -106,11 +106,48 @@ class VisionConfig:
 
 
 @dataclass
+class HMTConfig:
+    """Options of ``model.architecture=hmt``: ``zoo.layers.HMT`` (hierarchical memory) over the block-pattern LM."""
+
+    segment_len: int = field(default=64, metadata={"help": "text tokens L per segment"})
+    sensory_len: int = field(default=8, metadata={"help": "sensory tokens k: the previous segment's tail (0 = off)"})
+    cache_size: int = field(default=32, metadata={"help": "memory embeddings N kept in the FIFO cache"})
+    summary_fraction: float = field(default=0.5, metadata={"help": "summary tokens j = floor(fraction * L)"})
+    recall_dim: Optional[int] = field(default=None, metadata={"help": "recall width d_h; null = dim"})
+    summary_source: str = field(default="previous", metadata=_choices(
+        "previous", "current", help="recall query from the previous segment (causal) or the current one (paper)"))
+    recall: bool = field(default=True, metadata={"help": "false = stage 1 (P_n = M_{n-1}, no cache recall)"})
+    checkpoint_segments: bool = field(default=False, metadata={"help": "activation checkpointing of each main pass"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "train only m0, T, Wq and Wk"})
+    loss_last_segments: Optional[int] = field(default=None, metadata={
+        "help": "score only the last s segments of each window (the reference's loss); null = all"})
+
+
+@dataclass
+class EmbeddingConfig:
+    """Options of ``model.architecture=embedding``: ``zoo.models.EmbeddingModel`` (backbone + pooling head)."""
+
+    bidirectional: bool = field(default=True, metadata={"help": "build mixers that support it non-causal"})
+    pooling: str = field(default="latent", metadata=_choices(
+        "latent", "mean", "last", help="NV-Embed latent attention, masked mean, or the last valid token"))
+    num_latents: int = field(default=128, metadata={"help": "latent dictionary size r"})
+    heads: int = field(default=4, metadata={"help": "latent-attention heads"})
+    head_dim: Optional[int] = field(default=None, metadata={"help": "per-head width; null = dim // heads"})
+    latent_dim: Optional[int] = field(default=None, metadata={"help": "latent width; null = dim"})
+    mlp_ratio: int = field(default=4, metadata={"help": "GEGLU feed-forward multiplier of the head"})
+    normalize: bool = field(default=True, metadata={"help": "L2-normalise the embeddings"})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature tau"})
+    in_batch_negatives: bool = field(default=True, metadata={"help": "other rows' positives are negatives"})
+
+
+@dataclass
 class ModelConfig:
     """The network: a stack of pre-norm blocks built from ``pattern``, repeated to ``depth`` blocks."""
 
     architecture: str = field(default="lm", metadata=_choices(
-        "lm", "vision", help="lm = decoder language model; vision = image classifier over patches"))
+        "lm", "vision", "hmt", "embedding",
+        help="lm = decoder language model; vision = image classifier over patches; hmt = the LM wrapped in HMT's "
+             "hierarchical memory; embedding = text embedder (backbone + pooling head, contrastive training)"))
     vocab_size: int = field(default=258, metadata={"help": "token vocabulary (at least the data's)"})
     dim: int = field(default=128, metadata={"help": "model width D"})
     depth: int = field(default=2, metadata={"help": "number of blocks"})
@@ -129,6 +166,22 @@ class ModelConfig:
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     memoryformer: MemoryFormerConfig = field(default_factory=MemoryFormerConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    hmt: HMTConfig = field(default_factory=HMTConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+
+
+@dataclass
+class RetrievalDataConfig:
+    """Contrastive pairs for ``data.name=ict`` (inverse cloze over the KJV) and ``data.name=needle`` (synthetic)."""
+
+    window: int = field(default=5, metadata={"help": "verses per ict window (query verse + positive passage)"})
+    hard_negatives: int = field(default=1, metadata={"help": "hard negatives h per query"})
+    query_len: int = field(default=128, metadata={"help": "max query tokens"})
+    passage_len: int = field(default=512, metadata={"help": "max passage tokens"})
+    instruction: str = field(default="", metadata={"help": "query task text: 'Instruct: {task}\\nQuery: ' prefix"})
+    needle_len: int = field(default=8, metadata={"help": "needle tokens (needle task)"})
+    train_examples: int = field(default=20000, metadata={"help": "needle training examples"})
+    test_examples: int = field(default=500, metadata={"help": "needle held-out examples"})
 
 
 @dataclass
@@ -136,9 +189,9 @@ class DataConfig:
     """What the model reads: bundled KJV text, local text files, or a synthetic memory task."""
 
     name: str = field(default="kjv", metadata=_choices(
-        "kjv", "text", "mqar", "selective_copy", "induction", "niah", "digits",
+        "kjv", "text", "mqar", "selective_copy", "induction", "niah", "digits", "ict", "needle",
         help="kjv = bundled King James text; text = local files in data.path; digits = scikit-learn's 8x8 "
-             "digits (vision); others are synthetic tasks"))
+             "digits (vision); ict / needle = retrieval pairs (embedding); others are synthetic tasks"))
     path: Optional[str] = field(default=None, metadata={"help": "local .txt/.jsonl/.parquet file (data.name=text)"})
     text_field: str = field(default="text", metadata={"help": "column holding text in .jsonl/.parquet files"})
     tokenizer: str = field(default="bytes", metadata={"help": "'bytes' or a path to a tokenizer.json"})
@@ -153,6 +206,7 @@ class DataConfig:
     selective_copy: SelectiveCopyConfig = field(default_factory=SelectiveCopyConfig)
     induction: InductionConfig = field(default_factory=InductionConfig)
     niah: NIAHConfig = field(default_factory=NIAHConfig)
+    retrieval: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
 
 
 @dataclass
@@ -214,6 +268,8 @@ class Config:
     """A whole run. The same dataclasses are the Python API and what ``config.json`` stores."""
 
     seed: int = field(default=0, metadata={"help": "training seed (init, dropout); data.seed is separate"})
+    init_from: Optional[str] = field(default=None, metadata={
+        "help": "export directory whose weights initialise the model (HMT stage 2, an embedder from an LM)"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -40,6 +40,10 @@ def build_data(data_cfg) -> DataBundle:
         from zoo.data.images import digits_bundle
 
         return digits_bundle(data_cfg)
+    if data_cfg.name in ("ict", "needle"):
+        from zoo.data.retrieval import retrieval_bundle
+
+        return retrieval_bundle(data_cfg)
     task = task_config(data_cfg)
     if task is not None:
         return DataBundle(TaskDataset(task, "train", data_cfg.seed), TaskDataset(task, "test", data_cfg.seed),

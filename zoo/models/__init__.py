@@ -13,6 +13,14 @@ def build_model(config):
         from zoo.models.vision import VisionClassifier
 
         return VisionClassifier(model_config)
+    if model_config.architecture == "hmt":
+        from zoo.layers.hmt import HMT
+
+        return HMT.from_config(model_config)
+    if model_config.architecture == "embedding":
+        from zoo.models.embedding import EmbeddingModel
+
+        return EmbeddingModel(model_config)
     return LanguageModel(model_config)
 
 

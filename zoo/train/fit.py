@@ -71,6 +71,25 @@ def build_trainer(cfg: Config, directory: Path, callbacks: list):
     )
 
 
+def task_class(cfg: Config):
+    """The LightningModule class that trains ``cfg.model.architecture``."""
+    if cfg.model.architecture == "vision":
+        from zoo.train.vision import VisionClassificationTask
+
+        return VisionClassificationTask
+    if cfg.model.architecture == "hmt":
+        from zoo.train.hmt import HMTTask
+
+        return HMTTask
+    if cfg.model.architecture == "embedding":
+        from zoo.train.contrastive import EmbeddingTask
+
+        return EmbeddingTask
+    from zoo.train.module import LanguageModelTask
+
+    return LanguageModelTask
+
+
 def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool = False) -> dict:
     """Run ``zoo train`` for a resolved config; returns the end-of-training evaluation."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,16 +112,15 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
     quiet_lightning(verbose)  # after the import: lightning sets its loggers to INFO when imported
 
     from zoo.train.callbacks import ProgressLines, ResumeState
-    from zoo.train.module import LanguageModelTask
-
     pl.seed_everything(cfg.seed, verbose=False)
     if is_global_rank_zero():
         write_run_start(cfg, directory, argv, cfg.trainer.devices * cfg.trainer.num_nodes,
                         "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
-    task_class = LanguageModelTask
-    if cfg.model.architecture == "vision":
-        from zoo.train.vision import VisionClassificationTask as task_class
-    module = task_class(cfg, data, last_checkpoint=str(directory / "last.ckpt"))
+    module = task_class(cfg)(cfg, data, last_checkpoint=str(directory / "last.ckpt"))
+    if cfg.init_from and checkpoint is None:
+        from zoo.checkpoint import load_init_weights
+
+        load_init_weights(module.model, cfg.init_from)
     progress = ProgressLines(cfg.trainer.log_every_n_steps, print_lines=not use_progress_bar())
     trainer = build_trainer(cfg, directory, [ResumeState(), progress])
     try:
