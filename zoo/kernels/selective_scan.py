@@ -83,58 +83,135 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Chunked torch path: local scans inside chunks of Q steps (vectorised over chunks), then a carry across chunks
+# 2. Chunked torch path: one autograd Function, time-major chunks of Q steps, states recomputed in backward
 # ---------------------------------------------------------------------------------------------------------------------
+class _ChunkBuffers:
+    """Work tensors of one chunk, (Q, B, G, N, Dg), allocated once and reused: fresh multi-MB allocations page-fault
+    on every chunk, which costs as much as the arithmetic."""
+
+    def __init__(self, like: torch.Tensor, chunk_size: int, N: int, count: int):
+        shape = (chunk_size, *like.shape[1:-1], N, like.shape[-1])
+        self.tensors = [like.new_empty(shape) for _ in range(count)]
+
+    def view(self, q: int) -> list[torch.Tensor]:
+        return [t[:q] for t in self.tensors]
+
+
+def _chunk_coefficients(Δ_c, u_c, A_g, B_c, a, b):
+    """a_t = exp(Δ_t A) and b_t = Δ_t u_t B_t of one chunk into the buffers a, b (Q, B, G, N, Dg); returns Δu."""
+    torch.mul(Δ_c.unsqueeze(-2), A_g, out=a).exp_()
+    Δu = Δ_c * u_c  # (Q, B, G, Dg)
+    torch.mul(Δu.unsqueeze(-2), B_c.unsqueeze(-1), out=b)
+    return Δu
+
+
+def _scan_chunk(a, b, h, out):
+    """out[q] = a[q]·out[q-1] + b[q] with out[-1] = h: one fused op per step on (B, G, N, Dg); ``out`` may be ``b``."""
+    for a_q, b_q, out_q in zip(a.unbind(0), b.unbind(0), out.unbind(0)):
+        h = torch.addcmul(b_q, a_q, h, out=out_q)
+    return out
+
+
+def _sum_over_states(vector, states, out=None):
+    """Σ_n vector[n]·states[n, d]: (Q, B, G, N) with (Q, B, G, N, Dg) -> (Q, B, G, Dg), one batched matmul."""
+    lead = states.shape[:3]
+    flat_out = None if out is None else out.view(-1, 1, states.shape[-1])
+    result = torch.bmm(vector.reshape(-1, 1, vector.shape[-1]), states.reshape(-1, *states.shape[3:]), out=flat_out)
+    return result.view(*lead, states.shape[-1])
+
+
+def _sum_over_channels(vector, states, work):
+    """Σ_d vector[d]·states[n, d]: (Q, B, G, Dg) with (Q, B, G, N, Dg) -> (Q, B, G, N); a long contiguous reduction
+    (batched matrix-vector products this thin are several times slower on CPU)."""
+    return torch.mul(states, vector.unsqueeze(-2), out=work).sum(-1)
+
+
+class _ChunkedSelectiveScan(torch.autograd.Function):
+    """The S6 recurrence on discretised inputs, y_t = C_t·h_t (D, gate and softplus stay in autograd outside).
+
+    Inputs are time-major: Δ, u (T, B, G, Dg); A (G, N, Dg); B, C (T, B, G, N); h0 (B, G, N, Dg) (the state is
+    N-major so that the reductions over N are batched matmuls). Forward keeps only the chunk-start states
+    (nc, B, G, N, Dg); backward recomputes each chunk's states from its
+    start and runs the adjoint ĝ_t = C_t gy_t + a_{t+1}ĝ_{t+1} backwards through it, so memory is O(T·Dm + T/Q·Dm·N)
+    instead of the O(T·Dm·N) an autograd scan keeps, and every step is one fused op.
+    """
+
+    @staticmethod
+    def forward(ctx, Δ, u, A, B, C, h0, chunk_size):
+        T, N = Δ.shape[0], A.shape[-2]
+        y = Δ.new_empty(Δ.shape)  # (T, B, G, Dg)
+        buffers = _ChunkBuffers(Δ, chunk_size, N, 2)
+        starts, h = [], h0
+        for t0 in range(0, T, chunk_size):
+            sl = slice(t0, min(T, t0 + chunk_size))
+            a, b = buffers.view(sl.stop - t0)
+            starts.append(h)
+            _chunk_coefficients(Δ[sl], u[sl], A, B[sl], a, b)
+            hs = _scan_chunk(a, b, h, out=b)  # (Q, B, G, N, Dg), in place of b
+            _sum_over_states(C[sl], hs, out=y[sl])
+            h = hs[-1].clone()
+        ctx.save_for_backward(Δ, u, A, B, C, torch.stack(starts))
+        ctx.chunk_size = chunk_size
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        Δ, u, A, B, C, starts = ctx.saved_tensors
+        Q, T, N = ctx.chunk_size, Δ.shape[0], A.shape[-2]
+        gΔ, gu, gB, gC = torch.empty_like(Δ), torch.empty_like(u), torch.empty_like(B), torch.empty_like(C)
+        gA = torch.zeros_like(A)
+        carry = torch.zeros_like(starts[0]) if g_final is None else g_final.clone()  # a_{t+1}·ĝ_{t+1} into h_t
+        gy = torch.zeros_like(Δ) if gy is None else gy
+        buffers = _ChunkBuffers(Δ, Q, N, 4)
+        for c in reversed(range(starts.shape[0])):
+            sl = slice(c * Q, min(T, (c + 1) * Q))
+            a, b, hs, work = buffers.view(sl.stop - sl.start)
+            Δu = _chunk_coefficients(Δ[sl], u[sl], A, B[sl], a, b)
+            _scan_chunk(a, b, starts[c], out=hs)  # (Q, B, G, N, Dg)
+            gC[sl] = _sum_over_channels(gy[sl], hs, work)
+            hs.sub_(b)  # a_t·h_{t-1} = h_t − b_t
+            g = torch.mul(gy[sl].unsqueeze(-2), C[sl].unsqueeze(-1), out=b)  # C_t gy_t, then ĝ_t in place
+            g[-1] += carry
+            for q in range(g.shape[0] - 2, -1, -1):
+                g[q].addcmul_(a[q + 1], g[q + 1])
+            carry = a[0] * g[0]
+            gΔu = _sum_over_states(B[sl], g)  # (Q, B, G, Dg)
+            gB[sl] = _sum_over_channels(Δu, g, work)
+            gλ = hs.mul_(g)  # ĝ_t·a_t·h_{t-1}
+            gΔ[sl] = torch.mul(gλ, A, out=a).sum(-2) + gΔu * u[sl]
+            gA += gλ.mul_(Δ[sl].unsqueeze(-2)).sum((0, 1))
+            gu[sl] = gΔu * Δ[sl]
+        return gΔ, gu, gA, gB, gC, carry, None
+
+
 def _selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             initial_state=None, chunk_size=CHUNK_SIZE):
-    """Two-level scan: Q + T/Q Python steps, O(T·Dm·N) work, differentiable by autograd, exact for every Q."""
+    """The torch fast path: discretise in autograd, scan in ``_ChunkedSelectiveScan``, then D and the gate."""
     dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, T, Dm = u.shape
     B_g, C_g = _grouped(B).to(dtype), _grouped(C).to(dtype)  # (B, T, G, N)
     G, N = B_g.shape[2], B_g.shape[3]
-    Q = max(1, min(chunk_size, T))  # a chunk longer than the sequence would only add padding
-    nc = max(1, -(-T // Q))
-    pad = nc * Q - T
-    Δ = _discretise_delta(delta, delta_bias, delta_softplus, dtype)  # (B, T, Dm)
     u_c = u.to(dtype)
-    Δ_g = rearrange(Δ, "b t (g d) -> b t g d", g=G)  # (B, T, G, Dg)
-    A_g = rearrange(A.to(dtype), "(g d) n -> g d n", g=G)  # (G, Dg, N)
-    λ = Δ_g.unsqueeze(-1) * A_g  # (B, T, G, Dg, N), ≤ 0
-    b = (Δ_g * rearrange(u_c, "b t (g d) -> b t g d", g=G)).unsqueeze(-1) * B_g.unsqueeze(3)  # (B, T, G, Dg, N)
-    # pad the discretised tail with λ = 0, b = 0: the state passes through unchanged
-    λ = F.pad(λ, (0, 0, 0, 0, 0, 0, 0, pad))
-    b = F.pad(b, (0, 0, 0, 0, 0, 0, 0, pad))
-    λ = rearrange(λ, "b (c q) g d n -> b c q g d n", q=Q)  # (B, nc, Q, G, Dg, N)
-    b = rearrange(b, "b (c q) g d n -> b c q g d n", q=Q)
-    decay = torch.exp(λ)  # (B, nc, Q, G, Dg, N)
-    # local scan from zero inside every chunk at once
-    # P_t = exp(cumsum_in_chunk(λ)) as a running product: a CPU cumsum over a middle axis is ~10x slower
-    h_local, P, local, prod = [], [], None, None
-    for decay_q, b_q in zip(decay.unbind(2), b.unbind(2)):
-        local = b_q if local is None else decay_q * local + b_q  # (B, nc, G, Dg, N)
-        prod = decay_q if prod is None else decay_q * prod  # (B, nc, G, Dg, N), in [0, 1]
-        h_local.append(local)
-        P.append(prod)
-    h_local = torch.stack(h_local, 2)  # (B, nc, Q, G, Dg, N)
-    P = torch.stack(P, 2)  # (B, nc, Q, G, Dg, N), in [0, 1]
-    # carry across chunks
+    Δ = _discretise_delta(delta, delta_bias, delta_softplus, dtype)  # (B, T, Dm)
     if initial_state is None:
-        H = u_c.new_zeros(batch, G, Dm // G, N)  # (B, G, Dg, N)
+        h0 = u_c.new_zeros(batch, G, N, Dm // G)  # (B, G, N, Dg)
     else:
-        H = rearrange(initial_state.to(dtype), "b (g d) n -> b g d n", g=G)
-    starts = []
-    for P_end, h_end in zip(P[:, :, -1].unbind(1), h_local[:, :, -1].unbind(1)):
-        starts.append(H)
-        H = P_end * H + h_end  # (B, G, Dg, N)
-    H_start = torch.stack(starts, 1)  # (B, nc, G, Dg, N)
-    h = h_local + P * H_start.unsqueeze(2)  # (B, nc, Q, G, Dg, N)
-    C_pad = rearrange(F.pad(C_g, (0, 0, 0, 0, 0, pad)), "b (c q) g n -> b c q g n", q=Q)  # (B, nc, Q, G, N)
-    y = torch.einsum("bcqgdn,bcqgn->bcqgd", h, C_pad)  # (B, nc, Q, G, Dg)
-    y = rearrange(y, "b c q g d -> b (c q) (g d)")[:, :T]  # (B, T, Dm)
+        h0 = rearrange(initial_state.to(dtype), "b (g d) n -> b g n d", g=G).contiguous()
+    if T == 0:
+        return u.new_zeros(batch, 0, Dm), rearrange(h0, "b g n d -> b (g d) n")
+
+    def time_major(x):  # (B, T, ...) -> (T, B, ...), contiguous
+        return x.transpose(0, 1).contiguous()
+
+    y, h = _ChunkedSelectiveScan.apply(
+        time_major(rearrange(Δ, "b t (g d) -> b t g d", g=G)), time_major(rearrange(u_c, "b t (g d) -> b t g d", g=G)),
+        rearrange(A.to(dtype), "(g d) n -> g n d", g=G).contiguous(), time_major(B_g), time_major(C_g), h0,
+        max(1, min(chunk_size, T)))
+    y = rearrange(y, "t b g d -> b t (g d)")  # (B, T, Dm)
     if D is not None:
         y = y + D.to(dtype) * u_c
     y = _gate(y, z)
-    return y.to(u.dtype), H.reshape(batch, Dm, N)
+    return y.to(u.dtype), rearrange(h, "b g n d -> b (g d) n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

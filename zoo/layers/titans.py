@@ -214,14 +214,13 @@ class TitansMemory(nn.Module):
             y, memory = self._memory(q, k, v, alpha, eta, theta, memory)
         else:  # groups of G chunks, aligned to the chunk grid of the stream, each recomputed in backward
             pending = 0 if state is None else state.pending_k.shape[1]
-            pieces, start = [], 0
-            while start < T:
-                stop = min(T, start + group - (pending if start == 0 else 0))
-                y, memory = checkpoint(self._memory, q[:, start:stop], k[:, start:stop], v[:, start:stop],
-                                       alpha[:, start:stop], eta[:, start:stop], theta[:, start:stop], memory,
-                                       use_reentrant=False)
+            first = min(T, group - pending)  # pending < chunk_size <= group: realign to the chunk grid
+            sizes = [first] + [group] * ((T - first) // group) + ([(T - first) % group] if (T - first) % group else [])
+            # split, not slicing in the loop: each slice's backward would zero a full-size gradient (quadratic in T)
+            pieces = []
+            for inputs in zip(*(t.split(sizes, dim=1) for t in (q, k, v, alpha, eta, theta))):
+                y, memory = checkpoint(self._memory, *inputs, memory, use_reentrant=False)
                 pieces.append(y)
-                start = stop
             y = torch.cat(pieces, dim=1)  # (B, T, H, d)
         return self._output(y, x), TitansState(*memory, conv)
 
