@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from zoo.kernels.titans_deep_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
@@ -219,10 +220,29 @@ class TitansMemory(nn.Module):
             # split, not slicing in the loop: each slice's backward would zero a full-size gradient (quadratic in T)
             pieces = []
             for inputs in zip(*(t.split(sizes, dim=1) for t in (q, k, v, alpha, eta, theta))):
-                y, memory = checkpoint(self._memory, *inputs, memory, use_reentrant=False)
+                y, memory = self._checkpointed_memory(inputs, memory)
                 pieces.append(y)
             y = torch.cat(pieces, dim=1)  # (B, T, H, d)
         return self._output(y, x), TitansState(*memory, conv)
+
+    def _checkpointed_memory(self, inputs, memory):
+        """``_memory`` on one group under reentrant checkpointing: its forward runs without building a graph, so
+        a group's intermediates (per-chunk weights) are freed at once; the backward re-runs it with autograd.
+
+        The reentrant form tracks gradients only through flat tensor arguments, so the memory pytree is flattened.
+        """
+        leaves, spec = tree_flatten(memory)
+        out_spec = []
+
+        def run(*tensors):
+            state = tree_unflatten(list(tensors[6:]), spec)
+            y, new_memory = self._memory(*tensors[:6], state)
+            new_leaves, new_spec = tree_flatten(new_memory)
+            out_spec[:] = [new_spec]
+            return (y, *new_leaves)
+
+        y, *new_leaves = checkpoint(run, *inputs, *leaves, use_reentrant=True)
+        return y, tree_unflatten(new_leaves, out_spec[0])
 
     def _memory(self, q, k, v, alpha, eta, theta, memory):
         """Absorb and read q, k, v (B, T, H, d); memory = (weights, momentum, pending k, v, gates) or None."""
