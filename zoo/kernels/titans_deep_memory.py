@@ -156,6 +156,14 @@ def _chunk_store_pass(K, V, W):
     return acts, grads
 
 
+def _sub_outer(base, at, rows):
+    """``base − at @ rows`` in one fused op: (B, H, in, out), (B, H, in, b), (B, H, b, out) -> (B, H, in, out)."""
+    lead = base.shape[:-2]
+    out = torch.baddbmm(base.reshape(-1, *base.shape[-2:]), at.reshape(-1, *at.shape[-2:]),
+                        rows.reshape(-1, *rows.shape[-2:]), alpha=-1)
+    return out.view(*lead, *out.shape[-2:])
+
+
 def _chunk_readout(Qn, W, S, acts, grads, gammas, beta, f):
     """Read every token with its own weights W^ℓ_i = β_iW^ℓ + f_iS^ℓ − Σ_s Γ^ℓ_{i,s} a^ℓ_sᵀ g^ℓ_s, without forming them."""
     r = Qn
@@ -196,8 +204,9 @@ def _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, in
                     at = a.transpose(-1, -2)  # (B, H, in, b)
                     c = (G_end_n * t)[..., None]  # (B, H, b, 1)
                     e = (B_end_n * t)[..., None]  # (B, H, b, 1)
-                    new_W.append(beta_end * w + f_end * s - at @ (c * g))
-                    new_S.append(m_end * s - at @ (e * g))
+                    # fused forms: each full-size (in, out) pass costs as much as the matmuls at this chunk size
+                    new_W.append(_sub_outer(torch.addcmul(beta_end * w, f_end, s), at, c * g))
+                    new_S.append(_sub_outer(m_end * s, at, e * g))
                 W, S = tuple(new_W), tuple(new_S)
         o = rearrange(torch.stack(outputs, dim=2), "b h n c d -> b (n c) h d")[:, :total]  # (B, T', H, d)
     return _finish(o, k, v, gates, pending, chunk_size, W, S, out_dtype)
