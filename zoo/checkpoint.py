@@ -129,30 +129,21 @@ def read_export_config(path: str | Path) -> Config:
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    from zoo.hf_import import foreign_format, load_foreign
     from zoo.models import build_model
 
     path = Path(path)
-    from zoo.hf_import import foreign_format, load_foreign
-
     if path.is_dir() and foreign_format(path):  # Hugging Face / mamba_ssm Mamba directories
         return load_foreign(path, device)
     config = read_export_config(path)
-    weights = path / "model.safetensors"
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise CheckpointError(f"{weights} ({_size(weights)}) is truncated or corrupted: header unreadable "
-                              f"({str(error).splitlines()[0][:80]})") from None
+    state = read_export_state(path, device)
     model = build_model(config).to(device)
-    load_state_checked(model, state, f"{weights}")
+    load_state_checked(model, state, f"{path / 'model.safetensors'}")
     model.eval()
     return model
 
 
-def read_export_state(path: str | Path) -> dict:
+def read_export_state(path: str | Path, device: str | torch.device = "cpu") -> dict:
     """The weights of an export directory, with one-line errors for a missing or damaged file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -160,7 +151,7 @@ def read_export_state(path: str | Path) -> dict:
     read_export_config(path)
     weights = Path(path) / "model.safetensors"
     try:
-        return load_file(str(weights))
+        return load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as error:
         raise CheckpointError(f"{weights} ({_size(weights)}) is truncated or corrupted: header unreadable "
                               f"({str(error).splitlines()[0][:80]})") from None

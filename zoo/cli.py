@@ -20,7 +20,7 @@ from zoo.errors import ZooError
 
 VERBS = {
     "train": "train a model from a config: zoo train config=NAME.yaml [key=value ...] [resume=auto|true|PATH]",
-    "eval": "evaluate an export directory on its held-out data: zoo eval checkpoint=DIR [key=value ...]",
+    "eval": "evaluate an export directory on its held-out data: zoo eval checkpoint=DIR [tasks=NAME] [key=value ...]",
     "export": "write an export directory from a training checkpoint: zoo export checkpoint=FILE.ckpt out=DIR",
     "generate": "continue a prompt: zoo generate checkpoint=DIR prompt=TEXT [max_new_tokens=N temperature=T top_k=K]",
     "list": "list mixers, bundled configs and shipped checkpoints",
@@ -44,6 +44,8 @@ def verb_help(verb: str) -> str:
         return f"{head}\n\n{extra}\n{help_text()}"
     if verb == "eval":
         return (f"{head}\n\n  checkpoint=DIR (an export directory: config.json + model.safetensors)\n"
+                f"  tasks=NAME[,NAME] (embedding checkpoints: {', '.join(RETRIEVAL_TASKS)}; default: the checkpoint's "
+                f"own data)\n"
                 f"  overrides apply to the saved config, e.g. data.eval_batch_size=64 eval.max_batches=10 "
                 f"eval.out=FILE\n")
     if verb == "export":
@@ -97,19 +99,45 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+# zoo eval tasks= names of an embedding checkpoint -> the data.name that holds their held-out corpus
+RETRIEVAL_TASKS = {"ict_retrieval": "ict", "needle_retrieval": "needle"}
+
+
+def eval_tasks(options: dict, config) -> list[str]:
+    """The ``tasks=`` of ``zoo eval`` (comma-separated), checked; default: the checkpoint's own held-out task."""
+    is_embedder = config.model.architecture == "embedding"
+    if "tasks" not in options:
+        return [f"{config.data.name}_retrieval"] if is_embedder else []
+    tasks = [t.strip() for t in options["tasks"].split(",") if t.strip()]
+    if not is_embedder:
+        raise ConfigError(f"tasks= names retrieval tasks of embedding checkpoints; this checkpoint is "
+                          f"model.architecture={config.model.architecture}: omit tasks=")
+    for task in tasks or [""]:
+        if task not in RETRIEVAL_TASKS:
+            raise ConfigError(f"unknown eval task '{task}'; known: {', '.join(RETRIEVAL_TASKS)}")
+    return tasks
+
+
 def cmd_eval(argv: list[str]) -> int:
-    options, rest = split_options(argv, ("checkpoint",), "eval")
+    options, rest = split_options(argv, ("checkpoint", "tasks"), "eval")
     path = require(options, "checkpoint", "eval")
     from zoo.checkpoint import read_export_config
 
     config = parse_args(rest, options=(), base=read_export_config(path)).config
+    tasks = eval_tasks(options, config)
     from zoo.checkpoint import load_export
     from zoo.data.loader import build_data
     from zoo.eval.evaluate import evaluate
 
     model = load_export(path)
-    data = build_data(config.data)
-    result = evaluate(model, data, config.data.eval_batch_size, config.eval.max_batches, config.data.name)
+    results = {}
+    for task in tasks or [config.data.name]:
+        if task in RETRIEVAL_TASKS:
+            config.data.name = RETRIEVAL_TASKS[task]
+        data = build_data(config.data)
+        results[task] = evaluate(model, data, config.data.eval_batch_size, config.eval.max_batches,
+                                 config.data.name)
+    result = next(iter(results.values())) if len(results) == 1 else {"tasks": results}
     result["checkpoint"] = str(path)
     text = json.dumps(result, indent=2)
     print(text)

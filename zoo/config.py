@@ -311,6 +311,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainer.strategy=fsdp needs GPUs (Lightning's FSDP refuses CPU); use ddp on CPU")
     if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
+    retrieval_data = cfg.data.name in ("ict", "needle")
+    if (cfg.model.architecture == "embedding") != retrieval_data:
+        fix = ("set data.name=ict or needle" if cfg.model.architecture == "embedding"
+               else "set model.architecture=embedding")
+        raise ConfigError(f"model.architecture={cfg.model.architecture} does not fit data.name={cfg.data.name}: "
+                          f"retrieval pairs train only the embedding model; {fix}")
     if cfg.data.batch_size < 1 or cfg.data.seq_len < 2:
         raise ConfigError("data.batch_size must be >= 1 and data.seq_len >= 2")
     if (cfg.model.architecture == "vision") != (cfg.data.name == "digits"):

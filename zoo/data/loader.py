@@ -67,11 +67,12 @@ class ResumableLoader:
     Epoch e visits ``randperm(len(dataset), generator=seeded(seed, e))``; position j of a global batch goes to rank
     ``j mod world_size``; an incomplete last global batch is dropped. ``state_dict() = {epoch, batches_consumed}``
     counts the batches training has *used* (``mark_consumed``), not those prefetched, so a resumed run sees
-    exactly the batches it would have seen.
+    exactly the batches it would have seen. ``collate_fn`` turns a list of items into a batch (default ``collate``).
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, collate_fn=collate):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.collate_fn = collate_fn
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(dataset) // (batch_size * world_size)
         if self.batches_per_epoch < 1:
@@ -104,7 +105,7 @@ class ResumableLoader:
     def __iter__(self):
         batch = self.consumed
         while True:
-            yield collate([self.dataset[i] for i in self.batch_indices(batch)])
+            yield self.collate_fn([self.dataset[i] for i in self.batch_indices(batch)])
             batch += 1
 
 

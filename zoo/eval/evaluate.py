@@ -7,10 +7,26 @@ from zoo.data.loader import DataBundle, eval_batches
 from zoo.eval.metrics import Tally
 
 
+def is_retrieval(model: torch.nn.Module, data: DataBundle) -> bool:
+    """Whether to score retrieval: an embedding model with retrieval data (either alone is a mismatch)."""
+    from zoo.models.embedding import EmbeddingModel
+
+    embedder, pairs = isinstance(model, EmbeddingModel), getattr(data, "corpus", None) is not None
+    if embedder != pairs:
+        raise ValueError("an embedding model is evaluated on retrieval data (data.name=ict or needle) and other "
+                         "models on text or tasks; the model and data.name do not match")
+    return embedder
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int, max_batches: int | None = None,
              data_name: str = "") -> dict:
-    """Held-out metrics: loss, perplexity and bits per byte for text; accuracy and exact match for tasks."""
+    """Held-out metrics: loss, perplexity and bits per byte for text; accuracy and exact match for tasks; recall@k
+    and MRR for an embedding model on retrieval data (``zoo.eval.retrieval``)."""
+    if is_retrieval(model, data):
+        from zoo.eval.retrieval import evaluate_retrieval
+
+        return evaluate_retrieval(model, data, batch_size, max_batches)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -38,6 +38,9 @@ _NAMES = {
     "TitansMAC": "zoo.layers.titans_hybrids",
     "TitansMAG": "zoo.layers.titans_hybrids",
     "TitansMAL": "zoo.layers.titans_hybrids",
+    "HMT": "zoo.layers.hmt",
+    "HMTState": "zoo.layers.hmt",
+    "LatentAttentionPooling": "zoo.layers.latent_pooling",
 }
 
 __all__ = list(_NAMES)

@@ -1,6 +1,7 @@
 """Assembled models: ``LanguageModel`` (decoder LM from a block pattern) and ``build_model``."""
 from __future__ import annotations
 
+from zoo.models.embedding import EmbeddingModel
 from zoo.models.lm import Block, LanguageModel
 
 
@@ -18,10 +19,8 @@ def build_model(config):
 
         return HMT.from_config(model_config)
     if model_config.architecture == "embedding":
-        from zoo.models.embedding import EmbeddingModel
-
         return EmbeddingModel(model_config)
     return LanguageModel(model_config)
 
 
-__all__ = ["Block", "LanguageModel", "build_model"]
+__all__ = ["Block", "EmbeddingModel", "LanguageModel", "build_model"]

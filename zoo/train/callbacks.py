@@ -91,7 +91,8 @@ class ProgressLines(pl.Callback):
         self._last_step = self._start_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._tokens += batch["input_ids"].numel() * trainer.world_size
+        self._tokens += sum(batch[key].numel() for key in ("input_ids", "positive_ids", "negative_ids")
+                            if key in batch) * trainer.world_size
         step = trainer.global_step
         if step == self._last_step or step % self.every:
             return
