@@ -29,7 +29,7 @@ def wall_time(run: dict) -> str:
 def validation_curve(metrics: Path) -> list[tuple[int, dict]]:
     with metrics.open() as handle:
         rows = list(csv.DictReader(handle))
-    keys = ("val/loss", "val/accuracy", "val/bpb")
+    keys = ("val/loss", "val/accuracy", "val/bpb", "val/recall@1", "val/recall@10", "val/mrr@10")
     return [(int(r["step"]), {k: float(r[k]) for k in keys if r.get(k)}) for r in rows if r.get("val/loss")]
 
 

@@ -50,21 +50,28 @@ def model_state_from_ckpt(checkpoint: dict) -> dict:
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
+def state_mismatches(own: dict, saved: dict, unexpected: list[str] | None = None) -> list[str]:
+    """What keeps ``saved`` from loading into a model whose state is ``own``: missing keys, unexpected keys (default:
+    every saved key the model lacks) and shape mismatches, the first five of each; empty when it fits."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own] if unexpected is None else unexpected
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        parts.append(f"unexpected keys: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+    if shapes:
+        parts.append(f"shape mismatches (saved vs model): {'; '.join(shapes[:5])}")
+    return parts
+
+
 def load_state_checked(model: torch.nn.Module, state: dict, source: str, config_diff: str = "") -> None:
     """``load_state_dict(strict=True)`` whose failure lists missing/unexpected keys and shape mismatches in one line."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-        if shapes:
-            parts.append(f"shape mismatches (saved vs model): {'; '.join(shapes[:5])}")
+    parts = state_mismatches(own, state)
+    if parts:
         if config_diff:
             parts.append(f"config differs: {config_diff}")
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))

@@ -373,19 +373,6 @@ class HMT(nn.Module):
         per token, plus a trailing step and a summary pass at each segment boundary. Returns (B, T + new) ids; stops
         early when every row has produced ``eos_id``.
         """
-        from zoo.models.lm import sample_next
+        from zoo.models.lm import generate_with_state
 
-        if input_ids.shape[1] < 1:
-            raise ValueError("generate: the prompt must hold at least one token")
-        logits, state = self(input_ids)
-        out = [input_ids]
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            next_id = sample_next(logits[:, -1], temperature, top_k, generator)   # (B, 1)
-            out.append(next_id)
-            if eos_id is not None:
-                finished |= next_id.squeeze(1) == eos_id
-                if bool(finished.all()):
-                    break
-            logits, state = self(next_id, state)
-        return torch.cat(out, dim=1)
+        return generate_with_state(self, input_ids, max_new_tokens, temperature, top_k, generator, eos_id)

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.checkpoint import state_mismatches
 from zoo.config import ModelConfig
 from zoo.errors import CheckpointError
 from zoo.layers.latent_pooling import LatentAttentionPooling, last_valid, masked_mean, valid_mask
 from zoo.layers.mlp import swiglu_hidden
 from zoo.layers.norm import RMSNorm
-from zoo.models.lm import Block, build_block_mlp, build_mixer
+from zoo.models.lm import Block, build_block_mlp, build_mixer, no_weight_decay_names
 from zoo.registry import MLP_ONLY, mixer_class, mixer_section
 
 LM_HEAD_KEY = "lm_head.weight"
@@ -111,13 +112,7 @@ class EmbeddingModel(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters without weight decay: embeddings, norms, biases, and those layers mark (the latents)."""
-        names = set()
-        for module_name, module in self.named_modules():
-            marked = set(getattr(module, "_no_weight_decay", ()))
-            for param_name, param in module.named_parameters(recurse=False):
-                if isinstance(module, (nn.Embedding, RMSNorm, nn.LayerNorm)) or param.dim() < 2 or param_name in marked:
-                    names.add(f"{module_name}.{param_name}" if module_name else param_name)
-        return names
+        return no_weight_decay_names(self)
 
     # ------------------------------------------------------------------------------------------------ forward
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,18 +178,8 @@ class EmbeddingModel(nn.Module):
         taken = {k: v for k, v in state.items() if k != LM_HEAD_KEY}
         with_pooling = any(k.startswith("pooling.") for k in taken)
         wanted = [k for k in own if with_pooling or not k.startswith("pooling.")]
-        missing = [k for k in wanted if k not in taken]
-        unexpected = [k for k in taken if k not in own]
-        shapes = [f"{k} {tuple(taken[k].shape)} vs {tuple(own[k].shape)}" for k in wanted
-                  if k in taken and tuple(taken[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing keys: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-            if unexpected:
-                parts.append(f"unexpected keys: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-            if shapes:
-                parts.append(f"shape mismatches (saved vs model): {'; '.join(shapes[:5])}")
+        parts = state_mismatches({k: own[k] for k in wanted}, taken, unexpected=[k for k in taken if k not in own])
+        if parts:
             raise CheckpointError(f"{source} does not fit the embedding model's backbone (export a LanguageModel "
                                   f"with the same dim, depth, pattern and vocab_size): " + "; ".join(parts))
         self.load_state_dict({**own, **taken}, strict=True)

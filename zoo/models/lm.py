@@ -44,6 +44,18 @@ def build_block_mlp(name: str, cfg: ModelConfig, hidden: int) -> nn.Module | Non
     return None
 
 
+def no_weight_decay_names(model: nn.Module, norm_types: tuple = (nn.Embedding, RMSNorm, nn.LayerNorm)) -> set[str]:
+    """Parameters that get no weight decay: those of embeddings and norms, vectors (biases, gains), and the names a
+    module lists in its ``_no_weight_decay`` (e.g. HMT's memory tokens, the pooling latents)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        marked = set(getattr(module, "_no_weight_decay", ()))
+        for param_name, param in module.named_parameters(recurse=False):
+            if isinstance(module, norm_types) or param.dim() < 2 or param_name in marked:
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
 class Block(nn.Module):
     """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; the unit of FSDP wrapping.
 
@@ -113,14 +125,7 @@ class LanguageModel(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay: embeddings, norms, biases, and those layers mark."""
-        names = set()
-        for module_name, module in self.named_modules():
-            marked = set(getattr(module, "_no_weight_decay", ()))
-            for param_name, param in module.named_parameters(recurse=False):
-                full = f"{module_name}.{param_name}" if module_name else param_name
-                if (isinstance(module, (nn.Embedding, RMSNorm)) or param.dim() < 2 or param_name in marked):
-                    names.add(full)
-        return names
+        return no_weight_decay_names(self)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) from final-norm hidden states (B, T, D)."""
@@ -154,20 +159,27 @@ class LanguageModel(nn.Module):
         The prompt is run once, then one token per step with the carried state (KV cache or recurrent state).
         Returns (B, T + new) token ids; stops early when every row has produced ``eos_id``.
         """
-        if input_ids.shape[1] < 1:
-            raise ValueError("generate: the prompt must hold at least one token")
-        logits, state = self(input_ids)
-        out = [input_ids]
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            next_id = sample_next(logits[:, -1], temperature, top_k, generator)   # (B, 1)
-            out.append(next_id)
-            if eos_id is not None:
-                finished |= next_id.squeeze(1) == eos_id
-                if bool(finished.all()):
-                    break
-            logits, state = self(next_id, state)
-        return torch.cat(out, dim=1)
+        return generate_with_state(self, input_ids, max_new_tokens, temperature, top_k, generator, eos_id)
+
+
+def generate_with_state(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                        top_k: int | None = None, generator: torch.Generator | None = None,
+                        eos_id: int | None = None) -> torch.Tensor:
+    """The decoding loop of any ``model(ids, state) -> (logits, state)``: prompt once, then one token per call."""
+    if input_ids.shape[1] < 1:
+        raise ValueError("generate: the prompt must hold at least one token")
+    logits, state = model(input_ids)
+    out = [input_ids]
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        next_id = sample_next(logits[:, -1], temperature, top_k, generator)   # (B, 1)
+        out.append(next_id)
+        if eos_id is not None:
+            finished |= next_id.squeeze(1) == eos_id
+            if bool(finished.all()):
+                break
+        logits, state = model(next_id, state)
+    return torch.cat(out, dim=1)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
