@@ -256,3 +256,14 @@ def test_bundled_configs_follow_the_spec_scales():
     assert stage1.model.embedding.in_batch_negatives and stage1.data.retrieval.hard_negatives >= 1
     assert not stage2.model.embedding.in_batch_negatives and stage2.init_from == "runs/embed_stage1/model"
     assert (stage1.run.name, stage2.run.name) == ("embed_stage1", "embed_stage2")
+
+
+def test_nv_embed_starts_from_the_bundled_lm_of_the_same_backbone():
+    from zoo.config import parse_args
+
+    embed = parse_args(["config=nv-embed.yaml"]).config
+    lm = parse_args(["config=embed_lm.yaml"]).config
+    assert embed.init_from == f"{lm.run.root}/embed_lm/model"
+    backbone = ("dim", "depth", "pattern", "vocab_size", "mlp", "tie_embeddings")
+    assert [getattr(lm.model, k) for k in backbone] == [getattr(embed.model, k) for k in backbone]
+    assert lm.model.attention == embed.model.attention.__class__(**{**vars(embed.model.attention), "causal": True})

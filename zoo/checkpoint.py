@@ -170,8 +170,11 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:
     A model with a ``load_init_state(state, source)`` method decides what it takes (an embedder takes an LM's
     backbone without its head); any other model loads the export strictly.
     """
-    state = read_export_state(path)
     source = f"init_from={path}"
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{source}: no export directory there; run the training that writes it first "
+                              f"(a config with init_from names it in its comments), or set init_from=null")
+    state = read_export_state(path)
     if hasattr(model, "load_init_state"):
         model.load_init_state(state, source)
     else:
