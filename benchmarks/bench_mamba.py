@@ -91,7 +91,26 @@ def run_one(kind: str, T: int, dim: int, layers: int, repeats: int) -> dict:
         model.zero_grad(set_to_none=True)
     seconds = statistics.median(times)
     return {"seconds": seconds, "tokens_per_s": T / seconds, "backward": backward,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "gemm_share": gemm_share(forward, T, dim, backward) if backward else None}
+
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul"}
+
+
+def gemm_share(forward, T: int, dim: int, backward: bool) -> float:
+    """Fraction of one profiled fwd+bwd's CPU time spent in matrix multiplies (the projections every implementation
+    shares at equal size); the rest is the scan, the conv and the elementwise work where implementations differ.
+    The profiler adds a few microseconds per op, so the scan's share is slightly overstated."""
+    import torch
+    from torch.profiler import profile
+
+    x = torch.randn(1, T, dim, requires_grad=backward)
+    with profile() as prof:
+        forward(x).square().mean().backward()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / max(total, 1)
 
 
 def _available(kind: str) -> str | None:
@@ -133,20 +152,21 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
              f"mean(y²) on random embeddings; median of {meta['repeats']} after a warm-up; each run in its own "
              f"process (peak RSS includes torch). Command: `{meta['command']}`.\n",
              "Versions and machine: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".\n",
-             "| contestant | T | seconds | tok/s | peak RSS (GB) | vs zoo Mamba | vs zoo Mamba2 |",
-             "|---|---|---|---|---|---|---|"]
+             "| contestant | T | seconds | tok/s | peak RSS (GB) | GEMM share | vs zoo Mamba | vs zoo Mamba2 |",
+             "|---|---|---|---|---|---|---|---|"]
     base = {(r["kind"], r["T"]): r for r in results if "seconds" in r}
     for r in results:
         if "seconds" not in r:
-            lines.append(f"| {r['name']} | {r['T']} | {r['error']} | | | | |")
+            lines.append(f"| {r['name']} | {r['T']} | {r['error']} | | | | | |")
             continue
         ratios = []
         for ref in ("zoo_mamba", "zoo_mamba2"):
             b = base.get((ref, r["T"]))
             ratios.append(f"{r['seconds'] / b['seconds']:.2f}x" if b and r["backward"] else "")
         note = "" if r["backward"] else " (fwd only)"
+        share = f"{r['gemm_share']:.0%}" if r.get("gemm_share") is not None else ""
         lines.append(f"| {r['name']} | {r['T']} | {r['seconds']:.2f}{note} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_rss_gb']:.2f} | {ratios[0]} | {ratios[1]} |")
+                     f"{r['peak_rss_gb']:.2f} | {share} | {ratios[0]} | {ratios[1]} |")
     if len(lengths) > 1:
         lines += ["", "Scaling (seconds at the longest T / seconds at the shortest; linear = "
                   f"{lengths[-1] / lengths[0]:.1f}):", ""]
@@ -155,7 +175,9 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
             if lo and hi:
                 lines.append(f"- {name}: {hi['seconds'] / lo['seconds']:.1f}")
     lines += ["", "Ratios are contestant time / zoo time at the same T (above 1: zoo is faster). Compare only "
-              "rows from one run: concurrent load on a shared machine changes CPU timings by several times."]
+              "rows from one run: concurrent load on a shared machine changes CPU timings by several times.",
+              "GEMM share: the fraction of one profiled fwd+bwd spent in matrix multiplies (in/out/x/dt projections, "
+              "the same FLOPs in every implementation at equal size); it bounds any speed-up from the scan alone."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
