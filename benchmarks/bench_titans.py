@@ -158,12 +158,13 @@ of the child process's peak RSS during the timed runs (activations, gradients an
 footprint); "saved" is what autograd saved for backward in one forward (`benchmarks.harness.SavedBytes`; n/a for
 titans-pytorch, whose torch.func per-sample gradients refuse saved-tensor hooks).
 
-**Scaling with T.** The zoo rows above still grow faster than T (1k → 16k: 23–45×, target ≤ 20×). The quadratic
-term found earlier (the backward of per-chunk indexing `Q[:, :, n]` in `zoo/kernels/titans_deep_memory.py`, which
-zero-filled the whole chunked tensor once per chunk) is gone: the chunk loop now unbinds its tensors once. What
-remains grows with memory: peak RSS at 16k reaches 16.6 GB (1 head, chunk 16) on a 24 GB machine, and the worst
-ratios are the rows with the largest footprint. Reaching the target needs a smaller working set per chunk group
-(e.g. recomputing the per-chunk activations in the backward), not fewer FLOPs.
+**Scaling with T.** 1k → 16k takes 14–23× (linear: 16×; target ≤ 20× at chunk 16: 19.7× with 1 head, 23.0×
+with 4 heads). Two fixes in this version: checkpoint groups split their inputs once instead of slicing them (a
+slice's backward zero-fills a full-size gradient), and the groups use reentrant checkpointing over the flattened
+memory state, so a group's per-chunk weights are freed during the forward; peak RSS at 16k fell from 16.6 GB to
+1.1 GB (1 head, chunk 16). Checkpointing is not what is left: without it (`checkpoint_chunks=0`, 4 heads, chunk 16,
+1 thread) 1k takes 0.83 s and 16k 18.97 s (22.8×, peak RSS 6.3 GB). The per-chunk work does not depend on T; the
+likely cause of the excess is the saved state outgrowing the caches (not verified with hardware counters).
 """
 
 
