@@ -23,9 +23,8 @@ from zoo.checkpoint import state_mismatches
 from zoo.config import ModelConfig
 from zoo.errors import CheckpointError
 from zoo.layers.latent_pooling import LatentAttentionPooling, last_valid, masked_mean, valid_mask
-from zoo.layers.mlp import swiglu_hidden
 from zoo.layers.norm import RMSNorm
-from zoo.models.lm import Block, build_block_mlp, build_mixer, no_weight_decay_names
+from zoo.models.lm import build_blocks, no_weight_decay_names
 from zoo.registry import MLP_ONLY, mixer_class, mixer_section
 
 LM_HEAD_KEY = "lm_head.weight"
@@ -83,14 +82,7 @@ class EmbeddingModel(nn.Module):
         built_config, without_switch = bidirectional_config(config) if settings.bidirectional else (config, [])
         self.embed = nn.Embedding(config.vocab_size, D)
         self.embed_dropout = nn.Dropout(config.dropout)
-        hidden = swiglu_hidden(D, config.mlp_expansion)
-        blocks = []
-        for i in range(config.depth):
-            name = config.pattern[i % len(config.pattern)]
-            mixer = None if name == MLP_ONLY else build_mixer(name, built_config)
-            blocks.append(Block(D, mixer, build_block_mlp(name, built_config, hidden), config.norm_eps,
-                                config.dropout))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = build_blocks(built_config)
         self.norm = RMSNorm(D, config.norm_eps)
         self.pooling = LatentAttentionPooling.from_config(D, settings) if settings.pooling == "latent" else None
         self.masked_blocks = tuple(takes_padding_mask(block.mixer) for block in self.blocks)

@@ -83,6 +83,18 @@ class Block(nn.Module):
         return x, state
 
 
+def build_blocks(config: ModelConfig) -> nn.ModuleList:
+    """The ``config.depth`` pre-norm blocks of ``config.pattern`` (repeated), each with its mixer and channel mixer."""
+    hidden = swiglu_hidden(config.dim, config.mlp_expansion)
+    blocks = []
+    for i in range(config.depth):
+        name = config.pattern[i % len(config.pattern)]
+        mixer = None if name == MLP_ONLY else build_mixer(name, config)
+        mlp = build_block_mlp(name, config, hidden)
+        blocks.append(Block(config.dim, mixer, mlp, config.norm_eps, config.dropout))
+    return nn.ModuleList(blocks)
+
+
 class LanguageModel(nn.Module):
     """Decoder LM: ``forward(input_ids (B, T), state=None) -> (logits (B, T, V), state)``.
 
@@ -98,14 +110,7 @@ class LanguageModel(nn.Module):
         D = config.dim
         self.embed = nn.Embedding(config.vocab_size, D)
         self.embed_dropout = nn.Dropout(config.dropout)
-        hidden = swiglu_hidden(D, config.mlp_expansion)
-        blocks = []
-        for i in range(config.depth):
-            name = config.pattern[i % len(config.pattern)]
-            mixer = None if name == MLP_ONLY else build_mixer(name, config)
-            mlp = build_block_mlp(name, config, hidden)
-            blocks.append(Block(D, mixer, mlp, config.norm_eps, config.dropout))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = build_blocks(config)
         self.norm = RMSNorm(D, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(D, config.vocab_size, bias=False)
         # Initialise from the RNG state at entry, so a meta-device build + to_empty + reset_parameters() under the
