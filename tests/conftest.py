@@ -30,3 +30,16 @@ KJV_FIXTURE = DATA_DIR / "kjv_fixture.jsonl"
 @pytest.fixture
 def kjv_fixture() -> Path:
     return KJV_FIXTURE
+
+
+@pytest.fixture
+def nan_poisoned_empty(monkeypatch):
+    """torch.empty / torch.empty_like return NaN-filled floating tensors for the duration of a test, so a kernel that
+    reads or returns memory it never wrote shows up as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))

@@ -181,18 +181,6 @@ def test_output_in_value_dtype_and_state_in_float32(backend):
     assert rel_rms_error(o, o_ref) < 2e-2 and rel_rms_error(state, state_ref) < 2e-2
 
 
-@pytest.fixture
-def nan_poisoned_empty(monkeypatch):
-    """Make torch.empty / torch.empty_like return NaN-filled floating tensors, so unwritten outputs show."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(tensor):
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
-
-
 @pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
 def test_outputs_and_gradients_finite_with_nan_poisoned_empty(backend, nan_poisoned_empty):
     device = TRITON_DEVICE if backend == "triton" else "cpu"

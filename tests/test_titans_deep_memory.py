@@ -194,21 +194,6 @@ def test_batch_and_heads_are_independent():
         torch.testing.assert_close(o_h, o[:, :, head:head + 1], rtol=0, atol=1e-13)
 
 
-@pytest.fixture
-def nan_poisoned_empty(monkeypatch):
-    """Make torch.empty / torch.empty_like return NaN-filled tensors for the duration of a test."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(factory):
-        def make(*args, **kwargs):
-            out = factory(*args, **kwargs)
-            return out.fill_(float("nan")) if out.is_floating_point() else out
-        return make
-
-    monkeypatch.setattr(torch, "empty", poisoned(empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
-
-
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_outputs_and_gradients_are_finite_under_nan_poisoning(nan_poisoned_empty, backend):
     inputs, weights = make_inputs(T=20, L=2, dtype=torch.float32, seed=16)

@@ -245,23 +245,6 @@ def test_outputs_and_gradients_finite_at_saturated_gates(depth):
         assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
-@pytest.fixture
-def nan_poisoned_empty(monkeypatch):
-    """torch.empty / torch.empty_like return NaN-filled tensors for the duration of a test."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned_empty(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def poisoned_empty_like(*args, **kwargs):
-        out = empty_like(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
-
-
 def test_outputs_and_gradients_finite_under_nan_poisoning(request):
     layers = [lmm(1).float(), lmm(2).float(), mac().float()]
     request.getfixturevalue("nan_poisoned_empty")

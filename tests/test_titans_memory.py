@@ -211,23 +211,6 @@ def test_batch_and_heads_are_independent():
         torch.testing.assert_close(M_h, M[:, head:head + 1], rtol=0, atol=1e-13)
 
 
-@pytest.fixture
-def nan_poisoned_empty(monkeypatch):
-    """Make torch.empty / torch.empty_like return NaN-filled tensors for the duration of a test."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned_empty(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def poisoned_empty_like(*args, **kwargs):
-        out = empty_like(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
-
-
 @pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=triton_runs)])
 def test_outputs_and_gradients_are_finite_under_nan_poisoning(nan_poisoned_empty, backend):
     inputs, initial = make_inputs(1, 20, 1, 16, 16, dtype=torch.float32, seed=12)

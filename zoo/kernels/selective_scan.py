@@ -160,8 +160,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         Q, T, N = ctx.chunk_size, Δ.shape[0], A.shape[-2]
         gΔ, gu, gB, gC = torch.empty_like(Δ), torch.empty_like(u), torch.empty_like(B), torch.empty_like(C)
         gA = torch.zeros_like(A)
-        carry = torch.zeros_like(starts[0]) if g_final is None else g_final.clone()  # a_{t+1}·ĝ_{t+1} into h_t
-        gy = torch.zeros_like(Δ) if gy is None else gy
+        carry = g_final.clone()  # a_{t+1}·ĝ_{t+1} flowing into h_t (autograd passes zeros for an unused output)
         buffers = _ChunkBuffers(Δ, Q, N, 4)
         for c in reversed(range(starts.shape[0])):
             sl = slice(c * Q, min(T, (c + 1) * Q))
