@@ -221,3 +221,34 @@ def test_torch_path_compiles(kind):
     compiled = torch.compile(mixer, fullgraph=True, backend="eager")
     got, _ = compiled(x)
     assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("T", [1, 2, 9])
+def test_conv_silu_matches_conv1d_with_gradients(T, with_bias):
+    """The fused causal conv + SiLU (hand-written backward) against F.conv1d over [state | x] in float64: outputs,
+    the carried state, and the gradients of x, state, weight and bias, including through the returned state."""
+    from zoo.layers.mamba import _conv_silu
+
+    torch.manual_seed(0)
+    C, K = 5, 4
+    conv = torch.nn.Conv1d(C, C, K, groups=C, bias=with_bias).double()
+    x = torch.randn(2, T, C, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(2, K - 1, C, dtype=torch.float64, requires_grad=True)
+    g_out, g_state = torch.randn(2, T, C, dtype=torch.float64), torch.randn(2, K - 1, C, dtype=torch.float64)
+
+    def reference():
+        padded = torch.cat([state, x], 1)                                             # (B, K-1+T, C)
+        out = F.silu(F.conv1d(padded.transpose(1, 2), conv.weight, conv.bias, groups=C)).transpose(1, 2)
+        return out, padded[:, -(K - 1):]
+
+    results = []
+    for fn in (lambda: _conv_silu(conv, x, state), reference):
+        out, new_state = fn()
+        params = [x, state, conv.weight] + ([conv.bias] if with_bias else [])
+        grads = torch.autograd.grad((out * g_out).sum() + (new_state * g_state).sum(), params)
+        results.append((out, new_state, grads))
+    (out, new_state, grads), (out_ref, state_ref, grads_ref) = results
+    assert rel_err(out, out_ref) < 1e-12 and rel_err(new_state, state_ref) < 1e-12
+    for name, g, g_ref in zip(["x", "state", "weight", "bias"], grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-12, name

@@ -92,58 +92,216 @@ def ssd_reference(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softpl
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. Chunked torch path (Listing 1 of the paper, with a stable segment sum and a sequential inter-chunk pass)
 # ---------------------------------------------------------------------------------------------------------------------
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """Stable segment sum: out[..., i, j] = Σ_{k=j+1..i} a[..., k] for i ≥ j, −inf above the diagonal."""
-    Q = a.shape[-1]
-    a = a.unsqueeze(-1).expand(*a.shape, Q)  # (..., Q_k, Q_j): entry [k, j] = a_k
-    below = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device), diagonal=-1)  # k > j
-    seg = torch.cumsum(a.masked_fill(~below, 0), dim=-2)  # (..., Q_i, Q_j)
-    causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device))  # i ≥ j
-    return seg.masked_fill(~causal, float("-inf"))
+def _chunks(t: torch.Tensor, Q: int) -> torch.Tensor:
+    """(B, T, ...) -> (B·nc, Q, ...), a view whenever the time axis has one stride (T a multiple of Q)."""
+    return t.reshape(-1, Q, *t.shape[2:])
+
+
+def _group_slices(G: int, width: int):
+    """The channel slice of each of G equal groups of ``width`` channels."""
+    return [slice(g * width // G, (g + 1) * width // G) for g in range(G)]
+
+
+def _stack(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.stack without the copy when there is one tensor (one group, the common case)."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim)
+
+
+def _outer_over_time(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Σ_q left[q] ⊗ right[q] per group: (s, Q, H, P) with (s, Q, G, N) -> (s, G, Hg·P, N)."""
+    s, Q, H, P = left.shape
+    G = right.shape[2]
+    flat = left.reshape(s, Q, H * P)
+    return _stack([torch.bmm(flat[..., sl].transpose(1, 2), right[:, :, g])
+                   for g, sl in enumerate(_group_slices(G, H * P))], 1)
+
+
+def _read_out(vector: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """states·vector per group: (s, Q, G, N) with (s, G, Hg·P, N) -> (s, Q, H·P)."""
+    G = vector.shape[2]
+    outs = [torch.bmm(vector[:, :, g], states[:, g].transpose(1, 2)) for g in range(G)]
+    return outs[0] if G == 1 else torch.cat(outs, -1)
+
+
+def _contract_channels(left: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Σ over a group's channels: (s, Q, H·P) with (s, G, Hg·P, N) -> (s, Q, G, N)."""
+    G = states.shape[1]
+    return _stack([torch.bmm(left[..., sl], states[:, g])
+                   for g, sl in enumerate(_group_slices(G, left.shape[-1]))], 2)
+
+
+def _masked_CB(C_c: torch.Tensor, B_c: torch.Tensor) -> torch.Tensor:
+    """(C_i·B_j) for j ≤ i, else 0: (s, Q, G, N) twice -> (G, s, Q, Q)."""
+    return _stack([torch.bmm(C_c[:, :, g], B_c[:, :, g].transpose(1, 2)).tril_() for g in range(B_c.shape[2])], 0)
+
+
+def _decay_matrix(Λ: torch.Tensor) -> torch.Tensor:
+    """L_ij = exp(Λ_i − Λ_j) for j ≤ i (1 above the diagonal, where C·Bᵀ is masked): (b, nc, Q, H) -> (H, s, Q, Q).
+
+    The exponent is clamped to ≤ 0, so the unused upper triangle cannot overflow."""
+    H, Q = Λ.shape[-1], Λ.shape[-2]
+    ΛT = Λ.permute(3, 0, 1, 2).reshape(H, -1, Q).contiguous()                          # (H, s, Q), head-major
+    return (ΛT.unsqueeze(-1) - ΛT.unsqueeze(-2)).clamp_max_(0).exp_()
+
+
+def _times_CB(L: torch.Tensor, CB: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """L ⊙ C·Bᵀ of each head's group: (H, s, Q, Q) with (G, s, Q, Q)."""
+    grouped = L.view(CB.shape[0], -1, *L.shape[1:])                                      # (G, Hg, s, Q, Q)
+    product = grouped.mul_(CB.unsqueeze(1)) if in_place else grouped * CB.unsqueeze(1)
+    return product.view(L.shape)
+
+
+def _per_head_products(M: torch.Tensor, V: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """M[h]·V[:, :, h] (or M[h]ᵀ·V[:, :, h]), one matmul per head: M (H, s, Q, Q), V (s, Q, H, P) -> (H, s, Q, P)."""
+    products = V.new_empty(M.shape[0], *V.shape[:2], V.shape[-1])
+    for h in range(M.shape[0]):
+        torch.bmm(M[h].transpose(1, 2) if transpose else M[h], V[:, :, h], out=products[h])
+    return products
+
+
+def _time_major(per_head: torch.Tensor) -> torch.Tensor:
+    """(H, s, Q, P) -> a (s, Q, H, P) view."""
+    return per_head.permute(1, 2, 0, 3)
+
+
+def _pass_states(S_chunk: torch.Tensor, decay: torch.Tensor, S0: torch.Tensor) -> torch.Tensor:
+    """S_{c+1} = decay_c·S_c + S_chunk_c from S_0: (b, nc, H, P, N), (b, nc, H), (b, H, P, N) -> (b, nc+1, H, P, N)."""
+    batch, nc = S_chunk.shape[:2]
+    S_all = S_chunk.new_empty(batch, nc + 1, *S_chunk.shape[2:])
+    S_all[:, 0] = S0
+    for c in range(nc):
+        torch.addcmul(S_chunk[:, c], decay[:, c, :, None, None], S_all[:, c], out=S_all[:, c + 1])
+    return S_all
+
+
+def _pass_states_backward(g_read: torch.Tensor, decay: torch.Tensor, g_final: torch.Tensor):
+    """Adjoint of ``_pass_states``: g_read (b, nc, H, P, N) is the gradient of each chunk-start state from its
+    read-out. Returns (gradient of each chunk's S_chunk = of the state after it, gradient of S_0)."""
+    nc = g_read.shape[1]
+    g_after = torch.empty_like(g_read)
+    g_after[:, nc - 1] = g_final
+    for c in range(nc - 1, 0, -1):
+        torch.addcmul(g_read[:, c], decay[:, c, :, None, None], g_after[:, c], out=g_after[:, c - 1])
+    return g_after, torch.addcmul(g_read[:, 0], decay[:, 0, :, None, None], g_after[:, 0])
+
+
+def _chunk_log_decays(Δ: torch.Tensor, A: torch.Tensor, Q: int) -> torch.Tensor:
+    """Λ, the in-chunk cumulative sum of a = Δ·A: (b, T, H) -> (b, nc, Q, H)."""
+    batch, T, H = Δ.shape
+    return torch.cumsum((Δ * A).view(batch, T // Q, Q, H), 2)
+
+
+class _ChunkedSSD(torch.autograd.Function):
+    """The SSD recurrence on discretised Δ, chunked as Listing 1 of the paper, with a hand-written backward.
+
+    Inputs: x (b, T, H, P), Δ (b, T, H), A (H,), B, C (b, T, G, N), D (H,) or None, S0 (b, H, P, N), chunk Q | T (the
+    caller pads). Tensors stay time-major as they arrive, so the state terms (chunk states and the read-out of each
+    chunk-start state: most of the FLOPs) are one batched matmul over all heads of a group, and the intra-chunk term
+    (C·Bᵀ ⊙ L)·X is one matmul per head. Forward keeps x, Δ, B, C, the chunk-start states and their read-out;
+    backward recomputes X = Δ·x, the decays and L. Λ is the in-chunk cumulative sum of a = Δ·A; its gradient collects
+    Σ_p gy·y_read (read-out), Σ_j gL_ij·L_ij − Σ_i gL_ij·L_ij (intra-chunk) and the chunk-state and chunk-decay
+    terms, and a = Δ·A gets it back by a reverse cumulative sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, Δ, A, B, C, D, S0, Q):
+        batch, T, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        B_c, C_c = _chunks(B, Q), _chunks(C, Q)                                         # (s, Q, G, N), s = b·nc
+        X = _chunks(x * Δ.unsqueeze(-1), Q)                                             # (s, Q, H, P)
+        Λ = _chunk_log_decays(Δ, A, Q)                                                  # (b, nc, Q, H)
+        M = _times_CB(_decay_matrix(Λ), _masked_CB(C_c, B_c), in_place=True)             # (H, s, Q, Q)
+        Y_diag = _per_head_products(M, X)                                                # (C·Bᵀ ⊙ L)·X
+        Xw = X.mul_(torch.exp(Λ[:, :, -1:] - Λ).view(-1, Q, H, 1))                       # decayed to the chunk end
+        S_chunk = _outer_over_time(Xw, B_c).view(batch, T // Q, H, P, N)
+        S_all = _pass_states(S_chunk, torch.exp(Λ[:, :, -1]), S0)                       # (b, nc+1, H, P, N)
+        Z = _read_out(C_c, S_all[:, :-1].reshape(-1, G, H // G * P, N)).view(-1, Q, H, P)  # S_start·C_i
+        y = Z * torch.exp(Λ).view(-1, Q, H, 1)                                          # (s, Q, H, P)
+        y = y.add_(_time_major(Y_diag)).view(batch, T, H, P)
+        if D is not None:
+            y.addcmul_(x, D.view(H, 1))
+        ctx.save_for_backward(x, Δ, A, B, C, D, S_all, Z)
+        ctx.Q = Q
+        return y, S_all[:, -1]
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        x, Δ, A, B, C, D, S_all, Z = ctx.saved_tensors
+        Q = ctx.Q
+        batch, T, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        gy = gy.contiguous()
+        B_c, C_c, gY = _chunks(B, Q), _chunks(C, Q), _chunks(gy, Q)
+        X = _chunks(x * Δ.unsqueeze(-1), Q)                                             # (s, Q, H, P)
+        Λ = _chunk_log_decays(Δ, A, Q)                                                  # (b, nc, Q, H)
+        # intra-chunk term (C·Bᵀ ⊙ L)·X
+        CB = _masked_CB(C_c, B_c)                                                         # (G, s, Q, Q)
+        L = _decay_matrix(Λ)                                                              # (H, s, Q, Q)
+        M = _times_CB(L, CB, in_place=False)
+        gX_diag = _per_head_products(M, gY, transpose=True)                               # (H, s, Q, P)
+        gM = torch.empty_like(M)                                                          # (H, s, Q, Q)
+        for h in range(H):
+            torch.bmm(gY[:, :, h], X[:, :, h].transpose(1, 2), out=gM[h])
+        gCB = L.mul_(gM).view(G, H // G, *L.shape[1:]).sum(1).tril_()                      # (G, s, Q, Q)
+        gL = M.mul_(gM)                                                                   # gL_ij·L_ij
+        gΛ = (gL.sum(-1) - gL.sum(-2)).permute(1, 2, 0).reshape(Λ.shape)                  # (b, nc, Q, H)
+        del L, M, gM, gL
+        w = torch.exp(Λ[:, :, -1:] - Λ).view(-1, Q, H, 1)
+        Xw = X.mul_(w)
+        # read-out of the chunk-start states, y_read = exp(Λ)·Z with Z = C·S_startᵀ
+        gZ = gY * torch.exp(Λ).view(-1, Q, H, 1)                                        # (s, Q, H, P)
+        S_start = S_all[:, :-1].reshape(-1, G, H // G * P, N)                            # (s, G, Hg·P, N)
+        gΛ += torch.einsum("sqhp,sqhp->sqh", gZ, Z).view(Λ.shape)
+        g_read = _outer_over_time(gZ, C_c)                                               # (s, G, Hg·P, N)
+        gC = _contract_channels(gZ.view(-1, Q, H * P), S_start)                          # (s, Q, G, N)
+        del gZ
+        # state passing, backwards; the chunk decay exp(Λ_last) multiplies S_start
+        decay = torch.exp(Λ[:, :, -1])                                                   # (b, nc, H)
+        g_after, g_S0 = _pass_states_backward(g_read.view(batch, -1, H, P, N), decay, g_final)
+        gΛ[:, :, -1] += torch.linalg.vecdot(g_after.flatten(-2), S_all[:, :-1].flatten(-2)) * decay
+        # chunk states Σ_j w_j·X_j ⊗ B_j
+        g_after = g_after.view(-1, G, H // G * P, N)
+        gXw = _read_out(B_c, g_after).view(-1, Q, H, P)                                  # (s, Q, H, P)
+        gB = _contract_channels(Xw.view(-1, Q, H * P), g_after)                          # (s, Q, G, N)
+        g_logw = torch.einsum("sqhp,sqhp->sqh", gXw, Xw).view(Λ.shape)
+        gΛ.sub_(g_logw)
+        gΛ[:, :, -1] += g_logw.sum(2)
+        gX = gXw.mul_(w).add_(_time_major(gX_diag))                                      # (s, Q, H, P)
+        for g in range(G):
+            gC[:, :, g].baddbmm_(gCB[g], B_c[:, :, g])
+            gB[:, :, g].baddbmm_(gCB[g].transpose(1, 2), C_c[:, :, g])
+        # back to a = Δ·A and X = Δ·x
+        ga = gΛ.flip(2).cumsum(2).flip(2).view(batch, T, H)                               # Λ is a cumsum of a
+        gX = gX.view(batch, T, H, P)
+        gΔ = torch.einsum("bthp,bthp->bth", gX, x).addcmul_(ga, A)
+        gA = (ga * Δ).sum((0, 1))
+        gx = gX.mul_(Δ.unsqueeze(-1))
+        gD = None
+        if D is not None:
+            gx.addcmul_(gy, D.view(H, 1))
+            gD = torch.linalg.vecdot(gy, x).sum((0, 1))
+        return gx, gΔ, gA, gB.view(B.shape), gC.view(C.shape), gD, g_S0, None
 
 
 def _ssd_chunked_dense(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, seq_lens=None):
-    """Dense chunked SSD; ``seq_lens`` (B,) right-pads each row after discretisation (a = 0, X = 0 past its end)."""
+    """Dense chunked SSD; ``seq_lens`` (B,) right-pads each row after discretisation (Δ = 0 past its end)."""
     dtype = _compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
     batch, T, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    N = B.shape[3]
     Q = chunk_size
-    nc = max(1, -(-T // Q))
-    pad = nc * Q - T
-    x_c = x.to(dtype)
+    pad = max(1, -(-T // Q)) * Q - T
     Δ = _discretise_dt(dt, dt_bias, dt_softplus, dtype)  # (B, T, H)
     if seq_lens is not None:
         Δ = Δ * (torch.arange(T, device=x.device) < seq_lens[:, None]).unsqueeze(-1)
-    a = Δ * A.to(dtype)  # (B, T, H)
-    X = x_c * Δ.unsqueeze(-1)  # (B, T, H, P)
-    a = rearrange(F.pad(a, (0, 0, 0, pad)), "b (c q) (g h) -> b g h c q", q=Q, g=G)  # (B, G, H/G, nc, Q)
-    X = rearrange(F.pad(X, (0, 0, 0, 0, 0, pad)), "b (c q) (g h) p -> b c q g h p", q=Q, g=G)
-    B_c = rearrange(F.pad(B.to(dtype), (0, 0, 0, 0, 0, pad)), "b (c q) g n -> b c q g n", q=Q)  # (B, nc, Q, G, N)
-    C_c = rearrange(F.pad(C.to(dtype), (0, 0, 0, 0, 0, pad)), "b (c q) g n -> b c q g n", q=Q)
-    Λ = torch.cumsum(a, -1)  # (B, G, H/G, nc, Q)
-    L = torch.exp(_segsum(a))  # (B, G, H/G, nc, Q, Q)
-    # 1. intra-chunk, the masked attention-like form
-    CB = torch.einsum("bcign,bcjgn->bgcij", C_c, B_c)  # (B, G, nc, Q, Q)
-    Y_diag = torch.einsum("bgcij,bghcij,bcjghp->bcighp", CB, L, X)  # (B, nc, Q, G, H/G, P)
-    # 2. chunk states from zero: decay to the chunk end is the last row of L
-    S_chunk = torch.einsum("bghcj,bcjghp,bcjgn->bcghpn", L[..., -1, :], X, B_c)  # (B, nc, G, H/G, P, N)
-    # 3. sequential pass across chunks
+    x_c, B_c, C_c = x.to(dtype), B.to(dtype), C.to(dtype)
+    if pad:
+        x_c, Δ, B_c, C_c = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x_c, Δ, B_c, C_c))
     if initial_state is None:
-        S = x_c.new_zeros(batch, G, H // G, P, N)
+        S0 = x_c.new_zeros(batch, H, P, N)
     else:
-        S = rearrange(initial_state.to(dtype), "b (g h) p n -> b g h p n", g=G)
-    chunk_decay = torch.exp(Λ[..., -1])  # (B, G, H/G, nc)
-    starts = []
-    for decay_c, S_c in zip(chunk_decay.unbind(-1), S_chunk.unbind(1)):
-        starts.append(S)
-        S = decay_c[..., None, None] * S + S_c  # (B, G, H/G, P, N)
-    S_start = torch.stack(starts, 1)  # (B, nc, G, H/G, P, N)
-    # 4. contribution of the state entering each chunk
-    Y_off = torch.einsum("bcghpn,bcign,bghci->bcighp", S_start, C_c, torch.exp(Λ))  # (B, nc, Q, G, H/G, P)
-    y = rearrange(Y_diag + Y_off, "b c q g h p -> b (c q) (g h) p")[:, :T]  # (B, T, H, P)
-    if D is not None:
-        y = y + D.to(dtype)[:, None] * x_c
-    return y, S.reshape(batch, H, P, N)
+        S0 = initial_state.to(dtype)
+    y, S = _ChunkedSSD.apply(x_c, Δ, A.to(dtype), B_c, C_c, None if D is None else D.to(dtype), S0, Q)
+    return y[:, :T], S
 
 
 def _unpack(packed: torch.Tensor, bounds, max_len: int) -> torch.Tensor:
