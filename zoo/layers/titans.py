@@ -79,8 +79,9 @@ class TitansMemory(nn.Module):
     one call. ``momentum=False`` / ``forget=False`` fix η ≡ 0 / α ≡ 0 (the paper's ablations).
 
     ``checkpoint_chunks = G > 0`` runs the memory in groups of G chunks under activation checkpointing when gradients
-    are needed: backward recomputes one group at a time, so activation memory holds the group-boundary states
-    ((T / (G·b))·|M|) instead of every chunk's (§3.4), for about one extra forward of the memory. Results are identical.
+    are needed: backward recomputes one group at a time (all but the last, whose graph it needs first), so activation
+    memory holds the group-boundary states ((T / (G·b))·|M|) plus one group's graph instead of every chunk's (§3.4), for
+    about one extra forward of the memory. Results are identical.
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
@@ -213,19 +214,23 @@ class TitansMemory(nn.Module):
         group = self.checkpoint_chunks * self.chunk_size
         if group == 0 or T <= group or not torch.is_grad_enabled():
             y, memory = self._memory(q, k, v, alpha, eta, theta, memory)
-        else:  # groups of G chunks, aligned to the chunk grid of the stream, each recomputed in backward
+        else:  # groups of G chunks, aligned to the chunk grid of the stream, all but the last recomputed in backward
             pending = 0 if state is None else state.pending_k.shape[1]
             first = min(T, group - pending)  # pending < chunk_size <= group: realign to the chunk grid
             sizes = [first] + [group] * ((T - first) // group) + ([(T - first) % group] if (T - first) % group else [])
             # split, not slicing in the loop: each slice's backward would zero a full-size gradient (quadratic in T)
+            groups = list(zip(*(t.split(sizes, dim=1) for t in (q, k, v, alpha, eta, theta))))
             pieces = []
-            for inputs in zip(*(t.split(sizes, dim=1) for t in (q, k, v, alpha, eta, theta))):
-                y, memory = self._checkpointed_memory(inputs, memory)
+            for index, inputs in enumerate(groups):
+                # the last group keeps its graph: the backward starts there, so recomputing it would cost time and
+                # save no peak memory (a recomputed group's graph is as large)
+                run = self._memory if index == len(groups) - 1 else self._checkpointed_memory
+                y, memory = run(*inputs, memory)
                 pieces.append(y)
             y = torch.cat(pieces, dim=1)  # (B, T, H, d)
         return self._output(y, x), TitansState(*memory, conv)
 
-    def _checkpointed_memory(self, inputs, memory):
+    def _checkpointed_memory(self, q, k, v, alpha, eta, theta, memory):
         """``_memory`` on one group under reentrant checkpointing: its forward runs without building a graph, so
         a group's intermediates (per-chunk weights) are freed at once; the backward re-runs it with autograd.
 
@@ -241,7 +246,7 @@ class TitansMemory(nn.Module):
             out_spec[:] = [new_spec]
             return (y, *new_leaves)
 
-        y, *new_leaves = checkpoint(run, *inputs, *leaves, use_reentrant=True)
+        y, *new_leaves = checkpoint(run, q, k, v, alpha, eta, theta, *leaves, use_reentrant=True)
         return y, tree_unflatten(new_leaves, out_spec[0])
 
     def _memory(self, q, k, v, alpha, eta, theta, memory):
