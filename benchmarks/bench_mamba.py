@@ -92,16 +92,18 @@ def run_one(kind: str, T: int, dim: int, layers: int, repeats: int) -> dict:
     seconds = statistics.median(times)
     return {"seconds": seconds, "tokens_per_s": T / seconds, "backward": backward,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "gemm_share": gemm_share(forward, T, dim, backward) if backward else None}
+            "matmul_share": matmul_shares(forward, T, dim, backward) if backward else None}
 
 
-GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul"}
+PROJECTION_OPS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul"}
+BATCHED_OPS = {"aten::bmm", "aten::baddbmm"}
 
 
-def gemm_share(forward, T: int, dim: int, backward: bool) -> float:
-    """Fraction of one profiled fwd+bwd's CPU time spent in matrix multiplies (the projections every implementation
-    shares at equal size); the rest is the scan, the conv and the elementwise work where implementations differ.
-    The profiler adds a few microseconds per op, so the scan's share is slightly overstated."""
+def matmul_shares(forward, T: int, dim: int, backward: bool) -> dict:
+    """Fractions of one profiled fwd+bwd's CPU time spent in plain matrix multiplies (the in/out/x/dt projections:
+    the same FLOPs in every implementation at equal size) and in batched ones (the scans' own chunk matmuls); the
+    rest is the scan, the conv and the elementwise work. The profiler adds a few microseconds per op, so the
+    non-matmul share is slightly overstated."""
     import torch
     from torch.profiler import profile
 
@@ -109,8 +111,9 @@ def gemm_share(forward, T: int, dim: int, backward: bool) -> float:
     with profile() as prof:
         forward(x).square().mean().backward()
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / max(total, 1)
+    total = max(sum(e.self_cpu_time_total for e in events), 1)
+    return {"projections": sum(e.self_cpu_time_total for e in events if e.key in PROJECTION_OPS) / total,
+            "batched": sum(e.self_cpu_time_total for e in events if e.key in BATCHED_OPS) / total}
 
 
 def _available(kind: str) -> str | None:
@@ -152,7 +155,8 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
              f"mean(y²) on random embeddings; median of {meta['repeats']} after a warm-up; each run in its own "
              f"process (peak RSS includes torch). Command: `{meta['command']}`.\n",
              "Versions and machine: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".\n",
-             "| contestant | T | seconds | tok/s | peak RSS (GB) | GEMM share | vs zoo Mamba | vs zoo Mamba2 |",
+             "| contestant | T | seconds | tok/s | peak RSS (GB) | projections / batched matmuls | vs zoo Mamba "
+             "| vs zoo Mamba2 |",
              "|---|---|---|---|---|---|---|---|"]
     base = {(r["kind"], r["T"]): r for r in results if "seconds" in r}
     for r in results:
@@ -164,7 +168,8 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
             b = base.get((ref, r["T"]))
             ratios.append(f"{r['seconds'] / b['seconds']:.2f}x" if b and r["backward"] else "")
         note = "" if r["backward"] else " (fwd only)"
-        share = f"{r['gemm_share']:.0%}" if r.get("gemm_share") is not None else ""
+        shares = r.get("matmul_share")
+        share = f"{shares['projections']:.0%} / {shares['batched']:.0%}" if shares else ""
         lines.append(f"| {r['name']} | {r['T']} | {r['seconds']:.2f}{note} | {r['tokens_per_s']:.0f} | "
                      f"{r['peak_rss_gb']:.2f} | {share} | {ratios[0]} | {ratios[1]} |")
     if len(lengths) > 1:
@@ -176,9 +181,10 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
                 lines.append(f"- {name}: {hi['seconds'] / lo['seconds']:.1f}")
     lines += ["", "Ratios are contestant time / zoo time at the same T (above 1: zoo is faster). Compare only "
               "rows from one run: concurrent load on a shared machine changes CPU timings by several times.",
-              "GEMM share: the fraction of one profiled fwd+bwd spent in matrix multiplies: the in/out/x/dt "
-              "projections (the same FLOPs in every implementation at equal size) and, for Mamba-2, the SSD's own "
-              "chunk matmuls. For Mamba-1 it bounds any speed-up a faster scan can give."]
+              "Projections / batched matmuls: the fractions of one profiled fwd+bwd spent in the in/out/x/dt "
+              "projections (the same FLOPs in every implementation at equal size) and in the scans' own chunk "
+              "matmuls. The projections bound any speed-up a faster scan can give: a peer's time divided by "
+              "(zoo's time × zoo's projection share) is the ratio zoo would reach if everything else took no time."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -90,7 +90,7 @@ def ssd_reference(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softpl
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Chunked torch path (Listing 1 of the paper, with a stable segment sum and a sequential inter-chunk pass)
+# 2. Chunked torch path (Listing 1 of the paper: stable segment sum, sequential inter-chunk pass, manual backward)
 # ---------------------------------------------------------------------------------------------------------------------
 def _chunks(t: torch.Tensor, Q: int) -> torch.Tensor:
     """(B, T, ...) -> (B·nc, Q, ...), a view whenever the time axis has one stride (T a multiple of Q)."""
@@ -135,13 +135,17 @@ def _masked_CB(C_c: torch.Tensor, B_c: torch.Tensor) -> torch.Tensor:
     return _stack([torch.bmm(C_c[:, :, g], B_c[:, :, g].transpose(1, 2)).tril_() for g in range(B_c.shape[2])], 0)
 
 
-def _decay_matrix(Λ: torch.Tensor) -> torch.Tensor:
-    """L_ij = exp(Λ_i − Λ_j) for j ≤ i (1 above the diagonal, where C·Bᵀ is masked): (b, nc, Q, H) -> (H, s, Q, Q).
+def _decay_matrix(a: torch.Tensor) -> torch.Tensor:
+    """L_ij = exp(Σ_{k=j+1..i} a_k) for j ≤ i, and 1 above the diagonal (where C·Bᵀ is masked): a (b, nc, Q, H) ->
+    (H, s, Q, Q), head-major.
 
-    The exponent is clamped to ≤ 0, so the unused upper triangle cannot overflow."""
-    H, Q = Λ.shape[-1], Λ.shape[-2]
-    ΛT = Λ.permute(3, 0, 1, 2).reshape(H, -1, Q).contiguous()                          # (H, s, Q), head-major
-    return (ΛT.unsqueeze(-1) - ΛT.unsqueeze(-2)).clamp_max_(0).exp_()
+    The stable segment sum: a broadcast over (Q, Q), zeroed where k ≤ j, summed down the rows. The difference of
+    cumulative sums Λ_i − Λ_j would cancel catastrophically once Λ is large.
+    """
+    H, Q = a.shape[-1], a.shape[-2]
+    a = a.permute(3, 0, 1, 2).reshape(H, -1, Q, 1)                                      # (H, s, Q_k, 1)
+    below = torch.ones(Q, Q, dtype=a.dtype, device=a.device).tril_(-1)                  # [k, j] = 1 for k > j
+    return (a * below).cumsum_(-2).exp_()
 
 
 def _times_CB(L: torch.Tensor, CB: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -185,12 +189,6 @@ def _pass_states_backward(g_read: torch.Tensor, decay: torch.Tensor, g_final: to
     return g_after, torch.addcmul(g_read[:, 0], decay[:, 0, :, None, None], g_after[:, 0])
 
 
-def _chunk_log_decays(Δ: torch.Tensor, A: torch.Tensor, Q: int) -> torch.Tensor:
-    """Λ, the in-chunk cumulative sum of a = Δ·A: (b, T, H) -> (b, nc, Q, H)."""
-    batch, T, H = Δ.shape
-    return torch.cumsum((Δ * A).view(batch, T // Q, Q, H), 2)
-
-
 class _ChunkedSSD(torch.autograd.Function):
     """The SSD recurrence on discretised Δ, chunked as Listing 1 of the paper, with a hand-written backward.
 
@@ -209,8 +207,9 @@ class _ChunkedSSD(torch.autograd.Function):
         G, N = B.shape[2], B.shape[3]
         B_c, C_c = _chunks(B, Q), _chunks(C, Q)                                         # (s, Q, G, N), s = b·nc
         X = _chunks(x * Δ.unsqueeze(-1), Q)                                             # (s, Q, H, P)
-        Λ = _chunk_log_decays(Δ, A, Q)                                                  # (b, nc, Q, H)
-        M = _times_CB(_decay_matrix(Λ), _masked_CB(C_c, B_c), in_place=True)             # (H, s, Q, Q)
+        a = (Δ * A).view(batch, T // Q, Q, H)                                           # (b, nc, Q, H)
+        Λ = torch.cumsum(a, 2)                                                          # in-chunk log decays
+        M = _times_CB(_decay_matrix(a), _masked_CB(C_c, B_c), in_place=True)             # (H, s, Q, Q)
         Y_diag = _per_head_products(M, X)                                                # (C·Bᵀ ⊙ L)·X
         Xw = X.mul_(torch.exp(Λ[:, :, -1:] - Λ).view(-1, Q, H, 1))                       # decayed to the chunk end
         S_chunk = _outer_over_time(Xw, B_c).view(batch, T // Q, H, P, N)
@@ -233,13 +232,14 @@ class _ChunkedSSD(torch.autograd.Function):
         gy = gy.contiguous()
         B_c, C_c, gY = _chunks(B, Q), _chunks(C, Q), _chunks(gy, Q)
         X = _chunks(x * Δ.unsqueeze(-1), Q)                                             # (s, Q, H, P)
-        Λ = _chunk_log_decays(Δ, A, Q)                                                  # (b, nc, Q, H)
+        a = (Δ * A).view(batch, T // Q, Q, H)                                           # (b, nc, Q, H)
+        Λ = torch.cumsum(a, 2)                                                          # in-chunk log decays
         # intra-chunk term (C·Bᵀ ⊙ L)·X
         CB = _masked_CB(C_c, B_c)                                                         # (G, s, Q, Q)
-        L = _decay_matrix(Λ)                                                              # (H, s, Q, Q)
+        L = _decay_matrix(a)                                                              # (H, s, Q, Q)
         M = _times_CB(L, CB, in_place=False)
         gX_diag = _per_head_products(M, gY, transpose=True)                               # (H, s, Q, P)
-        gM = torch.empty_like(M)                                                          # (H, s, Q, Q)
+        gM = M.new_empty(M.shape)                                                         # (H, s, Q, Q)
         for h in range(H):
             torch.bmm(gY[:, :, h], X[:, :, h].transpose(1, 2), out=gM[h])
         gCB = L.mul_(gM).view(G, H // G, *L.shape[1:]).sum(1).tril_()                      # (G, s, Q, Q)

@@ -136,6 +136,11 @@ class _KeepFP32(nn.Module):
         return self
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in at least float32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _mark(param: nn.Parameter, no_weight_decay: bool = True, no_reinit: bool = False) -> None:
     if no_weight_decay:
         param._no_weight_decay = True
@@ -156,7 +161,7 @@ def _s6(x_in, z, conv, x_proj, dt_proj, A_log, D, dt_rank: int, d_state: int, st
         x_c = x_c * keep
     dt_low, B, C = torch.split(x_proj(x_c), [dt_rank, d_state, d_state], dim=-1)     # (B, T, R), (B, T, N) x2
     delta = F.linear(dt_low, dt_proj.weight.to(dt_low.dtype))                         # (B, T, E), bias in the scan
-    y, h = selective_scan(x_c, delta, -torch.exp(A_log.float()), B, C, D.float(), z, dt_proj.bias.float(), True,
+    y, h = selective_scan(x_c, delta, -torch.exp(_fp32(A_log)), B, C, _fp32(D), z, _fp32(dt_proj.bias), True,
                           None if state is None else state.ssm)
     return y, MambaState(conv_state, h)
 
@@ -254,10 +259,10 @@ class GroupedGatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        v = y.float() * F.silu(z.float())                                             # (..., E)
+        v = _fp32(y) * F.silu(_fp32(z))                                               # (..., E)
         v = rearrange(v, "... (g c) -> ... g c", g=self.groups)
         v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (rearrange(v, "... g c -> ... (g c)") * self.weight.float()).to(y.dtype)
+        return (rearrange(v, "... g c -> ... (g c)") * _fp32(self.weight)).to(y.dtype)
 
 
 class Mamba2(_KeepFP32):
@@ -321,8 +326,8 @@ class Mamba2(_KeepFP32):
         x_c = rearrange(x_c, "b t (h p) -> b t h p", p=P)                             # (B, T, H, P)
         B = rearrange(B, "b t (g n) -> b t g n", g=G)                                 # (B, T, G, N)
         C = rearrange(C, "b t (g n) -> b t g n", g=G)
-        y, S = ssd(x_c, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D.float(),
-                   self.dt_bias.float(), True, None if state is None else state.ssm, cu_seqlens=cu_seqlens)
+        y, S = ssd(x_c, dt, -torch.exp(_fp32(self.A_log)), B, C, self.chunk_size, _fp32(self.D),
+                   _fp32(self.dt_bias), True, None if state is None else state.ssm, cu_seqlens=cu_seqlens)
         y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z)                        # (B, T, E)
         return self.out_proj(y), Mamba2State(conv_state, S)
 
