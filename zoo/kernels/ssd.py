@@ -143,7 +143,7 @@ def _decay_matrix(a: torch.Tensor) -> torch.Tensor:
     cumulative sums Λ_i − Λ_j would cancel catastrophically once Λ is large.
     """
     H, Q = a.shape[-1], a.shape[-2]
-    a = a.permute(3, 0, 1, 2).reshape(H, -1, Q, 1)                                      # (H, s, Q_k, 1)
+    a = a.permute(3, 0, 1, 2).reshape(H, -1, Q, 1).contiguous()                         # (H, s, Q_k, 1)
     below = torch.ones(Q, Q, dtype=a.dtype, device=a.device).tril_(-1)                  # [k, j] = 1 for k > j
     return (a * below).cumsum_(-2).exp_()
 
