@@ -1,6 +1,6 @@
 """Time the Mamba ops on CPU: reference loop vs chunked torch path, forward + backward, at a few T.
 
-Usage: ``python benchmarks/bench_mamba_ops.py [--lengths 256 1024 2048] [--repeats 3] [--threads N]``.
+Usage: ``python benchmarks/bench_mamba_ops.py [--lengths 256 1024 2048] [--repeats 3] [--threads N] [--out F.md]``.
 Prints a markdown table (median of the repeats, after one warm-up) with torch version, threads and machine.
 """
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,28 +51,44 @@ def _ssd_inputs(T, H=8, P=32, N=64):
     return make
 
 
+SSD_SHAPES = [(8, 32, 64), (24, 64, 128)]  # (H, P, N): a small head set, and Mamba-2 at d_model 768 (headdim 64)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
-          f"{platform.processor() or platform.platform()}; fp32, B = 1, fwd+bwd, median of {args.repeats}\n")
-    print("| op | shape | T | reference (s) | torch chunked (s) | speed-up |")
-    print("|---|---|---|---|---|---|")
+    lines = [f"# Mamba ops on CPU: reference loop vs chunked torch path\n",
+             f"Command: `python benchmarks/bench_mamba_ops.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')})."
+             f"\n", f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
+             f"{platform.processor() or platform.platform()}; fp32, B = 1, fwd+bwd, median of {args.repeats}\n",
+             "| op | shape | T | reference (s) | torch chunked (s) | speed-up |", "|---|---|---|---|---|---|"]
+    for line in lines:
+        print(line, flush=True)
+
+    def row(text):
+        lines.append(text)
+        print(text, flush=True)
+
     for T in args.lengths:
         ref = _time_fwd_bwd(lambda *a: selective_scan(*a, delta_softplus=True, backend="reference"),
                             _scan_inputs(T), args.repeats)
         fast = _time_fwd_bwd(lambda *a: selective_scan(*a, delta_softplus=True, backend="torch"),
                              _scan_inputs(T), args.repeats)
-        print(f"| selective_scan | Dm 256, N 16 | {T} | {ref:.3f} | {fast:.3f} | {ref / fast:.1f}x |", flush=True)
-    for T in args.lengths:
-        ref = _time_fwd_bwd(lambda *a: ssd(*a, chunk_size=64, backend="reference"), _ssd_inputs(T), args.repeats)
-        fast = _time_fwd_bwd(lambda *a: ssd(*a, chunk_size=64, backend="torch"), _ssd_inputs(T), args.repeats)
-        print(f"| ssd (chunk 64) | H 8, P 32, N 64 | {T} | {ref:.3f} | {fast:.3f} | {ref / fast:.1f}x |", flush=True)
+        row(f"| selective_scan | Dm 256, N 16 | {T} | {ref:.3f} | {fast:.3f} | {ref / fast:.1f}x |")
+    for H, P, N in SSD_SHAPES:
+        for T in args.lengths:
+            make = _ssd_inputs(T, H, P, N)
+            ref = _time_fwd_bwd(lambda *a: ssd(*a, chunk_size=64, backend="reference"), make, args.repeats)
+            fast = _time_fwd_bwd(lambda *a: ssd(*a, chunk_size=64, backend="torch"), make, args.repeats)
+            row(f"| ssd (chunk 64) | H {H}, P {P}, N {N} | {T} | {ref:.3f} | {fast:.3f} | {ref / fast:.1f}x |")
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
