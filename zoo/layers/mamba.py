@@ -65,7 +65,8 @@ class _CausalConvSiLU(torch.autograd.Function):
             u[:, :rows].addcmul_(state[:, K - 1 - shift:K - 1 - shift + rows], tap)
         ctx.save_for_backward(x, state, weight, u)
         ctx.has_bias = bias is not None
-        return F.silu(u), torch.cat([state, x], dim=1)[:, T:]
+        carried = torch.cat([state[:, min(T, K - 1):], x[:, max(0, T - (K - 1)):]], dim=1)  # last K-1 inputs
+        return F.silu(u), carried
 
     @staticmethod
     def backward(ctx, g_out, g_new_state):
