@@ -63,6 +63,25 @@ def test_torch_matches_reference_fp64_with_gradients(layers, chunk_size):
         assert rel_rms_error(got, want) <= 1e-9, name
 
 
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_torch_without_autograd_equals_with_it(layers):
+    """Without autograd the chunk loop writes the states into two alternating buffers per tensor; it must give the
+    outputs and final state of the autograd path (which allocates every chunk's state), also when streaming on."""
+    inputs, weights = make_inputs(T=45, d=4, E=8, L=layers, seed=7)
+    with_grad = titans_mlp_memory(*inputs, weights, chunk_size=4, backend="torch")
+    with torch.no_grad():
+        without = titans_mlp_memory(*inputs, weights, chunk_size=4, backend="torch")
+        head = titans_mlp_memory(*(x[:, :21] for x in inputs), weights, chunk_size=4, backend="torch")
+        tail = titans_mlp_memory(*(x[:, 21:] for x in inputs), weights, chunk_size=4, initial_state=head[1],
+                                 backend="torch")
+    for got, want in zip(_outputs(*without), _outputs(*with_grad)):
+        assert torch.equal(got, want)
+    streamed = torch.cat([head[0], tail[0]], dim=1)
+    assert rel_rms_error(streamed, with_grad[0]) <= 1e-12
+    for got, want in zip(_outputs(*tail)[1:], _outputs(*with_grad)[1:]):
+        assert rel_rms_error(got, want) <= 1e-12
+
 def test_torch_fp32_matches_fp64_reference():
     inputs, weights = make_inputs(T=64, L=2, seed=5)
     o_ref, state_ref = titans_mlp_memory_reference(*inputs, weights, chunk_size=16)

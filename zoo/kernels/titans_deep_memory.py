@@ -156,12 +156,13 @@ def _chunk_store_pass(K, V, W):
     return acts, grads
 
 
-def _sub_outer(base, at, rows):
-    """``base − at @ rows`` in one fused op: (B, H, in, out), (B, H, in, b), (B, H, b, out) -> (B, H, in, out)."""
-    lead = base.shape[:-2]
-    out = torch.baddbmm(base.reshape(-1, *base.shape[-2:]), at.reshape(-1, *at.shape[-2:]),
-                        rows.reshape(-1, *rows.shape[-2:]), alpha=-1)
-    return out.view(*lead, *out.shape[-2:])
+def _sub_outer_(base, at, rows):
+    """``base −= at @ rows`` in place (base is a fresh temporary): (B, H, in, out), (B, H, in, b), (B, H, b, out).
+
+    In place, so the full-size (in, out) result is neither allocated nor copied from ``base`` first."""
+    base.view(-1, *base.shape[-2:]).baddbmm_(at.reshape(-1, *at.shape[-2:]), rows.reshape(-1, *rows.shape[-2:]),
+                                              alpha=-1)
+    return base
 
 
 def _chunk_readout(Qn, W, S, acts, grads, gammas, beta, f):
@@ -171,6 +172,25 @@ def _chunk_readout(Qn, W, S, acts, grads, gammas, beta, f):
         z = beta * (r @ w) + f * (r @ s) - ((r @ a.transpose(-1, -2)) * gamma) @ g  # (B, H, n, out)
         r = F.gelu(z) if layer < len(W) - 1 else z
     return Qn + _layer_norm(r)  # (B, H, n, d)
+
+
+class _UpdateBuffers:
+    """Where chunk n writes its new weights and momenta. With autograd every chunk's state is kept for backward, so
+    each gets fresh tensors (``None``: let the op allocate). Without it only the current state is alive, so two
+    buffers per tensor alternate: a fresh full-size tensor per chunk costs about as much as the update itself."""
+
+    def __init__(self, reuse: bool):
+        self.reuse, self.slots = reuse, {}
+
+    def pair(self, n: int, layer: int, like: torch.Tensor):
+        """(W out, S out) for chunk n and memory layer ``layer``: distinct from the state chunk n reads."""
+        if not self.reuse:
+            return None, None
+        key = (n % 2, layer)
+        if key not in self.slots:
+            self.slots[key] = (torch.empty(like.shape, dtype=like.dtype, device=like.device),
+                               torch.empty(like.shape, dtype=like.dtype, device=like.device))
+        return self.slots[key]
 
 
 def _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state):
@@ -189,6 +209,7 @@ def _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, in
         beta, f = coef["beta"][..., None], coef["f"][..., None]  # (B, H, N, b, 1)
         ends = [coef[name][..., None, None] for name in ("beta_end", "f_end", "m_end")]  # (B, H, N, 1, 1) each
         outputs = []
+        buffers = _UpdateBuffers(reuse=not torch.is_grad_enabled())
         # Unbind every per-chunk tensor once: indexing [:, :, n] inside the loop makes each chunk's backward
         # allocate (and zero) a full-size gradient buffer, which turns the backward quadratic in T.
         per_chunk = zip(Q.unbind(2), K.unbind(2), V.unbind(2), th.unbind(2), coef["G"].unbind(2), beta.unbind(2),
@@ -200,13 +221,15 @@ def _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, in
             outputs.append(_chunk_readout(Q_n, W, S, acts, grads, gammas, beta_n, f_n))
             if (n + 1) * chunk_size <= total:  # a complete chunk: advance the boundary state
                 new_W, new_S = [], []
-                for w, s, a, g, t in zip(W, S, acts, grads, thetas):
+                for layer, (w, s, a, g, t) in enumerate(zip(W, S, acts, grads, thetas)):
                     at = a.transpose(-1, -2)  # (B, H, in, b)
                     c = (G_end_n * t)[..., None]  # (B, H, b, 1)
                     e = (B_end_n * t)[..., None]  # (B, H, b, 1)
-                    # fused forms: each full-size (in, out) pass costs as much as the matmuls at this chunk size
-                    new_W.append(_sub_outer(torch.addcmul(beta_end * w, f_end, s), at, c * g))
-                    new_S.append(_sub_outer(m_end * s, at, e * g))
+                    # fused, in-place forms on fresh temporaries: each full-size (in, out) pass costs as much as
+                    # the matmuls at this chunk size
+                    W_out, S_out = buffers.pair(n, layer, w)
+                    new_W.append(_sub_outer_(torch.mul(w, beta_end, out=W_out).addcmul_(s, f_end), at, c * g))
+                    new_S.append(_sub_outer_(torch.mul(s, m_end, out=S_out), at, e * g))
                 W, S = tuple(new_W), tuple(new_S)
         o = rearrange(torch.stack(outputs, dim=2), "b h n c d -> b (n c) h d")[:, :total]  # (B, T', H, d)
     return _finish(o, k, v, gates, pending, chunk_size, W, S, out_dtype)
