@@ -223,6 +223,18 @@ def test_torch_path_compiles(kind):
     assert rel_err(got, expected) < 1e-5
 
 
+def _reference_conv_silu(conv: torch.nn.Conv1d, x: torch.Tensor, state: torch.Tensor | None = None):
+    """silu(causal depthwise F.conv1d) of x (B, T, C) after ``state`` (B, K-1, C) (zeros if None).
+
+    Returns (output (B, T, C), the last K-1 rows of [state | x])."""
+    K = conv.kernel_size[0]
+    if state is None:
+        state = x.new_zeros(x.shape[0], K - 1, x.shape[2])
+    padded = torch.cat([state, x], 1)                                                 # (B, K-1+T, C)
+    out = F.conv1d(padded.transpose(1, 2), conv.weight, conv.bias, groups=x.shape[-1])
+    return F.silu(out.transpose(1, 2)), padded[:, padded.shape[1] - (K - 1):]
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("T", [1, 2, 9])
 def test_conv_silu_matches_conv1d_with_gradients(T, with_bias):
@@ -237,13 +249,8 @@ def test_conv_silu_matches_conv1d_with_gradients(T, with_bias):
     state = torch.randn(2, K - 1, C, dtype=torch.float64, requires_grad=True)
     g_out, g_state = torch.randn(2, T, C, dtype=torch.float64), torch.randn(2, K - 1, C, dtype=torch.float64)
 
-    def reference():
-        padded = torch.cat([state, x], 1)                                             # (B, K-1+T, C)
-        out = F.silu(F.conv1d(padded.transpose(1, 2), conv.weight, conv.bias, groups=C)).transpose(1, 2)
-        return out, padded[:, -(K - 1):]
-
     results = []
-    for fn in (lambda: _conv_silu(conv, x, state), reference):
+    for fn in (lambda: _conv_silu(conv, x, state), lambda: _reference_conv_silu(conv, x, state)):
         out, new_state = fn()
         params = [x, state, conv.weight] + ([conv.bias] if with_bias else [])
         grads = torch.autograd.grad((out * g_out).sum() + (new_state * g_state).sum(), params)
@@ -254,20 +261,13 @@ def test_conv_silu_matches_conv1d_with_gradients(T, with_bias):
         assert rel_err(g, g_ref) < 1e-12, name
 
 
-def _reference_conv_silu(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """silu(causal depthwise conv1d) of x (B, T, C) with a zero history, written with F.conv1d."""
-    K = conv.kernel_size[0]
-    out = F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), conv.weight, conv.bias, groups=x.shape[-1])
-    return F.silu(out.transpose(1, 2))
-
-
 def _reference_mamba2(mixer: Mamba2, x: torch.Tensor) -> torch.Tensor:
     """Mamba-2 from its equations: in_proj, conv, the sequential SSD loop, gate-then-normalise per group, out_proj."""
     from zoo.kernels.ssd import ssd_reference
 
     E, H, G, N, P = mixer.d_inner, mixer.nheads, mixer.ngroups, mixer.d_state, mixer.headdim
     z, xBC, dt = torch.split(mixer.in_proj(x), [E, E + 2 * G * N, H], dim=-1)
-    x_c, B, C = torch.split(_reference_conv_silu(mixer.conv1d, xBC), [E, G * N, G * N], dim=-1)
+    x_c, B, C = torch.split(_reference_conv_silu(mixer.conv1d, xBC)[0], [E, G * N, G * N], dim=-1)
     y, _ = ssd_reference(x_c.unflatten(-1, (H, P)), dt, -torch.exp(mixer.A_log), B.unflatten(-1, (G, N)),
                          C.unflatten(-1, (G, N)), D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True)
     v = (y.flatten(-2) * F.silu(z)).unflatten(-1, (G, E // G))
@@ -280,7 +280,7 @@ def _reference_mamba(mixer: Mamba, x: torch.Tensor) -> torch.Tensor:
     from zoo.kernels.selective_scan import selective_scan_reference
 
     x_in, z = mixer.in_proj(x).chunk(2, dim=-1)
-    x_c = _reference_conv_silu(mixer.conv1d, x_in)
+    x_c = _reference_conv_silu(mixer.conv1d, x_in)[0]
     dt_low, B, C = torch.split(mixer.x_proj(x_c), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
     y, _ = selective_scan_reference(x_c, dt_low @ mixer.dt_proj.weight.T, -torch.exp(mixer.A_log), B, C, mixer.D, z,
                                     mixer.dt_proj.bias, True)
