@@ -270,9 +270,39 @@ def _reference_mamba2(mixer: Mamba2, x: torch.Tensor) -> torch.Tensor:
     x_c, B, C = torch.split(_reference_conv_silu(mixer.conv1d, xBC)[0], [E, G * N, G * N], dim=-1)
     y, _ = ssd_reference(x_c.unflatten(-1, (H, P)), dt, -torch.exp(mixer.A_log), B.unflatten(-1, (G, N)),
                          C.unflatten(-1, (G, N)), D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True)
-    v = (y.flatten(-2) * F.silu(z)).unflatten(-1, (G, E // G))
-    v = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + mixer.norm.eps)
-    return mixer.out_proj(v.flatten(-2) * mixer.norm.weight)
+    return mixer.out_proj(_reference_gated_norm(mixer.norm, y.flatten(-2), z))
+
+
+def _reference_gated_norm(norm, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mamba-2's gated RMSNorm from its equation: v = y·silu(z), each group v_g / sqrt(mean(v_g²) + eps), times w."""
+    v = (y * F.silu(z)).unflatten(-1, (norm.groups, -1))
+    v = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return v.flatten(-2) * norm.weight
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gated_norm_matches_equation_with_gradients(groups):
+    """The fused gated RMSNorm (hand-written backward) against its equation in float64: output and the gradients of
+    y, z (a strided view, as the mixer passes it) and the weight."""
+    from zoo.layers.mamba import GroupedGatedRMSNorm
+
+    torch.manual_seed(0)
+    norm = GroupedGatedRMSNorm(12, groups).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    y = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    zs = torch.randn(2, 7, 20, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, 12, dtype=torch.float64)
+    results = []
+    for fn in (norm, lambda y, z: _reference_gated_norm(norm, y, z)):
+        out = fn(y, zs[..., 5:17])
+        results.append((out, torch.autograd.grad((out * g).sum(), (y, zs, norm.weight))))
+    (out, grads), (out_ref, grads_ref) = results
+    assert rel_err(out, out_ref) < 1e-12
+    for name, grad, grad_ref in zip(["y", "z", "weight"], grads, grads_ref):
+        assert rel_err(grad, grad_ref) < 1e-12, name
+    with pytest.raises(ValueError, match="must both be"):
+        norm(y, zs)
 
 
 def _reference_mamba(mixer: Mamba, x: torch.Tensor) -> torch.Tensor:

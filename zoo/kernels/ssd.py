@@ -148,11 +148,9 @@ def _decay_matrix(a: torch.Tensor) -> torch.Tensor:
     return (a * below).cumsum_(-2).exp_()
 
 
-def _times_CB(L: torch.Tensor, CB: torch.Tensor, in_place: bool) -> torch.Tensor:
+def _times_CB(L: torch.Tensor, CB: torch.Tensor) -> torch.Tensor:
     """L ⊙ C·Bᵀ of each head's group: (H, s, Q, Q) with (G, s, Q, Q)."""
-    grouped = L.view(CB.shape[0], -1, *L.shape[1:])                                      # (G, Hg, s, Q, Q)
-    product = grouped.mul_(CB.unsqueeze(1)) if in_place else grouped * CB.unsqueeze(1)
-    return product.view(L.shape)
+    return (L.view(CB.shape[0], -1, *L.shape[1:]) * CB.unsqueeze(1)).view(L.shape)      # (G, Hg, s, Q, Q)
 
 
 def _per_head_products(M: torch.Tensor, V: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -168,25 +166,38 @@ def _time_major(per_head: torch.Tensor) -> torch.Tensor:
     return per_head.permute(1, 2, 0, 3)
 
 
+def _dot_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ over the last axis of a·b, as one batched matmul of rows (no full-size product): (..., P) -> (...)."""
+    P = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, P), b.reshape(-1, P, 1)).view(a.shape[:-1])
+
+
 def _pass_states(S_chunk: torch.Tensor, decay: torch.Tensor, S0: torch.Tensor) -> torch.Tensor:
     """S_{c+1} = decay_c·S_c + S_chunk_c from S_0: (b, nc, H, P, N), (b, nc, H), (b, H, P, N) -> (b, nc+1, H, P, N)."""
     batch, nc = S_chunk.shape[:2]
     S_all = S_chunk.new_empty(batch, nc + 1, *S_chunk.shape[2:])
-    S_all[:, 0] = S0
+    S, chunk, decays = S_all.unbind(1), S_chunk.unbind(1), decay[..., None, None].unbind(1)
+    S[0].copy_(S0)
     for c in range(nc):
-        torch.addcmul(S_chunk[:, c], decay[:, c, :, None, None], S_all[:, c], out=S_all[:, c + 1])
+        torch.addcmul(chunk[c], decays[c], S[c], out=S[c + 1])
     return S_all
 
 
-def _pass_states_backward(g_read: torch.Tensor, decay: torch.Tensor, g_final: torch.Tensor):
+def _pass_states_backward(g_read: torch.Tensor, decay: torch.Tensor, g_final: torch.Tensor, S_all: torch.Tensor):
     """Adjoint of ``_pass_states``: g_read (b, nc, H, P, N) is the gradient of each chunk-start state from its
-    read-out. Returns (gradient of each chunk's S_chunk = of the state after it, gradient of S_0)."""
-    nc = g_read.shape[1]
+    read-out. Returns (gradient of each chunk's S_chunk = of the state after it, gradient of S_0, gradient of each
+    chunk decay (b, nc, H) = <gradient of the state after it, the state before it>, taken while both are in cache)."""
+    batch, nc, H = g_read.shape[:3]
     g_after = torch.empty_like(g_read)
-    g_after[:, nc - 1] = g_final
+    g_decay = g_read.new_empty(batch, nc, H)
+    g, read, decays = g_after.unbind(1), g_read.unbind(1), decay[..., None, None].unbind(1)
+    S, g_d = S_all.flatten(-2).unbind(1), g_decay.unbind(1)
+    g[nc - 1].copy_(g_final)
     for c in range(nc - 1, 0, -1):
-        torch.addcmul(g_read[:, c], decay[:, c, :, None, None], g_after[:, c], out=g_after[:, c - 1])
-    return g_after, torch.addcmul(g_read[:, 0], decay[:, 0, :, None, None], g_after[:, 0])
+        torch.linalg.vecdot(g[c].flatten(-2), S[c], out=g_d[c])
+        torch.addcmul(read[c], decays[c], g[c], out=g[c - 1])
+    torch.linalg.vecdot(g[0].flatten(-2), S[0], out=g_d[0])
+    return g_after, torch.addcmul(read[0], decays[0], g[0]), g_decay
 
 
 class _ChunkedSSD(torch.autograd.Function):
@@ -209,23 +220,24 @@ class _ChunkedSSD(torch.autograd.Function):
         X = _chunks(x * Δ.unsqueeze(-1), Q)                                             # (s, Q, H, P)
         a = (Δ * A).view(batch, T // Q, Q, H)                                           # (b, nc, Q, H)
         Λ = torch.cumsum(a, 2)                                                          # in-chunk log decays
-        M = _times_CB(_decay_matrix(a), _masked_CB(C_c, B_c), in_place=True)             # (H, s, Q, Q)
+        L = _decay_matrix(a)                                                             # (H, s, Q, Q)
+        M = _times_CB(L, _masked_CB(C_c, B_c))                                            # C·Bᵀ ⊙ L
         Y_diag = _per_head_products(M, X)                                                # (C·Bᵀ ⊙ L)·X
         Xw = X.mul_(torch.exp(Λ[:, :, -1:] - Λ).view(-1, Q, H, 1))                       # decayed to the chunk end
         S_chunk = _outer_over_time(Xw, B_c).view(batch, T // Q, H, P, N)
         S_all = _pass_states(S_chunk, torch.exp(Λ[:, :, -1]), S0)                       # (b, nc+1, H, P, N)
         Z = _read_out(C_c, S_all[:, :-1].reshape(-1, G, H // G * P, N)).view(-1, Q, H, P)  # S_start·C_i
-        y = Z * torch.exp(Λ).view(-1, Q, H, 1)                                          # (s, Q, H, P)
-        y = y.add_(_time_major(Y_diag)).view(batch, T, H, P)
+        y = torch.addcmul(_time_major(Y_diag), Z, torch.exp(Λ).view(-1, Q, H, 1), out=torch.empty_like(Z))
+        y = y.view(batch, T, H, P)                                                      # exp(Λ)·Z + Y_diag
         if D is not None:
             y.addcmul_(x, D.view(H, 1))
-        ctx.save_for_backward(x, Δ, A, B, C, D, S_all, Z)
+        ctx.save_for_backward(x, Δ, A, B, C, D, S_all, Z, L)
         ctx.Q = Q
         return y, S_all[:, -1]
 
     @staticmethod
     def backward(ctx, gy, g_final):
-        x, Δ, A, B, C, D, S_all, Z = ctx.saved_tensors
+        x, Δ, A, B, C, D, S_all, Z, L = ctx.saved_tensors
         Q = ctx.Q
         batch, T, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
@@ -235,14 +247,12 @@ class _ChunkedSSD(torch.autograd.Function):
         a = (Δ * A).view(batch, T // Q, Q, H)                                           # (b, nc, Q, H)
         Λ = torch.cumsum(a, 2)                                                          # in-chunk log decays
         # intra-chunk term (C·Bᵀ ⊙ L)·X
-        CB = _masked_CB(C_c, B_c)                                                         # (G, s, Q, Q)
-        L = _decay_matrix(a)                                                              # (H, s, Q, Q)
-        M = _times_CB(L, CB, in_place=False)
+        M = _times_CB(L, _masked_CB(C_c, B_c))                                            # (H, s, Q, Q)
         gX_diag = _per_head_products(M, gY, transpose=True)                               # (H, s, Q, P)
         gM = M.new_empty(M.shape)                                                         # (H, s, Q, Q)
         for h in range(H):
             torch.bmm(gY[:, :, h], X[:, :, h].transpose(1, 2), out=gM[h])
-        gCB = L.mul_(gM).view(G, H // G, *L.shape[1:]).sum(1).tril_()                      # (G, s, Q, Q)
+        gCB = (L * gM).view(G, H // G, *L.shape[1:]).sum(1).tril_()                        # (G, s, Q, Q)
         gL = M.mul_(gM)                                                                   # gL_ij·L_ij
         gΛ = (gL.sum(-1) - gL.sum(-2)).permute(1, 2, 0).reshape(Λ.shape)                  # (b, nc, Q, H)
         del L, M, gM, gL
@@ -251,35 +261,36 @@ class _ChunkedSSD(torch.autograd.Function):
         # read-out of the chunk-start states, y_read = exp(Λ)·Z with Z = C·S_startᵀ
         gZ = gY * torch.exp(Λ).view(-1, Q, H, 1)                                        # (s, Q, H, P)
         S_start = S_all[:, :-1].reshape(-1, G, H // G * P, N)                            # (s, G, Hg·P, N)
-        gΛ += torch.einsum("sqhp,sqhp->sqh", gZ, Z).view(Λ.shape)
+        gΛ += _dot_last(gZ, Z).view(Λ.shape)
         g_read = _outer_over_time(gZ, C_c)                                               # (s, G, Hg·P, N)
         gC = _contract_channels(gZ.view(-1, Q, H * P), S_start)                          # (s, Q, G, N)
         del gZ
         # state passing, backwards; the chunk decay exp(Λ_last) multiplies S_start
         decay = torch.exp(Λ[:, :, -1])                                                   # (b, nc, H)
-        g_after, g_S0 = _pass_states_backward(g_read.view(batch, -1, H, P, N), decay, g_final)
-        gΛ[:, :, -1] += torch.linalg.vecdot(g_after.flatten(-2), S_all[:, :-1].flatten(-2)) * decay
+        g_after, g_S0, g_decay = _pass_states_backward(g_read.view(batch, -1, H, P, N), decay, g_final, S_all)
+        gΛ[:, :, -1].addcmul_(g_decay, decay)
         # chunk states Σ_j w_j·X_j ⊗ B_j
         g_after = g_after.view(-1, G, H // G * P, N)
         gXw = _read_out(B_c, g_after).view(-1, Q, H, P)                                  # (s, Q, H, P)
         gB = _contract_channels(Xw.view(-1, Q, H * P), g_after)                          # (s, Q, G, N)
-        g_logw = torch.einsum("sqhp,sqhp->sqh", gXw, Xw).view(Λ.shape)
+        g_logw = _dot_last(gXw, Xw).view(Λ.shape)
         gΛ.sub_(g_logw)
         gΛ[:, :, -1] += g_logw.sum(2)
-        gX = gXw.mul_(w).add_(_time_major(gX_diag))                                      # (s, Q, H, P)
+        gX = torch.addcmul(_time_major(gX_diag), gXw, w, out=gXw)                        # (s, Q, H, P)
         for g in range(G):
             gC[:, :, g].baddbmm_(gCB[g], B_c[:, :, g])
             gB[:, :, g].baddbmm_(gCB[g].transpose(1, 2), C_c[:, :, g])
         # back to a = Δ·A and X = Δ·x
         ga = gΛ.flip(2).cumsum(2).flip(2).view(batch, T, H)                               # Λ is a cumsum of a
         gX = gX.view(batch, T, H, P)
-        gΔ = torch.einsum("bthp,bthp->bth", gX, x).addcmul_(ga, A)
+        x = x.contiguous()
+        gΔ = _dot_last(gX, x).addcmul_(ga, A)
         gA = (ga * Δ).sum((0, 1))
         gx = gX.mul_(Δ.unsqueeze(-1))
         gD = None
         if D is not None:
             gx.addcmul_(gy, D.view(H, 1))
-            gD = torch.linalg.vecdot(gy, x).sum((0, 1))
+            gD = _dot_last(gy, x).sum((0, 1))
         return gx, gΔ, gA, gB.view(B.shape), gC.view(C.shape), gD, g_S0, None
 
 
