@@ -260,6 +260,15 @@ def test_conv_silu_matches_conv1d_with_gradients(T, with_bias):
     for name, g, g_ref in zip(["x", "state", "weight", "bias"], grads, grads_ref):
         assert rel_err(g, g_ref) < 1e-12, name
 
+    # split output (as Mamba2 uses it) with one piece and the state unused: their gradients are zero
+    first, rest, _ = _conv_silu(conv, x, state, sizes=(2, 3))
+    assert torch.equal(torch.cat([first, rest], -1), out)
+    grads = torch.autograd.grad((rest * g_out[..., 2:]).sum(), [x, state])
+    out_ref = _reference_conv_silu(conv, x, state)[0]
+    grads_ref = torch.autograd.grad((out_ref[..., 2:] * g_out[..., 2:]).sum(), [x, state])
+    for name, g, g_ref in zip(["x", "state"], grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-12, name
+
 
 def _reference_mamba2(mixer: Mamba2, x: torch.Tensor) -> torch.Tensor:
     """Mamba-2 from its equations: in_proj, conv, the sequential SSD loop, gate-then-normalise per group, out_proj."""

@@ -50,11 +50,12 @@ class _CausalConvSiLU(torch.autograd.Function):
 
     u_t = bias + Σ_j w_j·[state | x]_{t+j}, as shifted multiply-adds on x plus the few rows that reach into the
     state (several times faster than conv1d on CPU, and no padded copy of x). Keeps x and the pre-activation u.
-    Returns (silu(u) (B, T, C), the last K-1 inputs (B, K-1, C)).
+    Returns the output split along channels into ``sizes`` (views, so the backward writes each piece's gradient in
+    place instead of autograd concatenating them), then the last K-1 inputs (B, K-1, C).
     """
 
     @staticmethod
-    def forward(ctx, x, state, weight, bias):
+    def forward(ctx, x, state, weight, bias, sizes):
         T, K = x.shape[1], weight.shape[1]
         u = x * weight[:, K - 1] if bias is None else torch.addcmul(bias, x, weight[:, K - 1])  # (B, T, C)
         for shift in range(1, K):
@@ -64,15 +65,21 @@ class _CausalConvSiLU(torch.autograd.Function):
             rows = min(shift, T)  # the first rows read the state: u_t += w·state[K-1-shift+t]
             u[:, :rows].addcmul_(state[:, K - 1 - shift:K - 1 - shift + rows], tap)
         ctx.save_for_backward(x, state, weight, u)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.sizes = bias is not None, sizes
+        ctx.set_materialize_grads(False)  # an unused piece or state gets None, not a zero tensor
         carried = torch.cat([state[:, min(T, K - 1):], x[:, max(0, T - (K - 1)):]], dim=1)  # last K-1 inputs
-        return F.silu(u), carried
+        return *F.silu(u).split(sizes, dim=-1), carried
 
     @staticmethod
-    def backward(ctx, g_out, g_new_state):
+    def backward(ctx, *grads):
         x, state, weight, u = ctx.saved_tensors
         T, K = x.shape[1], weight.shape[1]
-        gu = torch.ops.aten.silu_backward(g_out, u)                                     # (B, T, C)
+        gu = torch.empty_like(u)                                                       # (B, T, C)
+        for g_piece, u_piece, gu_piece in zip(grads[:-1], u.split(ctx.sizes, -1), gu.split(ctx.sizes, -1)):
+            if g_piece is None:
+                gu_piece.zero_()
+            else:
+                torch.ops.aten.silu_backward.grad_input(g_piece, u_piece, grad_input=gu_piece)
         gx = gu * weight[:, K - 1]
         g_state = torch.zeros_like(state)
         g_weight = [torch.linalg.vecdot(gu, x, dim=1).sum(0)]
@@ -86,27 +93,31 @@ class _CausalConvSiLU(torch.autograd.Function):
                 gx[:, :T - shift].addcmul_(gu[:, shift:], tap)
                 g_tap += torch.linalg.vecdot(gu[:, shift:], x[:, :T - shift], dim=1).sum(0)
             g_weight.append(g_tap)
+        g_new_state = grads[-1]
         from_state = max(0, K - 1 - T)  # the returned state is the last K-1 rows of [state | x]
-        g_state[:, K - 1 - from_state:] += g_new_state[:, :from_state]
-        gx[:, T - (K - 1 - from_state):] += g_new_state[:, from_state:]
+        if g_new_state is not None:
+            g_state[:, K - 1 - from_state:] += g_new_state[:, :from_state]
+            gx[:, T - (K - 1 - from_state):] += g_new_state[:, from_state:]
         g_weight = torch.stack(g_weight[::-1], 1)                                        # (C, K)
         g_bias = gu.sum((0, 1)) if ctx.has_bias else None
-        return gx, g_state, g_weight, g_bias
+        return gx, g_state, g_weight, g_bias, None
 
 
-def _conv_silu(conv: nn.Conv1d, x: torch.Tensor, state: torch.Tensor | None):
+def _conv_silu(conv: nn.Conv1d, x: torch.Tensor, state: torch.Tensor | None, sizes: tuple[int, ...] | None = None):
     """silu(causal depthwise conv of x (B, T, C)) continuing from ``state`` (B, K-1, C) of earlier inputs.
 
-    Returns (activated output (B, T, C), new state = the last K-1 inputs (B, K-1, C)).
+    Returns (*the activated output (B, T, C) split along channels into ``sizes`` (default: one piece), new state =
+    the last K-1 inputs (B, K-1, C)).
     """
     K = conv.kernel_size[0]
+    sizes = (x.shape[-1],) if sizes is None else tuple(sizes)
     if state is None:
         state = x.new_zeros(x.shape[0], K - 1, x.shape[2])
     state = state.to(x.dtype)
     if x.shape[1] == 0:  # an empty call: nothing out, the state passes through
-        return x, state
+        return *x.split(sizes, dim=-1), state
     bias = None if conv.bias is None else conv.bias.to(x.dtype)
-    return _CausalConvSiLU.apply(x, state, conv.weight[:, 0].to(x.dtype), bias)
+    return _CausalConvSiLU.apply(x, state, conv.weight[:, 0].to(x.dtype), bias, sizes)
 
 
 def _dt_bias_init_(bias: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> None:
@@ -244,9 +255,8 @@ class Mamba(_KeepFP32):
 class _GatedRMSNorm(torch.autograd.Function):
     """w ⊙ v / sqrt(mean_group(v²) + eps) with v = y·silu(z), in fp32, with a hand-written backward.
 
-    Shapes: y, z (M, G, c), weight (G, c) -> (M, G, c). Keeps silu(z) and the per-group 1/rms r; the backward
-    recomputes v. With n = v·r:  gw = Σ_m g·n,  gv = r·(g·w) − v·r³·Σ_c(g·w·v)/c,  gy = gv·silu(z),
-    gz = silu'(z)·gv·y.
+    Shapes: y, z (M, G, c), weight (G, c) -> (M, G, c). Keeps silu(z), v and the per-group 1/rms r. With n = v·r:
+    gw = Σ_m g·n,  gv = r·(g·w) − v·r³·Σ_c(g·w·v)/c,  gy = gv·silu(z),  gz = silu'(z)·gv·y.
     """
 
     @staticmethod
@@ -254,13 +264,12 @@ class _GatedRMSNorm(torch.autograd.Function):
         s = F.silu(_fp32(z))                                                             # (M, G, c)
         v = s * y                                                                        # (M, G, c)
         r = torch.rsqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_().div_(v.shape[-1]).add_(eps))
-        ctx.save_for_backward(y, z, weight, s, r)
-        return v.mul_(r).mul_(weight)
+        ctx.save_for_backward(y, z, weight, s, v, r)
+        return (v * r).mul_(weight)
 
     @staticmethod
     def backward(ctx, g):
-        y, z, weight, s, r = ctx.saved_tensors
-        v = s * y                                                                        # (M, G, c)
+        y, z, weight, s, v, r = ctx.saved_tensors
         gv_w = g * v                                                                     # g·v, summed two ways:
         g_weight = torch.einsum("mg,mgc->gc", r.squeeze(-1), gv_w)                        # Σ_m g·n
         dot = torch.einsum("mgc,gc->mg", gv_w, weight).unsqueeze(-1)                     # Σ_c g·w·v  (M, G, 1)
@@ -352,11 +361,12 @@ class Mamba2(_KeepFP32):
     def forward(self, x: torch.Tensor, state: Mamba2State | None = None, *, cu_seqlens: torch.Tensor | None = None):
         E, H, G, N, P = self.d_inner, self.nheads, self.ngroups, self.d_state, self.headdim
         z, xBC, dt = torch.split(self.in_proj(x), [E, E + 2 * G * N, H], dim=-1)      # (B, T, E | E+2GN | H)
+        sizes = (E, G * N, G * N)
         if cu_seqlens is None:
-            xBC, conv_state = _conv_silu(self.conv1d, xBC, None if state is None else state.conv)
+            x_c, B, C, conv_state = _conv_silu(self.conv1d, xBC, None if state is None else state.conv, sizes)
         else:
             xBC, conv_state = self._varlen_conv(xBC, None if state is None else state.conv, cu_seqlens)
-        x_c, B, C = torch.split(xBC, [E, G * N, G * N], dim=-1)                      # silu(conv) of each
+            x_c, B, C = torch.split(xBC, sizes, dim=-1)                               # silu(conv) of each
         x_c = rearrange(x_c, "b t (h p) -> b t h p", p=P)                             # (B, T, H, P)
         B = rearrange(B, "b t (g n) -> b t g n", g=G)                                 # (B, T, G, N)
         C = rearrange(C, "b t (g n) -> b t g n", g=G)
