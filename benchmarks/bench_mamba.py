@@ -1,13 +1,22 @@
 """Mamba/Mamba-2 stacks on CPU, side by side: zoo vs Hugging Face transformers' PyTorch paths vs mamba.py (mambapy).
 
 Each row is a stack of ``--layers`` residual blocks ``x + mixer(RMSNorm(x))`` at d_model ``--dim``, batch 1, random
-init, fp32; the timed work is forward + backward of mean(y²) on random input embeddings. Every (contestant, T) runs
-in its own subprocess, so the peak RSS it reports is that run's alone (it includes torch itself, ~0.3 GB); a run past
-``--timeout`` seconds is recorded as such. Missing packages (transformers, mambapy) skip their rows.
+init, fp32; the timed work is forward + backward of mean(y²) on random input embeddings.
 
-Quick (default): ``python benchmarks/bench_mamba.py`` (T = 512, 1024; 1 repeat after a warm-up).
-Full grid of the design card: ``OMP_NUM_THREADS=2 python benchmarks/bench_mamba.py --lengths 2048 8192 16384
---repeats 2 --timeout 1800`` (hours on 2 cores; the HF/mambapy rows need ~20 GB RSS at 16k).
+Two passes per T:
+1. **Memory**: every contestant runs one forward + backward in its own subprocess, so the peak RSS it reports is that
+   run's alone (it includes torch itself, ~0.3 GB). A run past ``--timeout`` seconds, or one that fails, is recorded
+   as such and left out of the timing pass.
+2. **Time, side by side in one process**: all remaining contestants are built in one subprocess, each warmed up once,
+   then timed in ``--repeats`` rounds that run every contestant once, in turn. Each reports its median over the
+   rounds, so slow drift on a shared machine hits all of them alike and the ratios are taken between runs seconds
+   apart. The share of projections / batched matmuls comes from one profiled fwd+bwd after the rounds.
+
+Missing packages (transformers, mambapy) skip their rows.
+Quick (default): ``python benchmarks/bench_mamba.py`` (T = 512, 1024; 1 round after a warm-up).
+Design card: ``OMP_NUM_THREADS=2 python benchmarks/bench_mamba.py --lengths 2048 8192 --repeats 3 --timeout 900``;
+T = 16k for zoo alone: ``--lengths 2048 16384 --only zoo_mamba zoo_mamba2 --out benchmarks/results/mamba_16k.md``
+(the HF/mambapy rows need ~30 GB RSS at 16k).
 Writes ``benchmarks/results/mamba.md`` and ``.json`` (``--out`` to change).
 """
 from __future__ import annotations
@@ -69,30 +78,59 @@ def _build(kind: str, dim: int, layers: int):
     raise ValueError(kind)
 
 
-def run_one(kind: str, T: int, dim: int, layers: int, repeats: int) -> dict:
-    """In a fresh process: median seconds of fwd+bwd after one warm-up, and this process's peak RSS."""
+def _fwd_bwd(forward, model, x, backward: bool) -> float:
+    """Seconds for one forward (+ backward) of mean(y²); clears the gradients afterwards."""
+    import torch
+
+    start = time.perf_counter()
+    if backward:
+        forward(x).square().mean().backward()
+    else:
+        with torch.no_grad():
+            forward(x).square().mean()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def run_memory(kind: str, T: int, dim: int, layers: int) -> dict:
+    """In a fresh process: one fwd+bwd, its seconds (a cold run, only a rough guide) and this process's peak RSS."""
     import resource
 
     import torch
 
     torch.manual_seed(0)
     model, forward, backward = _build(kind, dim, layers)
-    times = []
-    for i in range(repeats + 1):
-        x = torch.randn(1, T, dim, requires_grad=backward)
-        start = time.perf_counter()
-        if backward:
-            forward(x).square().mean().backward()
-        else:
-            with torch.no_grad():
-                forward(x).square().mean()
-        if i:
-            times.append(time.perf_counter() - start)
+    seconds = _fwd_bwd(forward, model, torch.randn(1, T, dim, requires_grad=backward), backward)
+    return {"cold_seconds": seconds, "backward": backward,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_side_by_side(kinds: list[str], T: int, dim: int, layers: int, repeats: int) -> dict:
+    """In one process: every contestant warmed up once, then ``repeats`` rounds running each once in turn.
+
+    Returns {kind: {"seconds": median over rounds, "times": [...], "matmul_share": {...} or None}}.
+    """
+    import torch
+
+    built = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        built[kind] = _build(kind, dim, layers)
+    inputs = {kind: torch.randn(1, T, dim, requires_grad=backward) for kind, (_, _, backward) in built.items()}
+    times = {kind: [] for kind in kinds}
+    for round_ in range(repeats + 1):
+        for kind, (model, forward, backward) in built.items():
+            seconds = _fwd_bwd(forward, model, inputs[kind], backward)
+            inputs[kind].grad = None
+            if round_:
+                times[kind].append(seconds)
+    out = {}
+    for kind, (model, forward, backward) in built.items():
+        share = matmul_shares(forward, T, dim, backward) if backward else None
         model.zero_grad(set_to_none=True)
-    seconds = statistics.median(times)
-    return {"seconds": seconds, "tokens_per_s": T / seconds, "backward": backward,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "matmul_share": matmul_shares(forward, T, dim, backward) if backward else None}
+        out[kind] = {"seconds": statistics.median(times[kind]), "times": times[kind], "matmul_share": share}
+    return out
 
 
 PROJECTION_OPS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul"}
@@ -152,16 +190,18 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
     lengths = sorted({r["T"] for r in results})
     lines = [f"# Mamba stacks on CPU: zoo vs Hugging Face vs mamba.py\n",
              f"d_model {meta['dim']}, {meta['layers']} layers, batch 1, fp32, random init; forward + backward of "
-             f"mean(y²) on random embeddings; median of {meta['repeats']} after a warm-up; each run in its own "
-             f"process (peak RSS includes torch). Command: `{meta['command']}`.\n",
+             f"mean(y²) on random embeddings. Seconds: timed side by side in one process, the median of "
+             f"{meta['repeats']} rounds (each round runs every contestant once, in turn) after a warm-up each. Peak "
+             f"RSS: one fwd+bwd of that contestant alone in its own process (includes torch). "
+             f"Command: `{meta['command']}`.\n",
              "Versions and machine: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".\n",
-             "| contestant | T | seconds | tok/s | peak RSS (GB) | projections / batched matmuls | vs zoo Mamba "
-             "| vs zoo Mamba2 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| contestant | T | seconds | rounds | tok/s | peak RSS (GB) | projections / batched matmuls "
+             "| vs zoo Mamba | vs zoo Mamba2 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {(r["kind"], r["T"]): r for r in results if "seconds" in r}
     for r in results:
         if "seconds" not in r:
-            lines.append(f"| {r['name']} | {r['T']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['name']} | {r['T']} | {r['error']} | | | | | | |")
             continue
         ratios = []
         for ref in ("zoo_mamba", "zoo_mamba2"):
@@ -170,7 +210,8 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
         note = "" if r["backward"] else " (fwd only)"
         shares = r.get("matmul_share")
         share = f"{shares['projections']:.0%} / {shares['batched']:.0%}" if shares else ""
-        lines.append(f"| {r['name']} | {r['T']} | {r['seconds']:.2f}{note} | {r['tokens_per_s']:.0f} | "
+        rounds = " / ".join(f"{t:.2f}" for t in r["times"])
+        lines.append(f"| {r['name']} | {r['T']} | {r['seconds']:.2f}{note} | {rounds} | {r['tokens_per_s']:.0f} | "
                      f"{r['peak_rss_gb']:.2f} | {share} | {ratios[0]} | {ratios[1]} |")
     if len(lengths) > 1:
         lines += ["", "Scaling (seconds at the longest T / seconds at the shortest; linear = "
@@ -179,8 +220,9 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
             lo, hi = base.get((kind, lengths[0])), base.get((kind, lengths[-1]))
             if lo and hi:
                 lines.append(f"- {name}: {hi['seconds'] / lo['seconds']:.1f}")
-    lines += ["", "Ratios are contestant time / zoo time at the same T (above 1: zoo is faster). Compare only "
-              "rows from one run: concurrent load on a shared machine changes CPU timings by several times.",
+    lines += ["", "Ratios are contestant time / zoo time at the same T (above 1: zoo is faster), from the same "
+              "process. Compare only rows from one run: concurrent load on a shared machine changes CPU timings by "
+              "several times.",
               "Projections / batched matmuls: the fractions of one profiled fwd+bwd spent in the in/out/x/dt "
               "projections (the same FLOPs in every implementation at equal size) and in the scans' own chunk "
               "matmuls. The projections bound any speed-up a faster scan can give: a peer's time divided by "
@@ -188,43 +230,71 @@ def _write(results: list[dict], meta: dict, out: Path) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def _child(args: list[str], timeout: float) -> tuple[dict | None, str | None]:
+    """Run this script with ``args`` in a subprocess: (its JSON answer, None) or (None, why it gave none)."""
+    try:
+        done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"over the {timeout:.0f} s timeout"
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1][:100]
+        return None, f"failed (exit {done.returncode}: {tail})"
+    return json.loads(done.stdout.strip().splitlines()[-1]), None
+
+
+def _measure_length(T: int, kinds: list[tuple[str, str]], args) -> list[dict]:
+    """Both passes at one T: peak memory per contestant in its own process, then the timing side by side."""
+    size = ["--dim", str(args.dim), "--layers", str(args.layers)]
+    rows = {}
+    for name, kind in kinds:
+        row = rows[kind] = {"name": name, "kind": kind, "T": T}
+        why = _available(kind)
+        if why is None:
+            data, why = _child(["--child-memory", kind, str(T), *size], args.timeout)
+            row.update(data or {})
+        if why is not None:
+            row["error"] = why
+        shown = f"peak {row['peak_rss_gb']:.2f} GB, cold run {row['cold_seconds']:.2f} s" if why is None else why
+        print(f"T={T:>6}  {name:<50} {shown}", flush=True)
+    runnable = [kind for kind, row in rows.items() if "error" not in row]
+    if runnable:
+        timeout = args.timeout * len(runnable) * (args.repeats + 2)
+        data, why = _child(["--child-time", str(T), *runnable, "--repeats", str(args.repeats), *size], timeout)
+        for kind in runnable:
+            if data is None:
+                rows[kind]["error"] = f"timing pass {why}"
+                continue
+            rows[kind].update(data[kind], tokens_per_s=T / data[kind]["seconds"])
+            times = " / ".join(f"{t:.2f}" for t in data[kind]["times"])
+            print(f"T={T:>6}  {rows[kind]['name']:<50} side by side: {data[kind]['seconds']:.2f} s ({times})",
+                  flush=True)
+    return list(rows.values())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per (contestant, T) run")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds per contestant and run (the timing pass gets this times its runs)")
     parser.add_argument("--only", nargs="+", choices=sorted(CONTESTANTS.values()), default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mamba.md"))
-    parser.add_argument("--child", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-memory", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-time", nargs="+", metavar="T KIND", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(run_one(args.child[0], int(args.child[1]), args.dim, args.layers, args.repeats)))
+    if args.child_memory:
+        print(json.dumps(run_memory(args.child_memory[0], int(args.child_memory[1]), args.dim, args.layers)))
         return 0
-    results = []
+    if args.child_time:
+        T, kinds = int(args.child_time[0]), args.child_time[1:]
+        print(json.dumps(run_side_by_side(kinds, T, args.dim, args.layers, args.repeats)))
+        return 0
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     kinds = [(n, k) for n, k in CONTESTANTS.items() if args.only is None or k in args.only]
-    for T in args.lengths:
-        for name, kind in kinds:
-            row = {"name": name, "kind": kind, "T": T}
-            why = _available(kind)
-            if why is None:
-                cmd = [sys.executable, __file__, "--child", kind, str(T), "--dim", str(args.dim), "--layers",
-                       str(args.layers), "--repeats", str(args.repeats)]
-                try:
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    if done.returncode == 0:
-                        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
-                    else:
-                        tail = (done.stderr.strip().splitlines() or ["?"])[-1][:100]
-                        why = f"failed (exit {done.returncode}: {tail})"
-                except subprocess.TimeoutExpired:
-                    why = f"over the {args.timeout:.0f} s timeout"
-            if why is not None:
-                row["error"] = why
-            results.append(row)
-            shown = f"{row['seconds']:.2f} s, {row['peak_rss_gb']:.2f} GB" if "seconds" in row else row["error"]
-            print(f"T={T:>6}  {name:<50} {shown}", flush=True)
+    results = [row for T in args.lengths for row in _measure_length(T, kinds, args)]
     meta = {"dim": args.dim, "layers": args.layers, "repeats": args.repeats, "lengths": args.lengths,
             "command": "python benchmarks/bench_mamba.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "versions": _versions()}

@@ -206,10 +206,10 @@ class _ChunkedSSD(torch.autograd.Function):
     Inputs: x (b, T, H, P), Δ (b, T, H), A (H,), B, C (b, T, G, N), D (H,) or None, S0 (b, H, P, N), chunk Q | T (the
     caller pads). Tensors stay time-major as they arrive, so the state terms (chunk states and the read-out of each
     chunk-start state: most of the FLOPs) are one batched matmul over all heads of a group, and the intra-chunk term
-    (C·Bᵀ ⊙ L)·X is one matmul per head. Forward keeps x, Δ, B, C, the chunk-start states and their read-out;
-    backward recomputes X = Δ·x, the decays and L. Λ is the in-chunk cumulative sum of a = Δ·A; its gradient collects
-    Σ_p gy·y_read (read-out), Σ_j gL_ij·L_ij − Σ_i gL_ij·L_ij (intra-chunk) and the chunk-state and chunk-decay
-    terms, and a = Δ·A gets it back by a reverse cumulative sum.
+    (C·Bᵀ ⊙ L)·X is one matmul per head. Forward keeps x, Δ, B, C, the chunk-start states, their read-out and L (its
+    stable segment sum costs three passes); backward recomputes X = Δ·x, the decays and C·Bᵀ ⊙ L. Λ is the in-chunk
+    cumulative sum of a = Δ·A; its gradient collects Σ_p gy·y_read (read-out), Σ_j gL_ij·L_ij − Σ_i gL_ij·L_ij
+    (intra-chunk) and the chunk-state and chunk-decay terms, and a = Δ·A gets it back by a reverse cumulative sum.
     """
 
     @staticmethod
