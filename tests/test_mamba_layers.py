@@ -223,6 +223,27 @@ def test_torch_path_compiles(kind):
     assert rel_err(got, expected) < 1e-5
 
 
+def test_mamba2_long_input_in_segments_equals_one_pass():
+    """On CPU a sequence longer than ``segment_len`` runs in segments carrying the state: same output, final state and
+    gradients as one pass (segments of 32 over T = 101: not a multiple of the segment or of the chunk, 16)."""
+    mixer = make_mixer("mamba2")
+    x = torch.randn(2, 101, 16, dtype=torch.float64, requires_grad=True)
+    one_pass, segment_lengths = mixer._forward, []
+    mixer._forward = lambda x, *args: segment_lengths.append(x.shape[1]) or one_pass(x, *args)
+    results = []
+    for segment_len in (32, 1000):
+        mixer.segment_len = segment_len
+        y, state = mixer(x)
+        grads = torch.autograd.grad((y * torch.cos(y)).sum() + state.ssm.sum(), [x] + list(mixer.parameters()))
+        results.append((y, state, grads))
+    assert segment_lengths == [32, 32, 32, 5, 101]
+    (y, state, grads), (y_ref, state_ref, grads_ref) = results
+    assert rel_err(y, y_ref) < 1e-12
+    assert rel_err(state.conv, state_ref.conv) < 1e-12 and rel_err(state.ssm, state_ref.ssm) < 1e-12
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert rel_err(grad, grad_ref) < 1e-11
+
+
 def _reference_conv_silu(conv: torch.nn.Conv1d, x: torch.Tensor, state: torch.Tensor | None = None):
     """silu(causal depthwise F.conv1d) of x (B, T, C) after ``state`` (B, K-1, C) (zeros if None).
 
