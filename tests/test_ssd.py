@@ -220,7 +220,6 @@ def test_long_sequence_is_finite():
             assert rel_rms_error(y, y_ref) < 1e-3 and rel_rms_error(S, S_ref) < 1e-3
 
 
-
 def test_intra_chunk_decay_does_not_cancel():
     """Spec §3 step 2: L must come from the stable segment sum. The first token of each chunk decays by a = −4·10⁴,
     the others by −0.01, so the in-chunk cumulative sum Λ is about −4·10⁴ and Λ_i − Λ_j loses about 1 % of the small
@@ -237,6 +236,7 @@ def test_intra_chunk_decay_does_not_cancel():
     kwargs = {k: v.float().requires_grad_() for k, v in kwargs64.items()}
     y, _ = ssd(**kwargs, chunk_size=chunk, dt_softplus=False, backend="torch")
     assert rel_rms_error(y, y_ref) < 1e-5
+
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)])

@@ -63,7 +63,6 @@ def test_torch_matches_reference_fp64_with_gradients(layers, chunk_size):
         assert rel_rms_error(got, want) <= 1e-9, name
 
 
-
 @pytest.mark.parametrize("layers", [2, 3])
 def test_torch_without_autograd_equals_with_it(layers):
     """Without autograd the chunk loop writes the states into two alternating buffers per tensor; it must give the
@@ -81,6 +80,7 @@ def test_torch_without_autograd_equals_with_it(layers):
     assert rel_rms_error(streamed, with_grad[0]) <= 1e-12
     for got, want in zip(_outputs(*tail)[1:], _outputs(*with_grad)[1:]):
         assert rel_rms_error(got, want) <= 1e-12
+
 
 def test_torch_fp32_matches_fp64_reference():
     inputs, weights = make_inputs(T=64, L=2, seed=5)

@@ -188,8 +188,7 @@ class _UpdateBuffers:
             return None, None
         key = (n % 2, layer)
         if key not in self.slots:
-            self.slots[key] = (torch.empty(like.shape, dtype=like.dtype, device=like.device),
-                               torch.empty(like.shape, dtype=like.dtype, device=like.device))
+            self.slots[key] = (torch.empty_like(like), torch.empty_like(like))
         return self.slots[key]
 
 
