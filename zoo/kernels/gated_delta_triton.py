@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 
-DOT = "ieee"  # float32 matmuls stay float32 (no TF32)
+DOT = tl.constexpr("ieee")  # float32 matmuls stay float32 (no TF32); a global a kernel reads must be a constexpr
 WARPS = 4  # the single fixed launch config (no autotuning: the interpreter needs one config)
 
 
