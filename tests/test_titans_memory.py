@@ -37,11 +37,12 @@ def make_inputs(B, T, H, K, V, dtype=F64, seed=0, state=True):
 def _functional(outputs, seed=123):
     """A random linear functional of every output tensor (cotangents drawn in fp64, independent of strides)."""
     gen = torch.Generator().manual_seed(seed)
-    return sum((x * torch.randn(x.shape, generator=gen, dtype=F64).to(x.dtype)).sum() for x in outputs)
+    return sum((x * torch.randn(x.shape, generator=gen, dtype=F64).to(x)).sum() for x in outputs)
 
 
 def _run_with_grads(inputs, initial, chunk_size, backend, dtype=None):
-    leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in inputs + list(initial)]
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    leaves = [x.detach().to(device, dtype or x.dtype).requires_grad_() for x in inputs + list(initial)]
     o, (M, S) = titans_linear_memory(*leaves[:6], chunk_size=chunk_size, initial_state=tuple(leaves[6:]),
                                      backend=backend)
     grads = torch.autograd.grad(_functional([o, M, S]), leaves)

@@ -96,7 +96,8 @@ def check_range(op: str, name: str, tensor: torch.Tensor, low: float | None, hig
 
 
 def rel_rms_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative RMS error ``||out - ref|| / ||ref||`` computed in float64 (the design's tolerance measure)."""
-    out64, ref64 = out.detach().double(), ref.detach().double()
+    """Relative RMS error ``||out - ref|| / ||ref||`` computed in float64 (the design's tolerance measure); ``out`` is
+    moved to ``ref``'s device, so a GPU result compares with a CPU reference."""
+    out64, ref64 = out.detach().to(ref.device, torch.float64), ref.detach().double()
     denom = ref64.norm().clamp_min(1e-300)
     return float((out64 - ref64).norm() / denom)
