@@ -36,7 +36,8 @@ CONTESTANTS = {
     "zoo Mamba2 (chunked SSD, chunk 64)": "zoo_mamba2",
     "HF Mamba-1 + mamba.py pscan (use_mambapy=True)": "hf_mamba_pscan",
     "HF Mamba-1 sequential slow path (forward only)": "hf_mamba_slow",
-    "HF Mamba-2 torch chunked SSD (chunk 256)": "hf_mamba2",
+    "HF Mamba-2 torch chunked SSD (chunk 256, its default)": "hf_mamba2",
+    "HF Mamba-2 torch chunked SSD (chunk 64, as zoo)": "hf_mamba2_q64",
     "mamba.py Mamba(pscan=True)": "mambapy",
 }
 N1, N2, HEADDIM = 16, 128, 64   # Mamba-1 state; Mamba-2 state and head width (24 heads at d_model 768)
@@ -60,10 +61,10 @@ def _build(kind: str, dim: int, layers: int):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import transformers
 
-        if kind == "hf_mamba2":
+        if kind.startswith("hf_mamba2"):
             config = transformers.Mamba2Config(hidden_size=dim, num_hidden_layers=layers, state_size=N2,
                                                num_heads=2 * dim // HEADDIM, head_dim=HEADDIM, n_groups=1,
-                                               chunk_size=256, vocab_size=8)
+                                               chunk_size=64 if kind == "hf_mamba2_q64" else 256, vocab_size=8)
             model = transformers.Mamba2Model(config)
         else:
             config = transformers.MambaConfig(hidden_size=dim, num_hidden_layers=layers, state_size=N1, vocab_size=8,
@@ -159,7 +160,7 @@ def _available(kind: str) -> str | None:
     import importlib.util
 
     need = {"hf_mamba_pscan": ["transformers", "mambapy"], "hf_mamba_slow": ["transformers"],
-            "hf_mamba2": ["transformers"], "mambapy": ["mambapy"]}.get(kind, [])
+            "hf_mamba2": ["transformers"], "hf_mamba2_q64": ["transformers"], "mambapy": ["mambapy"]}.get(kind, [])
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     return f"not installed: {', '.join(missing)}" if missing else None
 
