@@ -14,7 +14,8 @@ Two passes per T:
 
 Missing packages (transformers, mambapy) skip their rows.
 Quick (default): ``python benchmarks/bench_mamba.py`` (T = 512, 1024; 1 round after a warm-up).
-Design card: ``OMP_NUM_THREADS=2 python benchmarks/bench_mamba.py --lengths 2048 8192 --repeats 3 --timeout 900``;
+Design card: ``OMP_NUM_THREADS=2 python benchmarks/bench_mamba.py --lengths 2048 8192 --repeats 3 --timeout 900
+--only zoo_mamba zoo_mamba2 mambapy hf_mamba_pscan hf_mamba2 hf_mamba2_q64`` (about 45 minutes on 2 cores);
 T = 16k for zoo alone: ``--lengths 2048 8192 16384 --repeats 1 --only zoo_mamba zoo_mamba2 --out
 benchmarks/results/mamba_16k.md`` (the HF/mambapy rows need ~30 GB RSS at 16k).
 Writes ``benchmarks/results/mamba.md`` and ``.json`` (``--out`` to change).
