@@ -408,9 +408,10 @@ def ssd(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=True, i
     ``cu_seqlens`` (int, (nseq+1,), B == 1) packs sequences along time: sequence k starts from ``initial_state[k]``
     and ``final_state[k]`` is its state after its last token. Computes in fp32 (float64 if any input is float64).
     Returns ``(y (B, T, H, P) in x's dtype, final_state in the compute dtype)``.
-    ``backend``: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``. Unlike the other ops, ``"auto"`` picks the chunked torch path on every device: on an
-    H100 the Triton kernels are correct but slower than it (forward + backward 0.34x at T = 2048 and 0.17x at 8192 for
-    H 24, P 64, N 128; ``benchmarks/results/triton_gpu.md``), so they run only when ``backend="triton"`` asks for them.
+    ``backend``: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``. Unlike the other ops, ``"auto"`` picks the
+    chunked torch path on every device: on an H100 the Triton kernels are correct but slower than it (forward +
+    backward 0.34x at T = 2048 and 0.17x at 8192 for H 24, P 64, N 128; ``benchmarks/results/triton_gpu.md``), so
+    they run only when ``backend="triton"`` asks for them.
 
     Example::
 
