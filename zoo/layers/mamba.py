@@ -261,7 +261,7 @@ class _GatedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, z, weight, eps):
-        s = F.silu(_fp32(z))                                                             # (M, G, c)
+        s = F.silu(z)                                                                    # (M, G, c)
         v = s * y                                                                        # (M, G, c)
         r = torch.rsqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_().div_(v.shape[-1]).add_(eps))
         ctx.save_for_backward(y, z, weight, s, v, r)
