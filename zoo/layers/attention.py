@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from zoo.layers.base import Mixer
 from zoo.layers.conv import ShortConv
 from zoo.layers.rotary import RotaryEmbedding
 
@@ -25,7 +26,7 @@ class AttentionState(NamedTuple):
     conv: torch.Tensor | None = None
 
 
-class Attention(nn.Module):
+class Attention(Mixer):
     """Softmax attention (Vaswani et al. 2017) with RoPE, GQA, sliding window and persistent memory tokens.
 
     ``forward(x (B, T, D), state=None, mask=None) -> (y (B, T, D), state)``.
@@ -41,6 +42,8 @@ class Attention(nn.Module):
     - ``persistent_tokens = N_p``: learned tokens P (N_p, D) whose keys P W_K and values P W_V (no RoPE) every query
       sees, whatever the mask or window (Titans v1 eq. 19).
     """
+
+    has_causal_option, takes_mask, State = True, True, AttentionState
 
     def __init__(self, dim: int, heads: int = 4, kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, persistent_tokens: int = 0, causal: bool = True,

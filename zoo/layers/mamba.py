@@ -22,6 +22,7 @@ from torch import nn
 
 from zoo.kernels.selective_scan import selective_scan
 from zoo.kernels.ssd import ssd
+from zoo.layers.base import Mixer
 
 __all__ = ["Mamba", "MambaState", "Mamba2", "Mamba2State", "BiMamba", "GroupedGatedRMSNorm"]
 
@@ -133,7 +134,7 @@ def _linear_default_(linear: nn.Module) -> None:
     linear.reset_parameters()
 
 
-class _KeepFP32(nn.Module):
+class _KeepFP32(Mixer):
     """Keeps the parameters named in ``_fp32_params`` (dotted, relative to self) fp32 under ``.half()/.bfloat16()``."""
 
     _fp32_params: tuple[str, ...] = ()
@@ -210,6 +211,7 @@ class Mamba(_KeepFP32):
     exactly, and T = 1 calls decode token by token.
     """
 
+    State = MambaState
     _fp32_params = ("A_log", "D", "dt_proj.bias")
     _no_weight_decay = ("A_log", "D")
 
@@ -322,6 +324,7 @@ class Mamba2(_KeepFP32):
     (d_model 768) one forward + backward took 16 % less time this way.
     """
 
+    State = Mamba2State
     _fp32_params = ("A_log", "D", "dt_bias")
     _no_weight_decay = ("A_log", "D", "dt_bias")
     segment_len = 2048
@@ -417,6 +420,7 @@ class BiMamba(_KeepFP32):
     outputs equal the unpadded run and pad outputs are 0.
     """
 
+    causal, takes_mask, State = False, True, None
     _fp32_params = ("A_log", "D", "dt_proj.bias", "A_b_log", "D_b", "dt_proj_b.bias")
     _no_weight_decay = ("A_log", "D", "A_b_log", "D_b")
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from zoo.kernels.hash_lookup import MAX_TAU, SCORES, hash_codes, hash_lookup
 from zoo.layers.attention import AttentionState
+from zoo.layers.base import Mixer
 from zoo.layers.rotary import RotaryEmbedding
 
 __all__ = ["MemoryLinear", "MemoryFFN", "MemoryAttention", "bucket_usage"]
@@ -123,7 +124,7 @@ class MemoryFFN(nn.Module):
         return self.contract(self.norm(h))  # (B, T, D)
 
 
-class MemoryAttention(nn.Module):
+class MemoryAttention(Mixer):
     """MemoryFormer's multi-head attention: Q, K, V from one shared hash of x, no output projection.
 
     ``forward(x (B, T, D), state=None) -> (y (B, T, D), state)``, causal:
@@ -136,6 +137,8 @@ class MemoryAttention(nn.Module):
     token-by-token decoding equal one full call; positions continue from the cache length. Sharing the hash is exact
     because Q, K and V read the same input with no projection in front.
     """
+
+    State = AttentionState
 
     _no_weight_decay = ("tables_qkv",)
 

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.kernels.gated_delta import gated_delta_rule
+from zoo.layers.base import Mixer
 from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm
 
@@ -117,7 +118,7 @@ def sort_by_memory(top_index: torch.Tensor, num_memories: int):
     return order, segment, F.pad(lengths.cumsum(0), (1, 0))                          # cu_seqlens (B·M + 1,)
 
 
-class _GatedDeltaBase(nn.Module):
+class _GatedDeltaBase(Mixer):
     """Parts shared by both mixers: W_q, the q/k/v convs, A_log and dt_bias, the output norm, gate and W_O."""
 
     _no_weight_decay = ("A_log", "dt_bias")
@@ -182,6 +183,8 @@ class GatedDeltaNet(_GatedDeltaBase):
     (o, S) = gated_delta_rule(q, k, v, g, β, use_qk_l2norm=True); y = W_O(RMSNorm(o) ⊙ SiLU(x W_G)).
     """
 
+    State = GDNState
+
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None):
         rng_at_start = torch.get_rng_state()
         head_dim = _check_heads("GatedDeltaNet", dim, heads, head_dim)
@@ -229,6 +232,8 @@ class MixtureOfMemories(_GatedDeltaBase):
     weight 1. W_q, the convs, A_log and dt_bias are shared; each memory has its own W_k, W_v, W_b, W_a. In training
     mode the state's ``aux_loss`` holds ``aux_loss_scale · M · Σ_e F_e P_e`` (Switch-style load balance).
     """
+
+    State = MoMState
 
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None, num_memories: int = 4,
                  topk: int = 2, shared_memory: bool = True, rule: str = "gated_delta",

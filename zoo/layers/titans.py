@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.kernels.titans_deep_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
 from zoo.kernels.titans_memory import titans_linear_memory
+from zoo.layers.base import Mixer
 from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm
 
@@ -62,7 +63,7 @@ def _l2_normalize(z: torch.Tensor) -> torch.Tensor:
     return z * torch.rsqrt(z.pow(2).sum(-1, keepdim=True) + _L2_EPS)
 
 
-class TitansMemory(nn.Module):
+class TitansMemory(Mixer):
     """Multi-head Titans long-term memory mixer (Behrouz et al. 2025, arXiv 2501.00663 v1 §3, §4.4).
 
     ``forward(x (B, T, D), state: TitansState | None = None) -> (y (B, T, D), TitansState)``.
@@ -83,6 +84,8 @@ class TitansMemory(nn.Module):
     memory holds the group-boundary states ((T / (G·b))·|M|) plus one group's graph instead of every chunk's (§3.4), for
     about one extra forward of the memory. Results are identical.
     """
+
+    State = TitansState
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
                  memory_expansion: int = 4, chunk_size: int = 16, conv_size: int = 4, momentum: bool = True,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from zoo.layers.attention import Attention, AttentionState
+from zoo.layers.base import Mixer
 from zoo.layers.norm import RMSNorm
 from zoo.layers.titans import MEMORY_OPTIONS, TitansMemory, TitansState, memory_options
 
@@ -75,7 +76,7 @@ class MACState(NamedTuple):
     token_v: torch.Tensor
 
 
-class TitansMAC(nn.Module):
+class TitansMAC(Mixer):
     """Titans, memory as context (v1 §4.1, eqs. 21–25; specs/titans.md §4.3).
 
     ``forward(x (B, T, D), state: MACState | None = None) -> (o (B, T, D), MACState)``.
@@ -90,6 +91,8 @@ class TitansMAC(nn.Module):
     Both causality traps of §4.3 are avoided: h is masked causally and z_j never sees y_{>j}.
     ``segment_len`` must be a multiple of the memory's ``chunk_size``, so segment ends are chunk boundaries.
     """
+
+    State = MACState
 
     def __init__(self, dim: int, heads: int = 4, segment_len: int = 512, persistent_tokens: int = 128,
                  memory: dict | None = None):
@@ -178,7 +181,7 @@ class MAGState(NamedTuple):
     memory: TitansState
 
 
-class TitansMAG(nn.Module):
+class TitansMAG(Mixer):
     """Titans, memory as a gate (v1 §4.2, eqs. 26–28; specs/titans.md §4.4).
 
     ``forward(x (B, T, D), state: MAGState | None = None) -> (o (B, T, D), MAGState)``.
@@ -186,6 +189,8 @@ class TitansMAG(nn.Module):
     y = SWA(x) (causal sliding window of ``window`` tokens, self included, persistent tokens always visible);
     z = TitansMemory(x); o = RMSNorm(y) ⊙ sigmoid(RMSNorm(z)). No segmenting.
     """
+
+    State = MAGState
 
     def __init__(self, dim: int, heads: int = 4, window: int = 2048, persistent_tokens: int = 128,
                  memory: dict | None = None):
@@ -225,7 +230,7 @@ class MALState(NamedTuple):
     attention: AttentionState
 
 
-class TitansMAL(nn.Module):
+class TitansMAL(Mixer):
     """Titans, memory as a layer (v1 §4.3, eqs. 29–31; specs/titans.md §4.5).
 
     ``forward(x (B, T, D), state: MALState | None = None) -> (o (B, T, D), MALState)``.
@@ -233,6 +238,8 @@ class TitansMAL(nn.Module):
     u = TitansMemory(x); o = u + SWA(RMSNorm(x + u)): two residual sub-layers in one mixer, the attention a causal
     sliding window of ``window`` tokens with persistent tokens always visible.
     """
+
+    State = MALState
 
     def __init__(self, dim: int, heads: int = 4, window: int = 2048, persistent_tokens: int = 128,
                  memory: dict | None = None):
