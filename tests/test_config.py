@@ -114,3 +114,90 @@ def test_help_is_generated_from_the_schema(capsys):
     for key in ("model.dim", "optim.lr", "trainer.precision", "data.mqar.num_kv_pairs"):
         assert key in out
     assert Config().model.dim == 128
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_registry_is_torch_free_and_imports_no_config():
+    code = ("import sys, zoo.registry; assert 'torch' not in sys.modules; "
+            "assert not {'zoo.config', 'zoo.schema'} & set(sys.modules), sorted(sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_architecture_choices_come_from_the_table():
+    import dataclasses
+
+    from zoo.registry import ARCHITECTURES
+    from zoo.schema import ModelConfig
+
+    field = {f.name: f for f in dataclasses.fields(ModelConfig)}["architecture"]
+    assert field.metadata["choices"] == tuple(ARCHITECTURES)
+
+
+def _data_names() -> tuple:
+    import dataclasses
+
+    from zoo.schema import DataConfig
+
+    return {f.name: f for f in dataclasses.fields(DataConfig)}["name"].metadata["choices"]
+
+
+@pytest.mark.parametrize("architecture", ["lm", "vision", "hmt", "embedding"])
+def test_the_architecture_table_decides_which_data_fits(architecture):
+    """validate() refuses exactly the data.name values the architecture's ARCHITECTURES entry does not list."""
+    from zoo.config import validate
+    from zoo.registry import ARCHITECTURES
+
+    for data_name in _data_names():
+        cfg = Config()
+        cfg.model.architecture, cfg.data.name, cfg.data.path, cfg.model.vocab_size = architecture, data_name, "x", 9000
+        try:
+            validate(cfg)
+            refused = ""
+        except ConfigError as error:
+            refused = str(error)
+        fits = data_name in ARCHITECTURES[architecture].data
+        assert ("does not fit" not in refused) == fits, (data_name, refused)
+        if not fits:
+            assert f"set data.name={' or '.join(ARCHITECTURES[architecture].data)}" in refused
+
+
+# ------------------------------------------------------------------------------------------------ old layouts
+OLD_TITANS = {"heads": 2, "head_dim": None, "memory_depth": 1, "memory_expansion": 2, "chunk_size": 8,
+              "conv_size": 4, "momentum": True, "forget": False, "theta_max": 0.5, "segment_len": 32, "window": 24,
+              "persistent_tokens": 3}
+OLD_MOM = {"heads": 4, "head_dim": 16, "num_memories": 3, "topk": 1, "shared_memory": False, "aux_loss_scale": 0.01}
+
+
+def test_old_titans_section_migrates_to_the_memory_and_hybrid_sections():
+    from zoo.config import from_dict
+
+    model = from_dict({"model": {"pattern": ["titans_mac"], "titans": dict(OLD_TITANS)}}).model
+    memory = {key: value for key, value in OLD_TITANS.items()
+              if key not in ("segment_len", "window", "persistent_tokens")}
+    assert vars(model.titans) == {**vars(type(model.titans)()), **memory}
+    assert (model.titans_mac.heads, model.titans_mac.segment_len, model.titans_mac.persistent_tokens) == (2, 32, 3)
+    assert (model.titans_mag.heads, model.titans_mag.window, model.titans_mag.persistent_tokens) == (2, 24, 3)
+    assert (model.titans_mal.heads, model.titans_mal.window, model.titans_mal.persistent_tokens) == (2, 24, 3)
+    for hybrid in (model.titans_mac, model.titans_mag, model.titans_mal):
+        assert hybrid.memory == model.titans and hybrid.memory is not model.titans
+
+
+def test_old_config_without_gdn_section_takes_gdn_heads_from_mom():
+    from zoo.config import from_dict
+
+    model = from_dict({"model": {"pattern": ["gdn"], "mom": dict(OLD_MOM)}}).model
+    assert (model.gdn.heads, model.gdn.head_dim) == (4, 16)
+    assert (model.mom.num_memories, model.mom.topk) == (3, 1)
+
+
+def test_current_layout_round_trips_unchanged():
+    from zoo.config import from_dict, to_dict
+
+    cfg = parse_args(["config=titans", "model.gdn.heads=3", "model.titans_mal.memory.chunk_size=4"]).config
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_old_titans_key_on_the_command_line_names_its_new_home():
+    with pytest.raises(ConfigError, match=r"model\.titans_mac\.segment_len"):
+        parse_args(["model.titans.segment_len=64"])

@@ -176,8 +176,9 @@ def test_no_weight_decay_covers_latents_norms_embeddings_and_biases():
 
 def test_meta_init_equals_normal_init():
     cfg = tiny_config()
-    torch.manual_seed(5)
     normal = EmbeddingModel(cfg)
+    torch.manual_seed(5)
+    normal.reset_parameters()
     with torch.device("meta"):
         meta = EmbeddingModel(cfg)
     meta = meta.to_empty(device="cpu")

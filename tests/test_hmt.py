@@ -421,11 +421,11 @@ def test_backbone_without_hooks_and_bad_inputs_are_refused():
 
 def test_windowed_and_titans_mac_backbones_stream_across_segments():
     """Pass lengths beyond a sliding window or a Titans MAC segment are fine: no zoo mixer has a maximum length."""
-    from zoo.config import TitansConfig
+    from zoo.config import TitansMACConfig, TitansMemoryConfig
 
     backbones = [dict(attention=AttentionConfig(heads=2, window=8)),
-                 dict(pattern=["titans_mac"], titans=TitansConfig(heads=2, segment_len=8, chunk_size=4,
-                                                                  persistent_tokens=2))]
+                 dict(pattern=["titans_mac"], titans_mac=TitansMACConfig(
+                     heads=2, segment_len=8, persistent_tokens=2, memory=TitansMemoryConfig(heads=2, chunk_size=4)))]
     for options in backbones:
         hmt = HMT(make_backbone(dtype=torch.float64, **options), L, K, N).double().eval()
         x = make_ids(1, 2 * L + 5)

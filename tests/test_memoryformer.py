@@ -12,7 +12,7 @@ from tests.helpers import KJV_FIXTURE, check_decode_equals_full, check_future_do
 from zoo.config import MemoryFormerConfig, ModelConfig
 from zoo.kernels.hash_lookup import EMBEDDING_BAG_FLOPS, hash_lookup
 from zoo.layers.memoryformer import MemoryAttention, MemoryFFN, MemoryLinear, bucket_usage
-from zoo.models.lm import LanguageModel
+from zoo.models.lm import LanguageModel, build_block_mlp, build_mixer
 
 DIM, HEADS, TAU = 64, 2, 4
 
@@ -167,11 +167,12 @@ def test_score_option_changes_the_weighting():
     assert layer(3 * x).norm() > 2 * layer(x).norm()
 
 
-def test_from_config_uses_every_field():
+def test_config_section_reaches_both_layers():
     section = MemoryFormerConfig(heads=2, tau=4, score="l1prob", rotary_pct=0.5)
-    mixer = MemoryAttention.from_config(DIM, section)
+    config = ModelConfig(dim=DIM, memoryformer=section)
+    mixer = build_mixer("memoryformer", config)
     assert (mixer.heads, mixer.tau, mixer.score, mixer.rotary_dims) == (2, 4, "l1prob", 16)
-    ffn = MemoryFFN.from_config(DIM, section)
+    ffn = build_block_mlp("memoryformer", config, hidden=0)
     assert (ffn.tau, ffn.expand.score, ffn.contract.score) == (4, "l1prob", "l1prob")
 
 

@@ -18,8 +18,9 @@ def tiny(**overrides) -> ModelConfig:
 def test_meta_init_equals_normal_init():
     cfg = tiny()
     cfg.attention.persistent_tokens = 2
-    torch.manual_seed(7)
     normal = LanguageModel(cfg)
+    torch.manual_seed(7)
+    normal.reset_parameters()
     with torch.device("meta"):
         meta = LanguageModel(cfg)
     meta.to_empty(device="cpu")
@@ -97,3 +98,97 @@ def test_bad_input_shapes_raise():
         model(torch.randint(0, 258, (8,)))
     with pytest.raises(ValueError, match="state has 1 entries, the model has 3 blocks"):
         model(torch.randint(0, 258, (1, 4)), state=(None,))
+
+
+# ------------------------------------------------------------------------------------------------ construction
+def test_build_model_is_a_meta_build_and_one_reset_under_the_callers_seed():
+    from zoo.models import build_model
+
+    cfg = tiny()
+    cfg.attention.persistent_tokens = 2
+    torch.manual_seed(7)
+    built = build_model(cfg)
+    assert all(p.device.type == "cpu" for p in built.parameters())
+    direct = LanguageModel(cfg)
+    torch.manual_seed(7)
+    direct.reset_parameters()
+    torch.manual_seed(7)
+    again = build_model(cfg)
+    for (name, a), b, c in zip(built.state_dict().items(), direct.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    x = torch.randint(0, 258, (2, 9))
+    assert torch.equal(built(x)[0], direct(x)[0])
+
+
+ALL_MIXERS = ["attention", "titans", "titans_mac", "titans_mag", "titans_mal", "mamba", "mamba2", "bimamba",
+              "memoryformer", "gdn", "mom", "mlp"]
+
+
+def test_reset_parameters_initialises_each_module_once():
+    """The one reset pass of a model calls every sub-module's ``reset_parameters`` at most once."""
+    from collections import Counter
+
+    from zoo.registry import MIXERS
+
+    assert set(ALL_MIXERS) == set(MIXERS) | {"mlp"}
+    cfg = ModelConfig(dim=32, depth=len(ALL_MIXERS), pattern=ALL_MIXERS)
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    model.to_empty(device="cpu")
+    calls = Counter()
+    for name, module in model.named_modules():
+        if hasattr(module, "reset_parameters"):
+            def counted(original=module.reset_parameters, name=name):
+                calls[name] += 1
+                original()
+            module.reset_parameters = counted
+    model.reset_parameters()
+    assert calls[""] == 1 and max(calls.values()) == 1, [name for name, n in calls.items() if n > 1]
+    assert all(calls[f"blocks.{i}.mixer"] == 1 for i, name in enumerate(ALL_MIXERS) if name != "mlp")
+
+
+@pytest.mark.parametrize("name", ["attention", "titans", "titans_mac", "titans_mag", "titans_mal", "mamba", "mamba2",
+                                  "bimamba", "memoryformer", "gdn", "mom"])
+def test_config_section_fields_are_the_constructor_arguments(name):
+    """A mixer's config section holds exactly its constructor's arguments besides ``dim`` (nested sections: the
+    nested mixer's), so the model builds every mixer as ``cls(dim=dim, **asdict(section))``."""
+    import dataclasses
+    import inspect
+
+    from zoo.registry import BLOCK_MLPS, MIXERS, block_mlp_class, mixer_class, mixer_section
+
+    def arguments(cls):
+        return set(inspect.signature(cls.__init__).parameters) - {"self", "dim"}
+
+    assert name in MIXERS
+    section = getattr(ModelConfig(), mixer_section(name))
+    fields = {f.name for f in dataclasses.fields(section)}
+    assert fields == arguments(mixer_class(name))
+    for field in fields:
+        value = getattr(section, field)
+        if dataclasses.is_dataclass(value):  # a Titans hybrid's memory: TitansMemory's arguments
+            from zoo.layers.titans import TitansMemory
+
+            assert {f.name for f in dataclasses.fields(value)} == arguments(TitansMemory)
+    if name in BLOCK_MLPS:
+        assert set(BLOCK_MLPS[name][1]) == arguments(block_mlp_class(name)) <= fields
+
+
+def test_every_shipped_checkpoint_loads_with_its_exact_weights():
+    import warnings
+
+    from safetensors.torch import load_file
+
+    import zoo
+    from zoo.registry import checkpoints_dir, shipped_checkpoints
+
+    names = shipped_checkpoints()
+    if not names:
+        pytest.skip("no checkpoints/ next to the package")
+    for name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = zoo.load(checkpoints_dir() / name).state_dict()
+        saved = load_file(str(checkpoints_dir() / name / "model.safetensors"))
+        assert set(state) == set(saved), name
+        assert all(torch.equal(state[key], saved[key]) for key in saved), name

@@ -8,7 +8,7 @@ from einops import rearrange
 
 import zoo.layers.mom as mom_module
 from tests.helpers import check_decode_equals_full, check_stream_split, rel_err
-from zoo.config import MoMConfig, ModelConfig
+from zoo.config import GDNConfig, MoMConfig, ModelConfig
 from zoo.kernels.gated_delta import gated_delta_rule_reference
 from zoo.layers.mom import CONV_SIZE, GatedDeltaNet, MixtureOfMemories, MoMState, sort_by_memory
 from zoo.models.lm import LanguageModel, build_mixer
@@ -287,8 +287,9 @@ def test_forward_has_no_host_sync(monkeypatch):
 # ---------------------------------------------------------------------------------------- init and configs
 @pytest.mark.parametrize("cls, options", [(MixtureOfMemories, TINY), (GatedDeltaNet, dict(dim=32, heads=2))])
 def test_meta_init_then_reset_equals_normal_build(cls, options):
-    torch.manual_seed(7)
     built = cls(**options)
+    torch.manual_seed(7)
+    built.reset_parameters()
     with torch.device("meta"):
         meta = cls(**options)
     meta.to_empty(device="cpu")
@@ -300,8 +301,9 @@ def test_meta_init_then_reset_equals_normal_build(cls, options):
 
 def test_language_model_meta_init_equals_normal_build():
     config = ModelConfig(dim=32, depth=2, pattern=["mom"], mom=MoMConfig(heads=2, head_dim=8, num_memories=3))
-    torch.manual_seed(3)
     built = LanguageModel(config)
+    torch.manual_seed(3)
+    built.reset_parameters()
     with torch.device("meta"):
         meta = LanguageModel(config)
     meta.to_empty(device="cpu")
@@ -311,9 +313,9 @@ def test_language_model_meta_init_equals_normal_build():
         assert torch.equal(a, b), name
 
 
-def test_from_config_builds_both_mixers():
+def test_config_sections_build_both_mixers():
     section = MoMConfig(heads=2, head_dim=8, num_memories=3, topk=1, shared_memory=False, aux_loss_scale=0.01)
-    config = ModelConfig(dim=32, mom=section)
+    config = ModelConfig(dim=32, mom=section, gdn=GDNConfig(heads=2, head_dim=8))
     mom = build_mixer("mom", config)
     assert (mom.num_memories, mom.topk, mom.shared_memory, mom.aux_loss_scale) == (3, 1, False, 0.01)
     assert mom.k_proj.shape == (3, 16, 32)
@@ -353,7 +355,6 @@ def test_language_model_with_mom_trains_and_reports_aux_loss():
     (dict(topk=4), "topk"),
     (dict(topk=0), "topk"),
     (dict(num_memories=0, topk=0), "num_memories"),
-    (dict(rule="delta"), "rule"),
     (dict(aux_loss_scale=-1.0), "aux_loss_scale"),
     (dict(head_dim=None, heads=3), "divisible"),
     (dict(heads=0), "heads"),
@@ -361,6 +362,12 @@ def test_language_model_with_mom_trains_and_reports_aux_loss():
 def test_bad_options_raise_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
         MixtureOfMemories(**{**TINY, **options})
+
+
+def test_rule_is_not_an_option():
+    """The gated delta rule is the only memory rule, so there is no ``rule=`` to pass."""
+    with pytest.raises(TypeError, match="rule"):
+        MixtureOfMemories(**TINY, rule="delta")
 
 
 def test_bad_input_shape_raises():

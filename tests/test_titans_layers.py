@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
-from zoo.config import ModelConfig, TitansConfig
-from zoo.layers.titans import MACState, TitansMAC, TitansMAG, TitansMAL, TitansMemory, TitansState
-from zoo.models.lm import LanguageModel
+from zoo.config import ModelConfig, TitansMACConfig, TitansMAGConfig, TitansMALConfig, TitansMemoryConfig
+from zoo.layers.titans import TitansMemory, TitansState
+from zoo.layers.titans_hybrids import MACState, TitansMAC, TitansMAG, TitansMAL
+from zoo.models.lm import LanguageModel, build_mixer
 
 F64 = torch.float64
 DIM, HEADS, CHUNK = 32, 2, 8
@@ -57,6 +58,15 @@ def mal(**memory):
 
 
 HYBRIDS = {"mac": mac, "mag": mag, "mal": mal}
+
+
+def titans_sections(heads=HEADS, chunk_size=CHUNK, segment_len=16, window=8, persistent_tokens=2) -> dict:
+    """``ModelConfig`` sections of the four Titans mixers sharing these options (memory: heads and chunk_size)."""
+    memory = TitansMemoryConfig(heads=heads, chunk_size=chunk_size)
+    return dict(titans=memory,
+                titans_mac=TitansMACConfig(heads, segment_len, persistent_tokens, dataclasses.replace(memory)),
+                titans_mag=TitansMAGConfig(heads, window, persistent_tokens, dataclasses.replace(memory)),
+                titans_mal=TitansMALConfig(heads, window, persistent_tokens, dataclasses.replace(memory)))
 
 
 def _x(T=37, B=2, dtype=F64, seed=1):
@@ -287,7 +297,9 @@ def test_meta_init_then_reset_equals_normal_build(cls):
     def build():
         return cls(DIM, HEADS) if cls is TitansMemory else cls(DIM, HEADS, persistent_tokens=3)
 
-    reference = _seeded(build, seed=7)
+    reference = build()
+    torch.manual_seed(7)
+    reference.reset_parameters()
     with torch.device("meta"):
         layer = build()
     layer.to_empty(device="cpu")
@@ -331,29 +343,31 @@ def test_wrong_input_width_raises():
 
 
 # ------------------------------------------------------------------------------------------------ config fields
-def _section(**changes):
-    base = TitansConfig(heads=HEADS, chunk_size=CHUNK, segment_len=16, window=8, persistent_tokens=2)
-    return dataclasses.replace(base, **changes)
+def _config(name: str, **changes) -> ModelConfig:
+    sections = titans_sections()
+    sections[name] = dataclasses.replace(sections[name], **changes)
+    return ModelConfig(dim=DIM, **sections)
 
 
-@pytest.mark.parametrize("mixer, field, value", [
-    (TitansMemory, "heads", 4), (TitansMemory, "head_dim", 8), (TitansMemory, "memory_depth", 1),
-    (TitansMemory, "memory_expansion", 2), (TitansMemory, "chunk_size", 4), (TitansMemory, "conv_size", 2),
-    (TitansMemory, "momentum", False), (TitansMemory, "forget", False), (TitansMemory, "theta_max", 0.2),
-    (TitansMAC, "segment_len", 8), (TitansMAC, "persistent_tokens", 5),
-    (TitansMAG, "window", 3), (TitansMAG, "persistent_tokens", 5),
-    (TitansMAL, "window", 3), (TitansMAL, "persistent_tokens", 0),
+@pytest.mark.parametrize("name, field, value", [
+    ("titans", "heads", 4), ("titans", "head_dim", 8), ("titans", "memory_depth", 1),
+    ("titans", "memory_expansion", 2), ("titans", "chunk_size", 4), ("titans", "conv_size", 2),
+    ("titans", "momentum", False), ("titans", "forget", False), ("titans", "theta_max", 0.2),
+    ("titans_mac", "segment_len", 8), ("titans_mac", "persistent_tokens", 5),
+    ("titans_mag", "window", 3), ("titans_mag", "persistent_tokens", 5),
+    ("titans_mal", "window", 3), ("titans_mal", "persistent_tokens", 0),
 ])
-def test_every_config_field_changes_the_mixer(mixer, field, value):
-    """Each TitansConfig field reaches the mixer built by from_config: parameter shapes or outputs change."""
+def test_every_config_field_changes_the_mixer(name, field, value):
+    """Each field of a Titans section reaches the mixer the model builds from it: parameter shapes or outputs
+    change."""
     x = _x(T=24, dtype=torch.float32)
 
-    def run(section):
-        layer = _seeded(lambda: mixer.from_config(DIM, section))
+    def run(config):
+        layer = _seeded(lambda: build_mixer(name, config))
         with torch.no_grad():
             return {n: p.shape for n, p in layer.named_parameters()}, layer(x)[0]
 
-    (shapes, y), (shapes2, y2) = run(_section()), run(_section(**{field: value}))
+    (shapes, y), (shapes2, y2) = run(_config(name)), run(_config(name, **{field: value}))
     assert shapes != shapes2 or not torch.allclose(y, y2)
 
 
@@ -370,7 +384,7 @@ def test_language_model_trains(pattern):
     """A 1-block LanguageModel with heads = 2 takes optimizer steps and its loss falls on a repeating sequence."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=32, dim=DIM, depth=1, pattern=pattern,
-                         titans=TitansConfig(heads=2, chunk_size=8, segment_len=16, window=8, persistent_tokens=2))
+                         **titans_sections(heads=2, chunk_size=8, segment_len=16, window=8, persistent_tokens=2))
     model = LanguageModel(config)
     tokens = torch.randint(0, 32, (1, 12)).repeat(4, 3)[:, :33]  # (4, 33): period 12
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -389,7 +403,7 @@ def test_language_model_trains(pattern):
 def test_language_model_generate_with_titans_state():
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=32, dim=DIM, depth=2, pattern=["titans_mac", "titans"],
-                         titans=TitansConfig(heads=2, chunk_size=4, segment_len=8, persistent_tokens=2))
+                         **titans_sections(heads=2, chunk_size=4, segment_len=8, persistent_tokens=2))
     model = LanguageModel(config).eval()
     prompt = torch.randint(0, 32, (2, 5))
     out = model.generate(prompt, max_new_tokens=7)

@@ -47,8 +47,9 @@ def test_causal_mixer_refused():
 
 def test_meta_init_equals_normal_init():
     cfg = tiny_config()
-    torch.manual_seed(7)
     normal = VisionClassifier(cfg)
+    torch.manual_seed(7)
+    normal.reset_parameters()
     with torch.device("meta"):
         meta = VisionClassifier(cfg)
     meta = meta.to_empty(device="cpu")

@@ -12,11 +12,12 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "build", "load", "list_models"]
 
 
-def build(config):
-    """Build a model from a ``ModelConfig`` (or a full ``Config``, whose ``model`` section is used)."""
+def build(config, *, device=None):
+    """Build a model from a ``ModelConfig`` (or a full ``Config``, whose ``model`` section is used) on ``device``
+    (default CPU), initialised from the caller's RNG: ``zoo.models.build_model``."""
     from zoo.models import build_model
 
-    return build_model(config)
+    return build_model(config, device=device)
 
 
 def load(path):

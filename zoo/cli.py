@@ -44,8 +44,7 @@ def verb_help(verb: str) -> str:
         return f"{head}\n\n{extra}\n{help_text()}"
     if verb == "eval":
         return (f"{head}\n\n  checkpoint=DIR (an export directory: config.json + model.safetensors)\n"
-                f"  tasks=NAME[,NAME] (embedding checkpoints: {', '.join(RETRIEVAL_TASKS)}; default: the checkpoint's "
-                f"own data)\n"
+                f"  tasks=NAME[,NAME] ({eval_tasks_help()}; default: the checkpoint's own data)\n"
                 f"  overrides apply to the saved config, e.g. data.eval_batch_size=64 eval.max_batches=10 "
                 f"eval.out=FILE\n")
     if verb == "export":
@@ -99,23 +98,31 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-# zoo eval tasks= names of an embedding checkpoint -> the data.name that holds their held-out corpus
-RETRIEVAL_TASKS = {"ict_retrieval": "ict", "needle_retrieval": "needle"}
+def eval_tasks_help() -> str:
+    """Which checkpoints offer which ``tasks=`` names (the ``eval_tasks`` of ``ARCHITECTURES``)."""
+    from zoo.registry import ARCHITECTURES
+
+    return "; ".join(f"{name} checkpoints: {', '.join(entry.eval_tasks)}"
+                     for name, entry in ARCHITECTURES.items() if entry.eval_tasks)
 
 
-def eval_tasks(options: dict, config) -> list[str]:
-    """The ``tasks=`` of ``zoo eval`` (comma-separated), checked; default: the checkpoint's own held-out task."""
-    is_embedder = config.model.architecture == "embedding"
+def eval_tasks(options: dict, config) -> dict[str, str]:
+    """The ``tasks=`` of ``zoo eval`` (comma-separated), checked, each with the ``data.name`` holding its held-out
+    split; default: the checkpoint's own data (its task, where the architecture names tasks)."""
+    from zoo.registry import architecture
+
+    name = config.model.architecture
+    offered = architecture(name).eval_tasks
     if "tasks" not in options:
-        return [f"{config.data.name}_retrieval"] if is_embedder else []
+        return {task: data for task, data in offered.items() if data == config.data.name}
     tasks = [t.strip() for t in options["tasks"].split(",") if t.strip()]
-    if not is_embedder:
-        raise ConfigError(f"tasks= names retrieval tasks of embedding checkpoints; this checkpoint is "
-                          f"model.architecture={config.model.architecture}: omit tasks=")
+    if not offered:
+        raise ConfigError(f"tasks= names eval tasks ({eval_tasks_help()}); this checkpoint is "
+                          f"model.architecture={name}: omit tasks=")
     for task in tasks or [""]:
-        if task not in RETRIEVAL_TASKS:
-            raise ConfigError(f"unknown eval task '{task}'; known: {', '.join(RETRIEVAL_TASKS)}")
-    return tasks
+        if task not in offered:
+            raise ConfigError(f"unknown eval task '{task}'; known: {', '.join(offered)}")
+    return {task: offered[task] for task in tasks}
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -131,9 +138,8 @@ def cmd_eval(argv: list[str]) -> int:
 
     model = load_export(path)
     results = {}
-    for task in tasks or [config.data.name]:
-        if task in RETRIEVAL_TASKS:
-            config.data.name = RETRIEVAL_TASKS[task]
+    for task, data_name in (tasks or {config.data.name: config.data.name}).items():
+        config.data.name = data_name
         data = build_data(config.data)
         results[task] = evaluate(model, data, config.data.eval_batch_size, config.eval.max_batches,
                                  config.data.name)

@@ -20,9 +20,11 @@ from typing import Any
 import yaml
 
 from zoo.errors import ConfigError  # noqa: F401  (re-exported: ``from zoo.config import ConfigError``)
+from zoo.registry import ARCHITECTURES, block_kinds, bundled_config_names
 from zoo.schema import (  # noqa: F401  (re-exported: the schema is part of this module's API)
-    AttentionConfig, TitansConfig, MoMConfig, MambaConfig, Mamba2Config, MemoryFormerConfig, VisionConfig,
-    HMTConfig, EmbeddingConfig, RetrievalDataConfig, ModelConfig, DataConfig, OptimConfig, TrainerConfig, RunConfig, EvalConfig, Config)
+    AttentionConfig, TitansMemoryConfig, TitansMACConfig, TitansMAGConfig, TitansMALConfig, GDNConfig, MoMConfig,
+    MambaConfig, Mamba2Config, MemoryFormerConfig, VisionConfig, HMTConfig, EmbeddingConfig, RetrievalDataConfig,
+    ModelConfig, DataConfig, OptimConfig, TrainerConfig, RunConfig, EvalConfig, Config)
 
 
 # ----------------------------------------------------------------------------------------------------- values
@@ -127,9 +129,14 @@ def _valid_keys(cls, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(dotted: str, cls, section: str, where: str) -> ConfigError:
-    candidates = _valid_keys(Config)
-    close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
     message = f"unknown key '{dotted}' ({where})"
+    prefix, _, key = dotted.rpartition(".")
+    moved = [name for name, keys in _HYBRID_OPTIONS.items() if key in keys] if prefix == "model.titans" else []
+    if moved:
+        return ConfigError(f"{message}: the hybrids' options moved to their own sections; set "
+                           f"{' / '.join(f'model.{name}.{key}' for name in moved)} (their memory options under "
+                           f"model.titans_mac.memory etc.)")
+    close = difflib.get_close_matches(dotted, _valid_keys(Config), n=1, cutoff=0.6)
     if close:
         message += f"; did you mean '{close[0]}'?"
     names = ", ".join(f.name for f in dataclasses.fields(cls))
@@ -183,12 +190,6 @@ def _apply_override(cfg: Config, dotted: str, raw: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- files
-def bundled_config_names() -> list[str]:
-    """Names of the configs shipped inside the package (``zoo/configs/*.yaml``)."""
-    root = importlib.resources.files("zoo") / "configs"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
 def resolve_config_path(name: str, relative_to: Path | None = None) -> Path:
     """A path first (relative to ``relative_to`` for ``defaults:``), then a bundled config by bare name."""
     candidates = [Path(name)]
@@ -243,7 +244,6 @@ class ParsedArgs:
 
     config: Config
     options: dict[str, str]
-    config_files: list[Path]
 
 
 def parse_args(argv: list[str], options: tuple[str, ...] = ("resume", "print_config", "verbose"),
@@ -279,13 +279,11 @@ def parse_args(argv: list[str], options: tuple[str, ...] = ("resume", "print_con
     if cfg.run.name is None:
         cfg.run.name = files[-1].stem if files else "run"
     validate(cfg)
-    return ParsedArgs(cfg, found, files)
+    return ParsedArgs(cfg, found)
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that follow the merge (torch-free)."""
-    from zoo.registry import block_kinds
-
     kinds = block_kinds()
     if not cfg.model.pattern:
         raise ConfigError("model.pattern is empty; name at least one mixer, e.g. model.pattern=[attention]")
@@ -311,17 +309,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainer.strategy=fsdp needs GPUs (Lightning's FSDP refuses CPU); use ddp on CPU")
     if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
-    retrieval_data = cfg.data.name in ("ict", "needle")
-    if (cfg.model.architecture == "embedding") != retrieval_data:
-        fix = ("set data.name=ict or needle" if cfg.model.architecture == "embedding"
-               else "set model.architecture=embedding")
-        raise ConfigError(f"model.architecture={cfg.model.architecture} does not fit data.name={cfg.data.name}: "
-                          f"retrieval pairs train only the embedding model; {fix}")
     if cfg.data.batch_size < 1 or cfg.data.seq_len < 2:
         raise ConfigError("data.batch_size must be >= 1 and data.seq_len >= 2")
-    if (cfg.model.architecture == "vision") != (cfg.data.name == "digits"):
+    accepted = ARCHITECTURES[cfg.model.architecture].data
+    if cfg.data.name not in accepted:
+        readers = [name for name, entry in ARCHITECTURES.items() if cfg.data.name in entry.data]
+        other = f", or model.architecture={' or '.join(readers)}" if readers else ""
         raise ConfigError(f"model.architecture={cfg.model.architecture} does not fit data.name={cfg.data.name}: "
-                          f"the vision classifier reads images (data.name=digits) and language models read tokens")
+                          f"set data.name={' or '.join(accepted)}{other}")
     if cfg.data.name == "text" and not cfg.data.path:
         raise ConfigError("data.name=text needs data.path=FILE (a local .txt, .jsonl or .parquet file)")
     task = task_config(cfg.data)
@@ -346,10 +341,47 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    """Rebuild a ``Config`` from ``to_dict`` output; unknown keys are errors."""
+    """Rebuild a ``Config`` from ``to_dict`` output (older layouts migrated by ``migrate_layout``); unknown keys are
+    errors."""
     cfg = Config()
-    _apply_mapping(cfg, data, "", "saved config")
+    _apply_mapping(cfg, migrate_layout(data), "", "saved config")
     return cfg
+
+
+# The hybrids' own options that configs saved before model.titans_mac / titans_mag / titans_mal existed kept in
+# model.titans, next to the memory's.
+_HYBRID_OPTIONS = {"titans_mac": ("heads", "segment_len", "persistent_tokens"),
+                   "titans_mag": ("heads", "window", "persistent_tokens"),
+                   "titans_mal": ("heads", "window", "persistent_tokens")}
+
+
+def migrate_layout(data: dict) -> dict:
+    """A saved config (``config.json``, a checkpoint's hyper-parameters) in the current section layout.
+
+    Two rules, each for a layout that older zoo versions wrote:
+    - ``model.titans`` holding ``segment_len``, ``window`` or ``persistent_tokens`` is the old shared Titans section:
+      its memory options stay in ``model.titans`` and also become the ``memory`` of each hybrid section, whose own
+      options (``heads``, ``segment_len`` / ``window``, ``persistent_tokens``) come from it too. A hybrid section the
+      config already has is kept.
+    - ``model.mom`` without a ``model.gdn`` section: Gated DeltaNet read ``heads`` and ``head_dim`` from
+      ``model.mom``, so ``model.gdn`` takes them from there.
+    """
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return data
+    model = dict(model)
+    titans = model.get("titans")
+    hybrid_keys = {key for keys in _HYBRID_OPTIONS.values() for key in keys} - {"heads"}
+    if isinstance(titans, dict) and hybrid_keys & set(titans):
+        memory = {key: value for key, value in titans.items() if key not in hybrid_keys}
+        model["titans"] = memory
+        for section, keys in _HYBRID_OPTIONS.items():
+            if section not in model:
+                model[section] = {**{key: titans[key] for key in keys if key in titans}, "memory": dict(memory)}
+    mom = model.get("mom")
+    if "gdn" not in model and isinstance(mom, dict):
+        model["gdn"] = {key: mom[key] for key in ("heads", "head_dim") if key in mom}
+    return {**data, "model": model}
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from zoo.data.tasks import InductionConfig, MQARConfig, NIAHConfig, SelectiveCopyConfig
+from zoo.registry import ARCHITECTURES
 
 
 def _choices(*values: str, help: str) -> Any:
@@ -33,55 +34,106 @@ class AttentionConfig:
 
 
 @dataclass
-class TitansConfig:
-    """Options of the Titans mixers: ``titans`` (the LMM alone), ``titans_mac``, ``titans_mag``, ``titans_mal``."""
+class TitansMemoryConfig:
+    """Options of the ``titans`` mixer (``TitansMemory``, the LMM alone) and the ``memory`` of the Titans hybrids."""
 
-    heads: int = field(default=4, metadata={"help": "memory (and attention) heads"})
+    heads: int = field(default=4, metadata={"help": "memory heads H (zoo default)"})
     head_dim: Optional[int] = field(default=None, metadata={"help": "per-head width d; null = dim // heads"})
-    memory_depth: int = field(default=2, metadata={"help": "layers L of the memory MLP (1 = matrix memory)"})
-    memory_expansion: int = field(default=4, metadata={"help": "hidden width of the memory MLP / d"})
-    chunk_size: int = field(default=16, metadata={"help": "tokens b whose gradients share the chunk-start weights"})
-    conv_size: int = field(default=4, metadata={"help": "short causal conv on q, k, v"})
+    memory_depth: int = field(default=2, metadata={
+        "help": "layers L_M of the memory MLP, 1 = matrix memory (paper default, NeurIPS App. E.1)"})
+    memory_expansion: int = field(default=4, metadata={
+        "help": "hidden width of the memory MLP / d (paper default, NeurIPS App. E.1)"})
+    chunk_size: int = field(default=16, metadata={
+        "help": "tokens b whose gradients share the chunk-start weights (paper default, NeurIPS App. E.1)"})
+    conv_size: int = field(default=4, metadata={"help": "short causal conv on q, k, v (released code default)"})
     momentum: bool = field(default=True, metadata={"help": "false = the paper's 'w/o momentum' ablation"})
     forget: bool = field(default=True, metadata={"help": "false = the paper's 'w/o weight decay' ablation"})
-    theta_max: float = field(default=1.0, metadata={"help": "upper bound of the inner learning rate"})
-    segment_len: int = field(default=128, metadata={"help": "MAC segment length C (a multiple of chunk_size)"})
-    window: int = field(default=128, metadata={"help": "MAG/MAL sliding-window length"})
-    persistent_tokens: int = field(default=16, metadata={"help": "learned persistent-memory tokens N_p (hybrids)"})
+    theta_max: float = field(default=1.0, metadata={"help": "upper bound of the inner learning rate (zoo default)"})
+    backend: str = field(default="auto", metadata=_choices(
+        "auto", "reference", "torch", "triton", help="memory op implementation; auto = triton on GPU, else torch"))
+    checkpoint_chunks: int = field(default=0, metadata={
+        "help": "G > 0: activation checkpointing of the memory in groups of G chunks (same results, less memory)"})
+
+
+@dataclass
+class TitansMACConfig:
+    """Options of ``titans_mac`` (``TitansMAC``, memory as context)."""
+
+    heads: int = field(default=4, metadata={"help": "attention heads (the memory's are memory.heads)"})
+    segment_len: int = field(default=128, metadata={
+        "help": "segment length C, a multiple of memory.chunk_size (zoo default: CPU-sized; the paper's is 512)"})
+    persistent_tokens: int = field(default=16, metadata={
+        "help": "learned persistent-memory tokens N_p (zoo default: CPU-sized; the paper's is 128)"})
+    memory: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
+
+
+@dataclass
+class TitansMAGConfig:
+    """Options of ``titans_mag`` (``TitansMAG``, memory as a gate)."""
+
+    heads: int = field(default=4, metadata={"help": "attention heads (the memory's are memory.heads)"})
+    window: int = field(default=128, metadata={
+        "help": "sliding-window length (zoo default: CPU-sized; the paper's is 2048)"})
+    persistent_tokens: int = field(default=16, metadata={
+        "help": "learned persistent-memory tokens N_p (zoo default: CPU-sized; the paper's is 128)"})
+    memory: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
+
+
+@dataclass
+class TitansMALConfig:
+    """Options of ``titans_mal`` (``TitansMAL``, memory as a layer)."""
+
+    heads: int = field(default=4, metadata={"help": "attention heads (the memory's are memory.heads)"})
+    window: int = field(default=128, metadata={
+        "help": "sliding-window length (zoo default: CPU-sized; the paper's is 2048)"})
+    persistent_tokens: int = field(default=16, metadata={
+        "help": "learned persistent-memory tokens N_p (zoo default: CPU-sized; the paper's is 128)"})
+    memory: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
+
+
+@dataclass
+class GDNConfig:
+    """Options of ``gdn`` (``GatedDeltaNet``, the one-memory baseline of MoM)."""
+
+    heads: int = field(default=2, metadata={"help": "heads H (zoo default)"})
+    head_dim: Optional[int] = field(default=None, metadata={"help": "per-head key/value width d; null = dim // heads"})
 
 
 @dataclass
 class MoMConfig:
-    """Options of ``mom`` (Mixture-of-Memories) and ``gdn`` (Gated DeltaNet, the one-memory baseline)."""
+    """Options of ``mom`` (``MixtureOfMemories``)."""
 
-    heads: int = field(default=2, metadata={"help": "heads H"})
+    heads: int = field(default=2, metadata={"help": "heads H (zoo default)"})
     head_dim: Optional[int] = field(default=None, metadata={"help": "per-head key/value width d; null = dim // heads"})
-    num_memories: int = field(default=4, metadata={"help": "routed memories M (mom only)"})
-    topk: int = field(default=2, metadata={"help": "memories each token is routed to (mom only)"})
-    shared_memory: bool = field(default=True, metadata={"help": "add the always-on shared memory (mom only)"})
-    aux_loss_scale: float = field(default=1e-3, metadata={"help": "weight of the load-balancing loss (mom only)"})
+    num_memories: int = field(default=4, metadata={"help": "routed memories M (paper default)"})
+    topk: int = field(default=2, metadata={"help": "memories each token is routed to (paper default)"})
+    shared_memory: bool = field(default=True, metadata={"help": "add the always-on shared memory (paper default)"})
+    aux_loss_scale: float = field(default=1e-3, metadata={
+        "help": "weight of the load-balancing loss (paper default: its headline row, Table 6)"})
 
 
 @dataclass
 class MambaConfig:
     """Options of ``mamba`` (Mamba-1, S6) and ``bimamba`` (Vim's bidirectional block)."""
 
-    d_state: int = field(default=16, metadata={"help": "SSM state size N"})
-    d_conv: int = field(default=4, metadata={"help": "depthwise causal conv width"})
-    expand: int = field(default=2, metadata={"help": "inner width E / dim"})
-    dt_rank: Optional[int] = field(default=None, metadata={"help": "rank R of the delta projection; null = ceil(dim/16)"})
+    d_state: int = field(default=16, metadata={"help": "SSM state size N (paper default)"})
+    d_conv: int = field(default=4, metadata={"help": "depthwise causal conv width (paper default)"})
+    expand: int = field(default=2, metadata={"help": "inner width E / dim (paper default)"})
+    dt_rank: Optional[int] = field(default=None, metadata={
+        "help": "rank R of the delta projection; null = ceil(dim/16) (paper default)"})
 
 
 @dataclass
 class Mamba2Config:
     """Options of ``mamba2`` (state-space duality)."""
 
-    d_state: int = field(default=64, metadata={"help": "SSM state size N"})
-    headdim: int = field(default=32, metadata={"help": "head width P"})
-    ngroups: int = field(default=1, metadata={"help": "groups G sharing B and C"})
-    chunk_size: int = field(default=64, metadata={"help": "SSD chunk length"})
-    expand: int = field(default=2, metadata={"help": "inner width E / dim"})
-    d_conv: int = field(default=4, metadata={"help": "depthwise causal conv width"})
+    d_state: int = field(default=64, metadata={"help": "SSM state size N (zoo default: CPU-sized; the paper's is 128)"})
+    headdim: int = field(default=32, metadata={"help": "head width P (zoo default: CPU-sized; the paper's is 64)"})
+    ngroups: int = field(default=1, metadata={"help": "groups G sharing B and C (paper default)"})
+    chunk_size: int = field(default=64, metadata={"help": "SSD chunk length (zoo default: fastest on CPU)"})
+    expand: int = field(default=2, metadata={"help": "inner width E / dim (paper default)"})
+    d_conv: int = field(default=4, metadata={"help": "depthwise causal conv width (paper default)"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the gated output RMSNorm"})
 
 
 @dataclass
@@ -89,7 +141,7 @@ class MemoryFormerConfig:
     """Options of the ``memoryformer`` block (``MemoryAttention`` mixer + ``MemoryFFN``, hash-lookup layers)."""
 
     heads: int = field(default=4, metadata={"help": "attention heads"})
-    tau: int = field(default=8, metadata={"help": "bits per hash chunk: each table has 2^tau rows"})
+    tau: int = field(default=8, metadata={"help": "bits per hash chunk: each table has 2^tau rows (paper default)"})
     score: str = field(default="prob", metadata=_choices(
         "prob", "l1prob", help="bucket weight: the paper's product of sigmoids, or the released code's L1 form"))
     rotary_pct: float = field(default=0.25, metadata={"help": "fraction of each head's channels rotated by RoPE"})
@@ -145,9 +197,7 @@ class ModelConfig:
     """The network: a stack of pre-norm blocks built from ``pattern``, repeated to ``depth`` blocks."""
 
     architecture: str = field(default="lm", metadata=_choices(
-        "lm", "vision", "hmt", "embedding",
-        help="lm = decoder language model; vision = image classifier over patches; hmt = the LM wrapped in HMT's "
-             "hierarchical memory; embedding = text embedder (backbone + pooling head, contrastive training)"))
+        *ARCHITECTURES, help="; ".join(f"{name} = {entry.help}" for name, entry in ARCHITECTURES.items())))
     vocab_size: int = field(default=258, metadata={"help": "token vocabulary (at least the data's)"})
     dim: int = field(default=128, metadata={"help": "model width D"})
     depth: int = field(default=2, metadata={"help": "number of blocks"})
@@ -160,7 +210,11 @@ class ModelConfig:
     norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
     init_std: float = field(default=0.02, metadata={"help": "std of embedding and linear initialisation"})
     attention: AttentionConfig = field(default_factory=AttentionConfig)
-    titans: TitansConfig = field(default_factory=TitansConfig)
+    titans: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
+    titans_mac: TitansMACConfig = field(default_factory=TitansMACConfig)
+    titans_mag: TitansMAGConfig = field(default_factory=TitansMAGConfig)
+    titans_mal: TitansMALConfig = field(default_factory=TitansMALConfig)
+    gdn: GDNConfig = field(default_factory=GDNConfig)
     mom: MoMConfig = field(default_factory=MoMConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)

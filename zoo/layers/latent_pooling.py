@@ -98,12 +98,6 @@ class LatentAttentionPooling(nn.Module):
         self.ff_out = nn.Linear(mlp_ratio * dim, dim)
         self.reset_parameters()
 
-    @classmethod
-    def from_config(cls, dim: int, section) -> "LatentAttentionPooling":
-        """Build from an ``EmbeddingConfig`` (``model.embedding``)."""
-        return cls(dim, section.num_latents, section.heads, section.mlp_ratio, head_dim=section.head_dim,
-                   latent_dim=section.latent_dim, normalize=section.normalize)
-
     def reset_parameters(self) -> None:
         """Latents N(0, 1); LayerNorms weight 1, bias 0; linear layers PyTorch's default init."""
         nn.init.normal_(self.latents, mean=0.0, std=1.0)

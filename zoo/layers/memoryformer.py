@@ -109,11 +109,6 @@ class MemoryFFN(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=1e-5)
         self.contract = MemoryLinear(hidden, dim, tau + 2, score=score)
 
-    @classmethod
-    def from_config(cls, dim: int, section) -> "MemoryFFN":
-        """Build from ``model.memoryformer`` (``MemoryFormerConfig``): its tau and score."""
-        return cls(dim, section.tau, score=section.score)
-
     def reset_parameters(self) -> None:
         self.expand.reset_parameters()
         self.norm.reset_parameters()
@@ -159,11 +154,6 @@ class MemoryAttention(Mixer):
         self.bias_qkv = nn.Parameter(torch.empty(3 * dim))
         self.rotary = RotaryEmbedding(self.rotary_dims) if self.rotary_dims else None
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, dim: int, section) -> "MemoryAttention":
-        """Build from ``model.memoryformer`` (``MemoryFormerConfig``): heads, tau, score, rotary_pct."""
-        return cls(dim, section.heads, section.tau, score=section.score, rotary_pct=section.rotary_pct)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.tables_qkv, std=math.sqrt(2.0 / (5.0 * self.dim)))  # "small_init"

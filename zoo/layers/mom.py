@@ -186,7 +186,6 @@ class GatedDeltaNet(_GatedDeltaBase):
     State = GDNState
 
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None):
-        rng_at_start = torch.get_rng_state()
         head_dim = _check_heads("GatedDeltaNet", dim, heads, head_dim)
         super().__init__(dim, heads, head_dim)
         width = heads * head_dim
@@ -194,13 +193,7 @@ class GatedDeltaNet(_GatedDeltaBase):
         self.v_proj = nn.Linear(dim, width, bias=False)
         self.b_proj = nn.Linear(dim, heads, bias=False)
         self.a_proj = nn.Linear(dim, heads, bias=False)
-        torch.set_rng_state(rng_at_start)   # meta build + to_empty + reset_parameters() == this build, same seed
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, dim: int, section) -> "GatedDeltaNet":
-        """Build from a ``MoMConfig`` (only heads and head_dim apply to the one-memory baseline)."""
-        return cls(dim, heads=section.heads, head_dim=section.head_dim)
 
     def reset_parameters(self) -> None:
         self._reset_common()
@@ -236,13 +229,8 @@ class MixtureOfMemories(_GatedDeltaBase):
     State = MoMState
 
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None, num_memories: int = 4,
-                 topk: int = 2, shared_memory: bool = True, rule: str = "gated_delta",
-                 aux_loss_scale: float = 1e-3):
-        rng_at_start = torch.get_rng_state()
+                 topk: int = 2, shared_memory: bool = True, aux_loss_scale: float = 1e-3):
         head_dim = _check_heads("MixtureOfMemories", dim, heads, head_dim)
-        if rule != "gated_delta":
-            raise ValueError(f"MixtureOfMemories: rule must be 'gated_delta' (the only rule the paper trained), "
-                             f"got {rule!r}")
         if num_memories < 1:
             raise ValueError(f"MixtureOfMemories: num_memories must be >= 1, got {num_memories}")
         if not 1 <= topk <= num_memories:
@@ -259,14 +247,7 @@ class MixtureOfMemories(_GatedDeltaBase):
         self.v_proj = nn.Parameter(torch.empty(stacked, width, dim))
         self.b_proj = nn.Parameter(torch.empty(stacked, heads, dim))
         self.a_proj = nn.Parameter(torch.empty(stacked, heads, dim))
-        torch.set_rng_state(rng_at_start)   # meta build + to_empty + reset_parameters() == this build, same seed
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, dim: int, section) -> "MixtureOfMemories":
-        """Build from a ``MoMConfig`` (heads, head_dim, num_memories, topk, shared_memory, aux_loss_scale)."""
-        return cls(dim, heads=section.heads, head_dim=section.head_dim, num_memories=section.num_memories,
-                   topk=section.topk, shared_memory=section.shared_memory, aux_loss_scale=section.aux_loss_scale)
 
     def reset_parameters(self) -> None:
         self._reset_common()

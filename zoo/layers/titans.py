@@ -6,8 +6,8 @@ descent with momentum and weight decay on ‖M_W(k_t) − v_t‖², every gradie
 chunk-start weights. Depth 1 runs the op :func:`zoo.kernels.titans_linear_memory` (matrix memory), depth ≥ 2 the op
 :func:`zoo.kernels.titans_deep_memory.titans_mlp_memory` (residual MLP memory with LayerNorm).
 
-The hybrids built on it (``TitansMAC``, ``TitansMAG``, ``TitansMAL``, §4) live in ``zoo.layers.titans_hybrids`` and are
-re-exported here lazily, so ``from zoo.layers.titans import TitansMAC`` works.
+The hybrids built on it (``TitansMAC``, ``TitansMAG``, ``TitansMAL``) live in ``zoo.layers.titans_hybrids`` (import them
+from there or from ``zoo.layers``).
 
     from zoo.layers.titans import TitansMemory
     mixer = TitansMemory(dim=64, heads=2)
@@ -16,7 +16,6 @@ re-exported here lazily, so ``from zoo.layers.titans import TitansMAC`` works.
 """
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple
 
 import torch
@@ -35,9 +34,9 @@ from zoo.layers.norm import RMSNorm
 _INIT_GAIN = 2 ** -2.5          # xavier_uniform gain of every projection (§2.1 [open])
 _GATE_BIAS = {"alpha": -4.6, "eta": 0.0, "theta": -2.2}   # sigmoid: α ≈ 0.01, η = 0.5, θ ≈ 0.1·θ_max
 _L2_EPS = 1e-6
-# Options of TitansMemory that the hybrids accept in their ``memory`` dict (§4).
-MEMORY_OPTIONS = ("head_dim", "memory_depth", "memory_expansion", "chunk_size", "conv_size", "momentum", "forget",
-                  "theta_max", "backend", "checkpoint_chunks")
+# The arguments of TitansMemory besides dim: the keys a hybrid's ``memory`` dict accepts.
+MEMORY_OPTIONS = ("heads", "head_dim", "memory_depth", "memory_expansion", "chunk_size", "conv_size", "momentum",
+                  "forget", "theta_max", "backend", "checkpoint_chunks")
 
 
 class TitansState(NamedTuple):
@@ -91,7 +90,6 @@ class TitansMemory(Mixer):
                  memory_expansion: int = 4, chunk_size: int = 16, conv_size: int = 4, momentum: bool = True,
                  forget: bool = True, theta_max: float = 1.0, backend: str = "auto", checkpoint_chunks: int = 0):
         super().__init__()
-        rng_at_start = torch.get_rng_state()
         for name, value, low in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
                                  ("memory_expansion", memory_expansion, 1), ("chunk_size", chunk_size, 1),
                                  ("conv_size", conv_size, 0), ("checkpoint_chunks", checkpoint_chunks, 0)):
@@ -130,13 +128,7 @@ class TitansMemory(Mixer):
         self.w_out_gate = nn.Linear(dim, inner, bias=False)
         self.o_norm = RMSNorm(head_dim, eps=1e-5)
         self.w_o = nn.Linear(inner, dim, bias=False)
-        torch.set_rng_state(rng_at_start)  # meta build + to_empty + reset_parameters() under a seed == this build
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, dim: int, section) -> "TitansMemory":
-        """Build from a ``TitansConfig`` (``model.titans``); segment_len/window/persistent_tokens are the hybrids'."""
-        return cls(dim=dim, heads=section.heads, **memory_options(section))
 
     def reset_parameters(self) -> None:
         """Initialise every parameter (specs/titans.md §2.1)."""
@@ -312,19 +304,4 @@ class TitansMemory(Mixer):
                            x.new_zeros(B, max(self.conv_size - 1, 0), 3 * inner))
 
 
-def memory_options(section) -> dict:
-    """The TitansMemory options of a ``TitansConfig`` section, as keyword arguments."""
-    return {name: getattr(section, name) for name in MEMORY_OPTIONS if hasattr(section, name)}
-
-
-_HYBRIDS = ("TitansMAC", "TitansMAG", "TitansMAL", "MACState", "MAGState", "MALState")
-
-
-def __getattr__(name: str):
-    """The hybrids live in ``zoo.layers.titans_hybrids``; they resolve here lazily (no import cycle)."""
-    if name in _HYBRIDS:
-        return getattr(importlib.import_module("zoo.layers.titans_hybrids"), name)
-    raise AttributeError(f"module 'zoo.layers.titans' has no attribute {name!r}")
-
-
-__all__ = ["TitansMemory", "TitansState", *_HYBRIDS]
+__all__ = ["TitansMemory", "TitansState"]

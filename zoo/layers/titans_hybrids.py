@@ -6,7 +6,10 @@ Each hybrid combines a :class:`~zoo.layers.titans.TitansMemory` (the long-term m
 causal mixers with ``forward(x (B, T, D), state=None) -> (y (B, T, D), state)``; streaming over any split and
 token-by-token decoding equal one call.
 
-    from zoo.layers.titans import TitansMAC
+Each takes ``heads`` (its attention's heads) and ``memory``, a dict of :class:`TitansMemory` arguments besides ``dim``
+(``model.titans_mac.memory`` etc. arrive as such a dict); ``memory["heads"]`` defaults to the hybrid's ``heads``.
+
+    from zoo.layers.titans_hybrids import TitansMAC
     mixer = TitansMAC(dim=64, heads=2, segment_len=32, persistent_tokens=4)
     y, state = mixer(torch.randn(2, 80, 64))
 """
@@ -20,16 +23,17 @@ from torch import nn
 from zoo.layers.attention import Attention, AttentionState
 from zoo.layers.base import Mixer
 from zoo.layers.norm import RMSNorm
-from zoo.layers.titans import MEMORY_OPTIONS, TitansMemory, TitansState, memory_options
+from zoo.layers.titans import MEMORY_OPTIONS, TitansMemory, TitansState
 
 
 def _build_memory(owner: str, dim: int, heads: int, memory: dict | None) -> TitansMemory:
-    """TitansMemory(dim, heads, **memory) with the keys of ``memory`` checked (ValueError naming a bad one)."""
-    memory = dict(memory or {})
+    """TitansMemory(dim, **memory) with the keys of ``memory`` checked (ValueError naming a bad one); the memory's
+    heads default to the hybrid's."""
+    memory = {"heads": heads, **(memory or {})}
     unknown = sorted(set(memory) - set(MEMORY_OPTIONS))
     if unknown:
         raise ValueError(f"{owner}: unknown memory option {unknown[0]!r}; known: {', '.join(MEMORY_OPTIONS)}")
-    return TitansMemory(dim, heads, **memory)
+    return TitansMemory(dim, **memory)
 
 
 def _check_positive(owner: str, name: str, value, low: int) -> None:
@@ -97,7 +101,6 @@ class TitansMAC(Mixer):
     def __init__(self, dim: int, heads: int = 4, segment_len: int = 512, persistent_tokens: int = 128,
                  memory: dict | None = None):
         super().__init__()
-        rng_at_start = torch.get_rng_state()
         _check_positive("TitansMAC", "segment_len", segment_len, 1)
         _check_positive("TitansMAC", "persistent_tokens", persistent_tokens, 0)
         self.lmm = _build_memory("TitansMAC", dim, heads, memory)
@@ -107,14 +110,7 @@ class TitansMAC(Mixer):
         self.dim, self.heads, self.segment_len = dim, heads, segment_len
         self.attn = Attention(dim, heads, rope=True, persistent_tokens=persistent_tokens)
         self.gate = _Gate(dim)
-        torch.set_rng_state(rng_at_start)
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, dim: int, section) -> "TitansMAC":
-        """Build from a ``TitansConfig`` (``model.titans``)."""
-        return cls(dim, section.heads, segment_len=section.segment_len, persistent_tokens=section.persistent_tokens,
-                   memory=memory_options(section))
 
     def reset_parameters(self) -> None:
         self.lmm.reset_parameters()
@@ -195,21 +191,13 @@ class TitansMAG(Mixer):
     def __init__(self, dim: int, heads: int = 4, window: int = 2048, persistent_tokens: int = 128,
                  memory: dict | None = None):
         super().__init__()
-        rng_at_start = torch.get_rng_state()
         _check_positive("TitansMAG", "window", window, 1)
         _check_positive("TitansMAG", "persistent_tokens", persistent_tokens, 0)
         self.dim = dim
         self.attn = Attention(dim, heads, window=window, persistent_tokens=persistent_tokens)
         self.lmm = _build_memory("TitansMAG", dim, heads, memory)
         self.gate = _Gate(dim)
-        torch.set_rng_state(rng_at_start)
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, dim: int, section) -> "TitansMAG":
-        """Build from a ``TitansConfig`` (``model.titans``)."""
-        return cls(dim, section.heads, window=section.window, persistent_tokens=section.persistent_tokens,
-                   memory=memory_options(section))
 
     def reset_parameters(self) -> None:
         self.attn.reset_parameters()
@@ -244,21 +232,13 @@ class TitansMAL(Mixer):
     def __init__(self, dim: int, heads: int = 4, window: int = 2048, persistent_tokens: int = 128,
                  memory: dict | None = None):
         super().__init__()
-        rng_at_start = torch.get_rng_state()
         _check_positive("TitansMAL", "window", window, 1)
         _check_positive("TitansMAL", "persistent_tokens", persistent_tokens, 0)
         self.dim = dim
         self.lmm = _build_memory("TitansMAL", dim, heads, memory)
         self.norm = RMSNorm(dim)
         self.attn = Attention(dim, heads, window=window, persistent_tokens=persistent_tokens)
-        torch.set_rng_state(rng_at_start)
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, dim: int, section) -> "TitansMAL":
-        """Build from a ``TitansConfig`` (``model.titans``)."""
-        return cls(dim, section.heads, window=section.window, persistent_tokens=section.persistent_tokens,
-                   memory=memory_options(section))
 
     def reset_parameters(self) -> None:
         self.lmm.reset_parameters()

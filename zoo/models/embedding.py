@@ -12,7 +12,6 @@ mixer supports it, plus a pooling head (latent attention, masked mean, or the la
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import warnings
 
 import torch
@@ -31,7 +30,8 @@ LM_HEAD_KEY = "lm_head.weight"
 
 
 def bidirectional_config(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
-    """``config`` with ``causal=False`` in the section of every mixer whose constructor takes ``causal``.
+    """``config`` with ``causal=False`` in the section of every mixer that declares ``has_causal_option`` (its
+    section then has a ``causal`` field: a section's fields are its mixer's constructor arguments).
 
     Returns (the changed copy, names of the pattern's mixers that have no such switch). Those stay as they are:
     causal, or bidirectional by construction (BiMamba).
@@ -42,8 +42,7 @@ def bidirectional_config(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
             continue
         section_name = mixer_section(name)
         section = getattr(changed, section_name)
-        takes_causal = "causal" in inspect.signature(mixer_class(name).__init__).parameters
-        if takes_causal and any(f.name == "causal" for f in dataclasses.fields(section)):
+        if mixer_class(name).has_causal_option:
             changed = dataclasses.replace(changed, **{section_name: dataclasses.replace(section, causal=False)})
         else:
             without_switch.append(name)
@@ -51,10 +50,8 @@ def bidirectional_config(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
 
 
 def takes_padding_mask(mixer: nn.Module | None) -> bool:
-    """Whether a built mixer is non-causal and accepts ``mask=``: it then must see the padding mask."""
-    if mixer is None:
-        return False
-    return "mask" in inspect.signature(mixer.forward).parameters and not getattr(mixer, "causal", False)
+    """Whether a built mixer is non-causal and declares ``takes_mask``: it then must see the padding mask."""
+    return mixer is not None and mixer.takes_mask and not mixer.causal
 
 
 class EmbeddingModel(nn.Module):
@@ -77,30 +74,34 @@ class EmbeddingModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        rng_at_start = torch.get_rng_state()
         settings, D = config.embedding, config.dim
         built_config, without_switch = bidirectional_config(config) if settings.bidirectional else (config, [])
         self.embed = nn.Embedding(config.vocab_size, D)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = build_blocks(built_config)
         self.norm = RMSNorm(D, config.norm_eps)
-        self.pooling = LatentAttentionPooling.from_config(D, settings) if settings.pooling == "latent" else None
+        self.pooling = None
+        if settings.pooling == "latent":
+            self.pooling = LatentAttentionPooling(D, settings.num_latents, settings.heads, settings.mlp_ratio,
+                                                  head_dim=settings.head_dim, latent_dim=settings.latent_dim,
+                                                  normalize=settings.normalize)
         self.masked_blocks = tuple(takes_padding_mask(block.mixer) for block in self.blocks)
         still_causal = [name for name, block in zip(config.pattern * config.depth, self.blocks)
                         if name in without_switch and not takes_padding_mask(block.mixer)]
         if still_causal:
             warnings.warn(f"EmbeddingModel: mixers {', '.join(dict.fromkeys(still_causal))} have no bidirectional "
                           f"form and stay causal", stacklevel=2)
-        torch.set_rng_state(rng_at_start)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise every parameter (meta build + ``to_empty`` + this under the same seed = a normal build)."""
+        """Initialise every parameter, each sub-module once: embeddings N(0, init_std²), then the blocks, the final
+        norm and the pooling head by their own ``reset_parameters``."""
         nn.init.normal_(self.embed.weight, std=self.config.init_std)
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters") and not isinstance(
-                    module, (nn.Embedding, nn.Linear, nn.LayerNorm)):
-                module.reset_parameters()
+        for block in self.blocks:
+            block.reset_parameters()
+        self.norm.reset_parameters()
+        if self.pooling is not None:
+            self.pooling.reset_parameters()
 
     def no_weight_decay(self) -> set[str]:
         """Parameters without weight decay: embeddings, norms, biases, and those layers mark (the latents)."""

@@ -19,26 +19,22 @@ from torch import nn
 from zoo.config import ModelConfig
 from zoo.layers.mlp import SwiGLU, swiglu_hidden
 from zoo.layers.norm import RMSNorm
-from zoo.registry import MLP_ONLY, block_mlp_class, mixer_class, mixer_section
-
-
-def _build_from_section(cls, name: str, cfg: ModelConfig) -> nn.Module:
-    section = getattr(cfg, mixer_section(name))
-    if hasattr(cls, "from_config"):
-        return cls.from_config(cfg.dim, section)
-    return cls(dim=cfg.dim, **dataclasses.asdict(section))
+from zoo.registry import BLOCK_MLPS, MLP_ONLY, block_mlp_class, mixer_class, mixer_section
 
 
 def build_mixer(name: str, cfg: ModelConfig) -> nn.Module:
-    """The mixer ``name`` with its options from the matching section of ``cfg``."""
-    return _build_from_section(mixer_class(name), name, cfg)
+    """The mixer ``name`` built as ``cls(dim=cfg.dim, **fields of its section)``: a section's fields are exactly the
+    constructor's arguments besides ``dim``; a nested section (a Titans hybrid's ``memory``) arrives as a dict."""
+    return mixer_class(name)(dim=cfg.dim, **dataclasses.asdict(getattr(cfg, mixer_section(name))))
 
 
 def build_block_mlp(name: str, cfg: ModelConfig, hidden: int) -> nn.Module | None:
-    """The channel mixer of a block of kind ``name``: the family's own (MemoryFFN), SwiGLU, or None."""
+    """The channel mixer of a block of kind ``name``: the family's own (MemoryFFN, from the fields of its mixer's
+    section that ``BLOCK_MLPS`` names), SwiGLU, or None."""
     own = block_mlp_class(name)
     if own is not None:
-        return _build_from_section(own, name, cfg)
+        section = getattr(cfg, mixer_section(name))
+        return own(dim=cfg.dim, **{field: getattr(section, field) for field in BLOCK_MLPS[name][1]})
     if name == MLP_ONLY or cfg.mlp == "swiglu":
         return SwiGLU(cfg.dim, hidden, cfg.init_std)
     return None
@@ -70,6 +66,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, eps) if mlp is not None else None
         self.mlp = mlp
         self.dropout = nn.Dropout(dropout)
+
+    def reset_parameters(self) -> None:
+        """Initialise the norms, the mixer and the channel mixer, each once."""
+        for part in (self.mixer_norm, self.mixer, self.mlp_norm, self.mlp):
+            if part is not None:
+                part.reset_parameters()
 
     def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None):
         if self.mixer is not None:
@@ -106,27 +108,23 @@ class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        rng_at_start = torch.get_rng_state()
         D = config.dim
         self.embed = nn.Embedding(config.vocab_size, D)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = build_blocks(config)
         self.norm = RMSNorm(D, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(D, config.vocab_size, bias=False)
-        # Initialise from the RNG state at entry, so a meta-device build + to_empty + reset_parameters() under the
-        # same seed gives the same weights as this build (sub-module constructors also drew from the RNG).
-        torch.set_rng_state(rng_at_start)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise the model's own parameters and every sub-module's (meta build + ``to_empty`` + this = build)."""
+        """Initialise every parameter, each sub-module once: embeddings and head N(0, init_std²), then each block and
+        the final norm by their own ``reset_parameters`` (``zoo.models.build_model`` runs this after a meta build)."""
         nn.init.normal_(self.embed.weight, std=self.config.init_std)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters") and not isinstance(
-                    module, (nn.Embedding, nn.Linear)):
-                module.reset_parameters()
+        for block in self.blocks:
+            block.reset_parameters()
+        self.norm.reset_parameters()
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay: embeddings, norms, biases, and those layers mark."""

@@ -11,12 +11,8 @@ import torch
 from torch import nn
 
 from zoo.config import ModelConfig
-from zoo.layers.mlp import SwiGLU, swiglu_hidden
 from zoo.layers.norm import RMSNorm
-from zoo.models.lm import Block, build_mixer
-from zoo.registry import MLP_ONLY
-
-BIDIRECTIONAL = ("bimamba", MLP_ONLY)  # pattern entries that never need a causal flag
+from zoo.models.lm import build_blocks
 
 
 class VisionClassifier(nn.Module):
@@ -32,7 +28,6 @@ class VisionClassifier(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        rng_at_start = torch.get_rng_state()
         vision, D = config.vision, config.dim
         if vision.image_size % vision.patch_size:
             raise ValueError(f"VisionClassifier: image_size {vision.image_size} is not a multiple of patch_size "
@@ -44,21 +39,13 @@ class VisionClassifier(nn.Module):
         self.class_token = nn.Parameter(torch.empty(1, 1, D))
         self.position = nn.Parameter(torch.empty(1, self.num_patches + 1, D))
         self.embed_dropout = nn.Dropout(config.dropout)
-        hidden = swiglu_hidden(D, config.mlp_expansion)
-        blocks = []
-        for i in range(config.depth):
-            name = config.pattern[i % len(config.pattern)]
-            if name not in BIDIRECTIONAL and not (name == "attention" and not config.attention.causal):
-                raise ValueError(f"VisionClassifier: mixer '{name}' is causal; use bimamba, mlp, or attention with "
-                                 f"model.attention.causal=false")
-            mixer = None if name == MLP_ONLY else build_mixer(name, config)
-            wants_mlp = name == MLP_ONLY or config.mlp == "swiglu"
-            mlp = SwiGLU(D, hidden, config.init_std) if wants_mlp else None
-            blocks.append(Block(D, mixer, mlp, config.norm_eps, config.dropout))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = build_blocks(config)
+        for i, block in enumerate(self.blocks):
+            if block.mixer is not None and block.mixer.causal:
+                raise ValueError(f"VisionClassifier: mixer '{config.pattern[i % len(config.pattern)]}' is causal; "
+                                 f"use bimamba, mlp, or attention with model.attention.causal=false")
         self.norm = RMSNorm(D, config.norm_eps)
         self.head = nn.Linear(D, vision.num_classes)
-        torch.set_rng_state(rng_at_start)  # meta build + reset_parameters() under one seed == this build
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,9 +55,8 @@ class VisionClassifier(nn.Module):
         nn.init.trunc_normal_(self.position, std=0.02)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        for module in self.blocks.modules():
-            if hasattr(module, "reset_parameters") and not isinstance(module, nn.Linear):
-                module.reset_parameters()
+        for block in self.blocks:
+            block.reset_parameters()
         self.norm.reset_parameters()
 
     def no_weight_decay(self) -> set[str]:

@@ -72,22 +72,10 @@ def build_trainer(cfg: Config, directory: Path, callbacks: list):
 
 
 def task_class(cfg: Config):
-    """The LightningModule class that trains ``cfg.model.architecture``."""
-    if cfg.model.architecture == "vision":
-        from zoo.train.vision import VisionClassificationTask
+    """The LightningModule class that trains ``cfg.model.architecture`` (its ``ARCHITECTURES`` entry's task)."""
+    from zoo.registry import architecture, resolve
 
-        return VisionClassificationTask
-    if cfg.model.architecture == "hmt":
-        from zoo.train.hmt import HMTTask
-
-        return HMTTask
-    if cfg.model.architecture == "embedding":
-        from zoo.train.contrastive import EmbeddingTask
-
-        return EmbeddingTask
-    from zoo.train.module import LanguageModelTask
-
-    return LanguageModelTask
+    return resolve(architecture(cfg.model.architecture).task)
 
 
 def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool = False) -> dict:
