@@ -22,7 +22,7 @@ def _choices(*values: str, help: str) -> Any:
 class AttentionConfig:
     """Options of the ``attention`` mixer (``zoo.layers.Attention``)."""
 
-    heads: int = field(default=4, metadata={"help": "query heads"})
+    heads: int = field(default=4, metadata={"help": "query heads (zoo default)"})
     kv_heads: Optional[int] = field(default=None, metadata={"help": "key/value heads (grouped-query); null = heads"})
     head_dim: Optional[int] = field(default=None, metadata={"help": "per-head width; null = dim // heads"})
     window: Optional[int] = field(default=None, metadata={"help": "sliding-window length; null = full causal"})
@@ -30,7 +30,7 @@ class AttentionConfig:
     causal: bool = field(default=True, metadata={"help": "false = bidirectional (encoders)"})
     rope: bool = field(default=True, metadata={"help": "rotary position embeddings on queries and keys"})
     conv_size: int = field(default=0, metadata={"help": "residual short causal conv on the input (0 = none)"})
-    rope_base: float = field(default=10000.0, metadata={"help": "rotary base frequency"})
+    rope_base: float = field(default=10000.0, metadata={"help": "rotary base frequency (RoFormer default)"})
 
 
 @dataclass
@@ -45,12 +45,13 @@ class TitansMemoryConfig:
         "help": "hidden width of the memory MLP / d (paper default, NeurIPS App. E.1)"})
     chunk_size: int = field(default=16, metadata={
         "help": "tokens b whose gradients share the chunk-start weights (paper default, NeurIPS App. E.1)"})
-    conv_size: int = field(default=4, metadata={"help": "short causal conv on q, k, v (released code default)"})
+    conv_size: int = field(default=4, metadata={"help": "short causal conv on q, k, v (paper default, v1 sec. 4.4)"})
     momentum: bool = field(default=True, metadata={"help": "false = the paper's 'w/o momentum' ablation"})
     forget: bool = field(default=True, metadata={"help": "false = the paper's 'w/o weight decay' ablation"})
     theta_max: float = field(default=1.0, metadata={"help": "upper bound of the inner learning rate (zoo default)"})
     backend: str = field(default="auto", metadata=_choices(
-        "auto", "reference", "torch", "triton", help="memory op implementation; auto = triton on GPU, else torch"))
+        "auto", "reference", "torch", "triton",
+        help="memory op: auto = Triton for CUDA tensors where the op has it (memory_depth 1), else torch"))
     checkpoint_chunks: int = field(default=0, metadata={
         "help": "G > 0: activation checkpointing of the memory in groups of G chunks (same results, less memory)"})
 
@@ -144,7 +145,8 @@ class MemoryFormerConfig:
     tau: int = field(default=8, metadata={"help": "bits per hash chunk: each table has 2^tau rows (paper default)"})
     score: str = field(default="prob", metadata=_choices(
         "prob", "l1prob", help="bucket weight: the paper's product of sigmoids, or the released code's L1 form"))
-    rotary_pct: float = field(default=0.25, metadata={"help": "fraction of each head's channels rotated by RoPE"})
+    rotary_pct: float = field(default=0.25, metadata={
+        "help": "fraction of each head's channels rotated by RoPE (released code default)"})
 
 
 @dataclass
@@ -182,11 +184,12 @@ class EmbeddingConfig:
     bidirectional: bool = field(default=True, metadata={"help": "build mixers that support it non-causal"})
     pooling: str = field(default="latent", metadata=_choices(
         "latent", "mean", "last", help="NV-Embed latent attention, masked mean, or the last valid token"))
-    num_latents: int = field(default=128, metadata={"help": "latent dictionary size r"})
-    heads: int = field(default=4, metadata={"help": "latent-attention heads"})
+    num_latents: int = field(default=128, metadata={
+        "help": "latent dictionary size r (zoo default: CPU-sized; NV-Embed's is 512)"})
+    heads: int = field(default=4, metadata={"help": "latent-attention heads (zoo default: CPU-sized; NV-Embed's is 8)"})
     head_dim: Optional[int] = field(default=None, metadata={"help": "per-head width; null = dim // heads"})
     latent_dim: Optional[int] = field(default=None, metadata={"help": "latent width; null = dim"})
-    mlp_ratio: int = field(default=4, metadata={"help": "GEGLU feed-forward multiplier of the head"})
+    mlp_ratio: int = field(default=4, metadata={"help": "GEGLU feed-forward multiplier of the head (NV-Embed default)"})
     normalize: bool = field(default=True, metadata={"help": "L2-normalise the embeddings"})
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature tau"})
     in_batch_negatives: bool = field(default=True, metadata={"help": "other rows' positives are negatives"})
