@@ -192,3 +192,15 @@ def test_every_shipped_checkpoint_loads_with_its_exact_weights():
         saved = load_file(str(checkpoints_dir() / name / "model.safetensors"))
         assert set(state) == set(saved), name
         assert all(torch.equal(state[key], saved[key]) for key in saved), name
+
+
+def test_a_mask_reaches_only_mixers_that_declare_takes_mask():
+    from zoo.layers.attention import Attention
+    from zoo.layers.mom import GatedDeltaNet
+    from zoo.models.lm import Block
+
+    x, mask = torch.randn(2, 5, 32), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    encoder = Block(32, Attention(32, 2, causal=False), None, 1e-5, 0.0)
+    assert encoder(x, None, mask)[0].shape == (2, 5, 32)
+    with pytest.raises(ValueError, match="GatedDeltaNet takes no mask"):
+        Block(32, GatedDeltaNet(32, 2), None, 1e-5, 0.0)(x, None, mask)

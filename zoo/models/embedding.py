@@ -59,10 +59,10 @@ class EmbeddingModel(nn.Module):
 
     ``forward(input_ids (B, T), attention_mask (B, T) | None, pool_mask (B, T) | None) -> e (B, D)``.
 
-    - ``model.embedding.bidirectional``: mixers whose constructor takes ``causal`` (attention) are built non-causal;
+    - ``model.embedding.bidirectional``: mixers that declare ``has_causal_option`` (attention) are built non-causal;
       the others stay as they are and, when causal, are named in one warning at construction.
-    - Right padding; ``attention_mask`` (True = real token) reaches only the mixers that are non-causal and accept
-      ``mask=`` (causal mixers need none: the pads come after every real token).
+    - Right padding; ``attention_mask`` (True = real token) reaches only the mixers that are non-causal and declare
+      ``takes_mask`` (causal mixers need none: the pads come after every real token).
     - ``pool_mask`` defaults to ``attention_mask``; instructed queries clear the instruction prefix in it, so the
       backbone sees the instruction and the pooling does not.
     - ``model.embedding.pooling``: ``latent`` (``LatentAttentionPooling``), ``mean`` (masked mean) or ``last`` (the

@@ -77,8 +77,11 @@ class Block(nn.Module):
         if self.mixer is not None:
             if mask is None:
                 mixed, state = self.mixer(self.mixer_norm(x), state)
-            else:
+            elif self.mixer.takes_mask:
                 mixed, state = self.mixer(self.mixer_norm(x), state, mask=mask)
+            else:
+                raise ValueError(f"Block: {type(self.mixer).__name__} takes no mask (it declares takes_mask = False); "
+                                 f"call it with mask=None")
             x = x + self.dropout(mixed)                                   # (B, T, D)
         if self.mlp is not None:
             x = x + self.dropout(self.mlp(self.mlp_norm(x)))              # (B, T, D)
