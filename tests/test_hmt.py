@@ -455,8 +455,9 @@ def test_parameters_init_and_weight_decay_groups():
 
 def test_meta_init_then_reset_equals_a_normal_build():
     config = tiny_config().model
-    torch.manual_seed(7)
     normal = HMT.from_config(config)
+    torch.manual_seed(7)
+    normal.reset_parameters()
     with torch.device("meta"):
         meta = HMT.from_config(config)
     meta.to_empty(device="cpu")
@@ -464,8 +465,9 @@ def test_meta_init_then_reset_equals_a_normal_build():
     meta.reset_parameters()
     for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
         assert torch.equal(a, b), name
-    torch.manual_seed(7)
     backbone = LanguageModel(config)
+    torch.manual_seed(7)
+    backbone.reset_parameters()
     assert torch.equal(normal.m0, torch.randn(D) * backbone.embed.weight.std())  # m0 ~ randn(D) * std(E)
     x = make_ids(2, 2 * L + 3)
     with torch.no_grad():
