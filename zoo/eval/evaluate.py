@@ -8,13 +8,17 @@ from zoo.eval.metrics import Tally
 
 
 def is_retrieval(model: torch.nn.Module, data: DataBundle) -> bool:
-    """Whether to score retrieval: an embedding model with retrieval data (either alone is a mismatch)."""
-    from zoo.models.embedding import EmbeddingModel
+    """Whether to score retrieval: a model of an architecture that ``ARCHITECTURES`` marks ``retrieval`` (the
+    embedding model) with retrieval data (either alone is a mismatch)."""
+    from zoo.registry import ARCHITECTURES, resolve
 
-    embedder, pairs = isinstance(model, EmbeddingModel), getattr(data, "corpus", None) is not None
+    retrievers = [entry for entry in ARCHITECTURES.values() if entry.retrieval]
+    embedder = isinstance(model, tuple(resolve(entry.model) for entry in retrievers))
+    pairs = getattr(data, "corpus", None) is not None
     if embedder != pairs:
-        raise ValueError("an embedding model is evaluated on retrieval data (data.name=ict or needle) and other "
-                         "models on text or tasks; the model and data.name do not match")
+        names = " or ".join(name for entry in retrievers for name in entry.data)
+        raise ValueError(f"an embedding model is evaluated on retrieval data (data.name={names}) and other "
+                         f"models on text or tasks; the model and data.name do not match")
     return embedder
 
 
