@@ -223,7 +223,7 @@ def main(argv=None) -> None:
                   f"j=L/2, N={args.cache_size}, float32.")
         notes = ("ratio = time / the full-context backbone's time at the same shape. The windowed backbone reads "
                  "the same L-token pieces as HMT but without memory; HMT adds per segment k+2 positions to the main "
-                 "pass and one summary pass of j+2 positions (spec §4).")
+                 "pass and one summary pass of j+2 positions (docs/hmt.md#parallel-form).")
         print(f"wrote {write_results('hmt', rows, header=header, notes=notes)}")
     else:
         rows, info = bpb_rows(args.hmt, args.backbone, args.seq_len, args.batch_size, args.max_batches or None)

@@ -1,4 +1,4 @@
-"""The op ``gated_delta_rule`` against its sequential reference (specs/mom.md §5, items 1–7)."""
+"""The op ``gated_delta_rule`` against its sequential reference (docs/mom.md#tests, items 1–7)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""The op ``hash_lookup`` (MemoryFormer's Memory Layer) against a dense one-hot oracle (specs/memoryformer.md §12)."""
+"""The op ``hash_lookup`` (MemoryFormer's Memory Layer) against a dense one-hot oracle (docs/memoryformer.md#tests)."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""Properties of the Mamba-1 selective scan op (spec mamba.md §2, §7)."""
+"""Properties of the Mamba-1 selective scan op (docs/mamba.md#selective-scan and #tests)."""
 from __future__ import annotations
 
 import statistics

@@ -1,4 +1,4 @@
-"""Properties of the Mamba-2 SSD op (spec mamba.md §3, §7)."""
+"""Properties of the Mamba-2 SSD op (docs/mamba.md#ssd and #tests)."""
 from __future__ import annotations
 
 import statistics
@@ -221,7 +221,7 @@ def test_long_sequence_is_finite():
 
 
 def test_intra_chunk_decay_does_not_cancel():
-    """Spec §3 step 2: L must come from the stable segment sum. The first token of each chunk decays by a = −4·10⁴,
+    """Chunked SSD step 2: L must come from the stable segment sum. The first token of each chunk decays by a = −4·10⁴,
     the others by −0.01, so the in-chunk cumulative sum Λ is about −4·10⁴ and Λ_i − Λ_j loses about 1 % of the small
     decays to float32 rounding; the segment sum keeps float32 accuracy."""
     T, chunk = 64, 16

@@ -1,4 +1,4 @@
-"""Synthetic memory tasks (tasks.md §1-5): layouts, seeding, scoring."""
+"""Synthetic memory tasks (docs/tasks.md#conventions): layouts, seeding, scoring."""
 import re
 
 import pytest

@@ -1,4 +1,4 @@
-"""Tests of the deep (L ≥ 2) Titans memory op ``titans_mlp_memory`` (specs/titans.md §2.3, §3.4, §3.5 and §5)."""
+"""Tests of the deep (L ≥ 2) Titans memory op ``titans_mlp_memory`` (docs/titans.md#deep-memory and #tests)."""
 from __future__ import annotations
 
 import pytest

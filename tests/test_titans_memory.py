@@ -1,4 +1,4 @@
-"""Tests of the op ``titans_linear_memory`` (specs/titans.md §3.1–3.3, §3.7 and §5)."""
+"""Tests of the op ``titans_linear_memory`` (docs/titans.md#the-linear-memory-op and #tests)."""
 from __future__ import annotations
 
 import pytest

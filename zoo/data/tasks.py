@@ -84,7 +84,7 @@ class MQARConfig:
 
 @dataclass
 class SelectiveCopyConfig:
-    """Selective copying (Mamba §4.1, MAD): copy the content tokens, scattered among blanks, after ``copy``."""
+    """Selective copying (Mamba Sec. 4.1, MAD): copy the content tokens, scattered among blanks, after ``copy``."""
 
     seq_len: int = 256
     num_tokens: int = 16
@@ -120,7 +120,7 @@ class SelectiveCopyConfig:
 
 @dataclass
 class InductionConfig:
-    """Induction heads (Mamba §4.1): after the second ``trigger``, predict the token that followed the first."""
+    """Induction heads (Mamba Sec. 4.1): after the second ``trigger``, predict the token that followed the first."""
 
     seq_len: int = 256
     vocab_size: int = 16

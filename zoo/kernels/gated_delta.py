@@ -7,7 +7,7 @@ Per head, with a K×V state S (keys first) and row vectors:
 The file holds, in order: the sequential reference (the oracle), the chunked PyTorch form (WY representation through
 the UT transform, linear in T, the CPU path), and the public op with validation and dispatch. The Triton kernels and
 their autograd function live in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for).
-See ``specs/mom.md`` §3 for the derivation.
+See docs/mom.md#chunk-parallel-form for the derivation.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, initial_state=None, cu_seqlens=
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2. Chunked PyTorch form: WY representation through the UT transform (spec §3.2). Linear in T, autograd backward.
+# 2. Chunked PyTorch form, WY via the UT transform (docs/mom.md#chunk-parallel-form). Linear in T, autograd backward.
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _chunk_dense(q, k, v, g, beta, state, scale, chunk_size):

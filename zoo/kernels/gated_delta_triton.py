@@ -1,4 +1,4 @@
-"""Triton chunk kernels for the gated delta rule, forward and hand-written backward (specs/mom.md §3.3, §3.6).
+"""Triton chunk kernels for the gated delta rule, forward and hand-written backward (docs/mom.md#backward-of-one-chunk).
 
 Part 3 of the op in ``gated_delta.py``; imported only when ``backend="triton"`` is asked for, so ``import zoo`` never
 needs Triton. Every kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``): one fixed config, no autotune,
@@ -255,7 +255,7 @@ def _chunk_bwd_kernel(q, k, v, beta, G, u, du, do, h, dh, cu_seqlens, chunk_seq,
                       dq_out, dk_out, dv_out, dbeta_out, dg_out, scale,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr):
-    """Per chunk, given S, dS', U and dU: the UT-transform backward and dq, dk, dv, dβ, dg (spec §3.3).
+    """Per chunk, given S, dS', U, dU: UT-transform backward, dq, dk, dv, dβ, dg (docs/mom.md#backward-of-one-chunk).
     Grid (chunk slots, H); K and V each fit one tile."""
     i_c = tl.cast(tl.program_id(0), tl.int64)
     i_h = tl.cast(tl.program_id(1), tl.int64)
@@ -405,7 +405,7 @@ def _backward(q, k, v, beta, h0, cu_seqlens, scale, chunk_size, do, dht, saved):
 
 
 class GatedDeltaRuleTriton(torch.autograd.Function):
-    """Chunked gated delta rule on packed sequences with the hand-written backward of spec §3.3.
+    """Chunked gated delta rule on packed sequences with the hand-written backward of docs/mom.md#backward-of-one-chunk.
 
     Inputs are (T, H, ·) contiguous with ``cu_seqlens`` (N + 1,). The backward recomputes G, T, W, U and the
     chunk-start states from the saved inputs, runs the reverse state kernel (dS per chunk and dU), then the per-chunk

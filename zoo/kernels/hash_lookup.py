@@ -10,7 +10,7 @@ For one token x ∈ R^{Kτ}, cut into K contiguous chunks z_k of τ values:
 The file holds, in order: the dense one-hot reference (the oracle), the PyTorch path (``F.embedding_bag`` with
 per-sample weights, the CPU path), and the public op with validation and dispatch. The Triton kernels and their
 autograd function live in ``hash_lookup_triton.py`` (imported only when the Triton backend is asked for).
-See ``specs/memoryformer.md`` §3–§7.
+See docs/memoryformer.md#hash-and-bucket-index.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _compute_dtype(x: torch.Tensor, tables: torch.Tensor) -> torch.dtype:
 
 def hash_codes(x: torch.Tensor, tau: int, score: str = "prob",
                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket indices and differentiable weights of every chunk of ``x`` (spec §3–§4).
+    """Bucket indices and differentiable weights of every chunk of ``x`` (docs/memoryformer.md#differentiable-weight).
 
     Args:
         x: (..., K·τ). tau: bits per chunk. score: "prob" (s = p) or "l1prob" (s = ‖z‖₁·p).

@@ -2,7 +2,7 @@
 
 Forward: grid (B, Dm / BLOCK_D); a (BLOCK_D, N) state tile stays in registers across the time loop and an fp32 state
 checkpoint is written every K steps. Backward: the same grid walks the segments in reverse, recomputes each
-segment's K states from its checkpoint into a per-program scratch buffer, then runs the adjoint (spec mamba.md §2)::
+segment's K states from its checkpoint into per-program scratch, then runs the adjoint (docs/mamba.md#triton-kernels)::
 
     ĝ_t = C_t·gy'_t + a_{t+1}·ĝ_{t+1},  ĝ_T seeded by g_final;  g_initial = a_1·ĝ_1
 

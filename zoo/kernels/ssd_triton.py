@@ -1,6 +1,6 @@
 """Part 3 of ``ssd``: Triton forward/backward kernels and the autograd Function (the GPU path).
 
-Forward (spec mamba.md §3): (1) chunk cumsum Λ and chunk states S^c = Σ_j exp(Λ_Q − Λ_j)·X_j ⊗ B_j, one program per
+Forward (docs/mamba.md#ssd): (1) chunk cumsum Λ and chunk states S^c = Σ_j exp(Λ_Q − Λ_j)·X_j ⊗ B_j, one program per
 (batch·head, chunk); (2) sequential state passing per (batch·head), fp32, from the initial state; (3) the chunk
 output (C·Bᵀ ⊙ L)·X + exp(Λ)·C·S_startᵀ + D·x, recomputing C·Bᵀ and L. Stored: Δ, Λ, the chunk-start states and the
 final state. Backward: (1) gS_start from the output stage; (2) reverse state passing seeded by g_final; (3) one

@@ -1,13 +1,13 @@
-"""``titans_mlp_memory``: the Titans long-term memory with a deep (L ≥ 2) MLP memory (specs/titans.md §2.3, §3.4, §3.5).
+"""``titans_mlp_memory``: the Titans long-term memory with a deep (L ≥ 2) MLP memory (docs/titans.md#deep-memory).
 
 The memory network, per (batch, head), with fast weights W^1 (d×E), W^2..W^{L−1} (E×E), W^L (E×d):
 
     h_0 = z;  h_ℓ = GELU(h_{ℓ−1} W^ℓ) for ℓ < L;  M_W(z) = z + LN(h_{L−1} W^L)     (exact GELU, LN without affine)
 
 is trained online on ℓ_t(W) = ‖M_W(k_t) − v_t‖² with momentum and decay, every gradient of a chunk taken at the chunk-start
-weights, and read after each token: y_t = M_{W_t}(q_t) (Behrouz et al., arXiv 2501.00663, eqs. 13–15; NeurIPS §3.3).
+weights, and read after each token: y_t = M_{W_t}(q_t) (Behrouz et al., arXiv 2501.00663, eqs. 13–15; NeurIPS Sec. 3.3).
 
-State across calls (§3.5): the weights and momenta at the last completed chunk boundary plus the keys, values and gates of
+State across calls: the weights and momenta at the last completed chunk boundary plus the keys, values and gates of
 the p < b tokens after it. A call prepends those pending tokens (with zero queries, outputs dropped), so chunks stay
 aligned to the original sequence and any split — inside a chunk or not — gives the same outputs as one call.
 There is no Triton path: backends are "reference" (token loop with autograd gradients) and "torch" (chunk dual form).
@@ -96,7 +96,7 @@ def _finish(o, k, v, gates, pending, chunk_size, boundary_weights, boundary_mome
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Reference: the token loop with autograd gradients at the chunk-start weights (§3.4, last paragraph)
+# 1. Reference: the token loop with autograd gradients at the chunk-start weights (docs/titans.md#deep-memory)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def titans_mlp_memory_reference(q, k, v, alpha, eta, theta, weights, chunk_size=16, initial_state=None):
@@ -131,7 +131,7 @@ def titans_mlp_memory_reference(q, k, v, alpha, eta, theta, weights, chunk_size=
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Chunk-parallel torch path (§3.4): batched store pass, manual backward, dual-form readout, closed-form chunk end
+# 2. Chunk-parallel torch path: batched store pass, manual backward, dual-form readout, closed-form chunk end
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _chunk_store_pass(K, V, W):
@@ -305,7 +305,7 @@ def titans_mlp_memory(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16,
         state: :class:`MLPMemoryState` (weights and momenta at the last completed chunk boundary, plus the pending
             tokens). Calling on x[:, :t] and then on x[:, t:] with that state equals one call, for every t.
 
-    Per token t of a chunk with start weights W_c (specs/titans.md §2.2, §3.4): u_t = ∇_W ‖M_W(k_t) − v_t‖² at W_c,
+    Per token t of a chunk with start weights W_c (docs/titans.md#deep-memory): u_t = ∇_W ‖M_W(k_t) − v_t‖² at W_c,
     S_t = η_t S_{t−1} − θ_t u_t (θ^ℓ for layer ℓ), W_t = (1 − α_t) W_{t−1} + S_t.
 
     Example:

@@ -1,4 +1,4 @@
-"""``titans_linear_memory``: the Titans long-term memory with a matrix (depth-1) memory (specs/titans.md §3).
+"""``titans_linear_memory``: the Titans long-term memory as a matrix (docs/titans.md#the-linear-memory-op).
 
 Per (batch, head), with row vectors, chunk size b and chunks aligned to the start of the call, token t reads and writes
 
@@ -31,11 +31,11 @@ def _zero_state(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Reference: the token loop of §3.1
+# 1. Reference: the token loop of docs/titans.md#the-linear-memory-op
 # ---------------------------------------------------------------------------------------------------------------------
 
 def titans_linear_memory_reference(q, k, v, alpha, eta, theta, chunk_size=16, initial_state=None):
-    """The §3.1 token loop, written from the equations; the oracle for every other backend (works in float64).
+    """The token loop of Titans v1 eqs. 13–15, the oracle for every other backend (works in float64).
 
     Shapes as in :func:`titans_linear_memory`; returns ``(o, (M, S))`` with M, S the state after the last token.
     """
@@ -62,7 +62,7 @@ def titans_linear_memory_reference(q, k, v, alpha, eta, theta, chunk_size=16, in
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Chunked dual form in torch (§3.2); the gate coefficients are shared with the Triton path and the deep memory
+# 2. Chunked dual form in torch; the gate coefficients are shared with the Triton path and the deep memory
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _segment_products(factors: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def _segment_products(factors: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_gate_coefficients(alpha, eta, chunk_size: int, dtype: torch.dtype) -> dict:
-    """Gate-only coefficients of the dual form for every chunk at once (§3.2).
+    """Gate-only coefficients of the dual form for every chunk at once (docs/titans.md#chunk-parallel-form).
 
     alpha, eta: (B, T, H). Returns, in layout (B, H, N, b, ...) with N = ceil(T / b) chunks (the last one zero-padded):
     ``G`` = A·B (b×b), ``B`` (b×b), ``beta`` (b), ``f`` (b), and the chunk-end rows ``G_end``, ``B_end`` (b) and scalars
@@ -115,7 +115,7 @@ def _to_chunks(x: torch.Tensor, chunk_size: int, pad: int, dtype: torch.dtype) -
 
 
 def _titans_linear_memory_torch(q, k, v, alpha, eta, theta, chunk_size, initial_state):
-    """Chunk-parallel dual form (§3.2): gate/q/k work for all chunks at once, a loop over the T/b chunks carries (W, S)."""
+    """Chunk-parallel dual form: gate/q/k work for all chunks at once, a loop over the T/b chunks carries (W, S)."""
     dtype = _compute_dtype(q, k, v)
     T = q.shape[1]
     W, S = _zero_state(q, v, dtype) if initial_state is None else (t.to(dtype) for t in initial_state)
@@ -198,7 +198,7 @@ def titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size: int = 16, initi
         o: (B, T, H, V) in v's dtype, o_t = q_t M_t read after absorbing token t.
         (M, S): memory and momentum after the last token, (B, H, K, V), fp32 (fp64 for fp64 inputs).
 
-    Per chunk of b tokens with start weights R, for each token t (v1 eqs. 13–14, specs/titans.md §3.1):
+    Per chunk of b tokens with start weights R, for each token t (v1 eqs. 13–14, docs/titans.md#the-linear-memory-op):
     S_t = η_t S_{t−1} − θ_t ∇‖k_t R − v_t‖², M_t = (1 − α_t) M_{t−1} + S_t.
     Splitting a sequence at a multiple of b and passing (M, S) on gives the same result as one call.
 

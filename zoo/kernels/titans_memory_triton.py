@@ -1,4 +1,4 @@
-"""Triton forward and backward kernels of ``titans_linear_memory`` (specs/titans.md §3.2, §3.3, §3.7).
+"""Triton forward and backward kernels of ``titans_linear_memory`` (docs/titans.md#backends).
 
 Imported lazily by ``zoo.kernels.titans_memory`` when ``backend="triton"``; importing this module needs triton.
 
@@ -162,7 +162,7 @@ def _poisoned(*shape, like: torch.Tensor) -> torch.Tensor:
 
 
 class _TitansLinearMemoryTriton(torch.autograd.Function):
-    """Chunked dual form of §3.2 with the hand-written chunk backward of §3.3 (per-coefficient adjoints)."""
+    """Chunked dual form with the hand-written chunk backward of docs/titans.md#backward-of-one-chunk."""
 
     @staticmethod
     def forward(ctx, q, k, v, gamma, beta, f, c, e, ends, m0, s0, chunk_size):

@@ -1,4 +1,4 @@
-"""HMT: Hierarchical Memory Transformer, a segment-recurrent wrapper around any zoo decoder LM (specs/hmt.md).
+"""HMT: Hierarchical Memory Transformer, a segment-recurrent wrapper around any zoo decoder LM (docs/hmt.md).
 
 Paper: He et al., "HMT: Hierarchical Memory Transformer for Efficient Long Context Language Processing",
 arXiv 2405.06067 (v3, NAACL 2025).
@@ -86,7 +86,7 @@ class HMT(nn.Module):
 
     Returns ``(logits (B, T, V), HMTState)``; ``logits[:, t]`` predicts ``input_ids[:, t+1]``.
 
-    Args (specs/hmt.md §2-§3): ``segment_len`` L text tokens per segment; ``sensory_len`` k tokens of the previous
+    Args (docs/hmt.md#api): ``segment_len`` L text tokens per segment; ``sensory_len`` k tokens of the previous
     segment re-read (0 disables); ``cache_size`` N memories in the FIFO cache; ``summary_fraction`` gives the
     j = max(1, floor(fraction * L)) summary tokens; ``recall_dim`` d_h of the recall query/key projections (None = D);
     ``summary_source`` "previous" (the recall query reads the last j tokens of segment n-1: strictly causal, streams
@@ -178,7 +178,7 @@ class HMT(nn.Module):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """m0 and T ~ randn(D) * std(backbone embedding); Wq, Wk get PyTorch's default init (spec §6)."""
+        """m0 and T ~ randn(D) * std(backbone embedding); Wq, Wk get PyTorch's default init (docs/hmt.md#parameters)."""
         with torch.no_grad():
             scale = self.backbone.embed.weight.float().std().to(self.m0.dtype)
             self.m0.normal_().mul_(scale)

@@ -1,12 +1,12 @@
-"""Titans neural long-term memory (LMM) as a sequence mixer: ``TitansMemory`` (specs/titans.md §2, §3.5).
+"""Titans neural long-term memory (LMM) as a sequence mixer: ``TitansMemory`` (docs/titans.md).
 
-Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663; v1 §3–4, NeurIPS 2025 §3.3).
+Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663; v1 Sec. 3–4, NeurIPS Sec. 3.3).
 The memory is a small network M_W whose weights W are the recurrent state, trained online at test time by gradient
 descent with momentum and weight decay on ‖M_W(k_t) − v_t‖², every gradient of a chunk of b tokens taken at the
 chunk-start weights. Depth 1 runs the op :func:`zoo.kernels.titans_linear_memory` (matrix memory), depth ≥ 2 the op
 :func:`zoo.kernels.titans_deep_memory.titans_mlp_memory` (residual MLP memory with LayerNorm).
 
-The hybrids built on it (``TitansMAC``, ``TitansMAG``, ``TitansMAL``, §4) live in ``zoo.layers.titans_hybrids`` and are
+The hybrids built on it (``TitansMAC``, ``TitansMAG``, ``TitansMAL``) live in ``zoo.layers.titans_hybrids`` and are
 re-exported here lazily, so ``from zoo.layers.titans import TitansMAC`` works.
 
     from zoo.layers.titans import TitansMemory
@@ -32,16 +32,16 @@ from zoo.layers.base import Mixer
 from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm
 
-_INIT_GAIN = 2 ** -2.5          # xavier_uniform gain of every projection (§2.1 [open])
+_INIT_GAIN = 2 ** -2.5          # xavier_uniform gain of every projection (docs/titans.md#parameters)
 _GATE_BIAS = {"alpha": -4.6, "eta": 0.0, "theta": -2.2}   # sigmoid: α ≈ 0.01, η = 0.5, θ ≈ 0.1·θ_max
 _L2_EPS = 1e-6
-# Options of TitansMemory that the hybrids accept in their ``memory`` dict (§4).
+# Options of TitansMemory that the hybrids accept in their ``memory`` dict (docs/titans.md#hybrids).
 MEMORY_OPTIONS = ("head_dim", "memory_depth", "memory_expansion", "chunk_size", "conv_size", "momentum", "forget",
                   "theta_max", "backend", "checkpoint_chunks")
 
 
 class TitansState(NamedTuple):
-    """Recurrent state of :class:`TitansMemory`, batch-first (specs/titans.md §3.5).
+    """Recurrent state of :class:`TitansMemory`, batch-first (docs/titans.md#state-across-calls).
 
     weights, momentum: tuples of L tensors (B, H, in, out), fp32 (fp64 for fp64 inputs): the fast weights W^ℓ and the
         momentum S^ℓ at the last completed chunk boundary.
@@ -64,11 +64,11 @@ def _l2_normalize(z: torch.Tensor) -> torch.Tensor:
 
 
 class TitansMemory(Mixer):
-    """Multi-head Titans long-term memory mixer (Behrouz et al. 2025, arXiv 2501.00663 v1 §3, §4.4).
+    """Multi-head Titans long-term memory mixer (Behrouz et al. 2025, arXiv 2501.00663 v1 Sec. 3, Sec. 4.4).
 
     ``forward(x (B, T, D), state: TitansState | None = None) -> (y (B, T, D), TitansState)``.
 
-    Per token t and head (specs/titans.md §2.2):
+    Per token t and head (docs/titans.md#forward-equations):
     q, k, v = l2(SiLU(conv(x W_q))), l2(SiLU(conv(x W_k))), SiLU(conv(x W_v)), each (B, T, H, d);
     [α, η, θ^1..θ^L] = sigmoid(x W_gate + b_gate), θ scaled by ``theta_max``;
     u_t = ∇_W ‖M_W(k_t) − v_t‖² at the chunk-start weights; S_t = η_t S_{t−1} − θ_t u_t; W_t = (1 − α_t) W_{t−1} + S_t;
@@ -81,7 +81,7 @@ class TitansMemory(Mixer):
 
     ``checkpoint_chunks = G > 0`` runs the memory in groups of G chunks under activation checkpointing when gradients
     are needed: backward recomputes one group at a time (all but the last, whose graph it needs first), so activation
-    memory holds the group-boundary states ((T / (G·b))·|M|) plus one group's graph instead of every chunk's (§3.4), for
+    memory holds the group-boundary states ((T / (G·b))·|M|) plus one group's graph instead of every chunk's, for
     about one extra forward of the memory. Results are identical.
     """
 
@@ -139,7 +139,7 @@ class TitansMemory(Mixer):
         return cls(dim=dim, heads=section.heads, **memory_options(section))
 
     def reset_parameters(self) -> None:
-        """Initialise every parameter (specs/titans.md §2.1)."""
+        """Initialise every parameter (docs/titans.md#parameters)."""
         for linear in (self.w_q, self.w_k, self.w_v, self.w_gate, self.w_out_gate, self.w_o):
             nn.init.xavier_uniform_(linear.weight, gain=_INIT_GAIN)
         for conv in (self.conv_q, self.conv_k, self.conv_v):
@@ -263,7 +263,7 @@ class TitansMemory(Mixer):
         return y, tuple(memory)
 
     def _linear_memory(self, q, k, v, alpha, eta, theta, memory):
-        """Matrix memory with the §3.5 pending-token protocol around :func:`titans_linear_memory`.
+        """Matrix memory with the pending-token protocol around :func:`titans_linear_memory`.
 
         Prepends the pending tokens (zero queries, outputs dropped), runs the chunk-aligned prefix to get the new
         boundary state, then the tail from it. Returns (y (B, T, H, d), (weights, momentum, pending k, v, gates)).

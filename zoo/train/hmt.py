@@ -1,4 +1,4 @@
-"""The LightningModule for HMT (specs/hmt.md §8): BPTT over the segments of each text window.
+"""The LightningModule for HMT (docs/hmt.md#training): BPTT over the segments of each text window.
 
 Each training window of ``data.seq_len`` tokens holds several HMT segments and is unrolled in one forward, with
 gradients through every segment and the cached memories. The two training options of ``model.hmt`` live here:
