@@ -8,7 +8,6 @@ gradients through every segment and the cached memories. The two training option
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from zoo.config import Config
 from zoo.eval.metrics import IGNORE_INDEX
@@ -41,12 +40,6 @@ class HMTTask(LanguageModelTask):
         if options.freeze_backbone:
             self.model.backbone.requires_grad_(False)
 
-    def training_step(self, batch, batch_idx):
-        logits, _ = self._forward(batch["input_ids"])                             # (B, T, V)
-        labels = last_segments_labels(batch["labels"], self.model.segment_len, self.loss_last_segments)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        if self.train_loader is not None:
-            self.train_loader.mark_consumed()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+    def training_labels(self, batch: dict) -> torch.Tensor:
+        """The window's labels (B, T) with the segments before the last ``loss_last_segments`` unscored."""
+        return last_segments_labels(batch["labels"], self.model.segment_len, self.loss_last_segments)
