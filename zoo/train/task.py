@@ -73,7 +73,7 @@ class Task(pl.LightningModule):
         if self.config.trainer.compile and self._forward is self.model:
             self._forward = torch.compile(self.model)
 
-    # ------------------------------------------------------------------------------------------------ what a task supplies
+    # ----------------------------------------------------------------------------------------- what a task supplies
     def task_loss(self, batch: dict) -> tuple[torch.Tensor, object, dict]:
         """(loss without auxiliaries, the model's returned state, {metric name: value} logged as ``train/<name>``)."""
         raise NotImplementedError(f"{type(self).__name__} must define task_loss(batch)")
