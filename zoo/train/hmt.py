@@ -3,7 +3,7 @@
 Each training window of ``data.seq_len`` tokens holds several HMT segments and is unrolled in one forward, with
 gradients through every segment and the cached memories. The two training options of ``model.hmt`` live here:
 ``loss_last_segments=s`` scores only the last s segments of each window (the reference's loss), and
-``freeze_backbone`` trains only m0, T, Wq and Wk. Validation, resume and the NaN guard are ``LanguageModelTask``'s.
+``freeze_backbone`` trains only m0, T, Wq and Wk. Loss, validation and the scaffolding are ``LanguageModelTask``'s.
 """
 from __future__ import annotations
 
