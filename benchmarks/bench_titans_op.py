@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from zoo.kernels.titans_deep_memory import titans_mlp_memory
-from zoo.kernels.titans_memory import titans_linear_memory
+from zoo.kernels.titans_mlp_memory import titans_mlp_memory
+from zoo.kernels.titans_linear_memory import titans_linear_memory
 
 
 def _linear_inputs(B, T, H, d):

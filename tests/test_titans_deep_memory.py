@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from zoo.kernels._common import rel_rms_error
-from zoo.kernels.titans_deep_memory import (MLPMemoryState, _chunk_readout, _chunk_store_pass, _memory_mlp,
+from zoo.kernels.titans_mlp_memory import (MLPMemoryState, _chunk_readout, _chunk_store_pass, _memory_mlp,
                                             titans_mlp_memory, titans_mlp_memory_reference)
-from zoo.kernels.titans_memory import _chunk_gate_coefficients
+from zoo.kernels.titans_linear_memory import _chunk_gate_coefficients
 
 F64 = torch.float64
 

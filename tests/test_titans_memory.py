@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
-from zoo.kernels.titans_memory import titans_linear_memory, titans_linear_memory_reference
+from zoo.kernels.titans_linear_memory import titans_linear_memory, titans_linear_memory_reference
 
 F64 = torch.float64
 triton_runs = pytest.mark.skipif(

@@ -4,7 +4,7 @@ Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 250
 The memory is a small network M_W whose weights W are the recurrent state, trained online at test time by gradient
 descent with momentum and weight decay on ‖M_W(k_t) − v_t‖², every gradient of a chunk of b tokens taken at the
 chunk-start weights. Depth 1 runs the op :func:`zoo.kernels.titans_linear_memory` (matrix memory), depth ≥ 2 the op
-:func:`zoo.kernels.titans_deep_memory.titans_mlp_memory` (residual MLP memory with LayerNorm).
+:func:`zoo.kernels.titans_mlp_memory.titans_mlp_memory` (residual MLP memory with LayerNorm).
 
 The hybrids built on it (``TitansMAC``, ``TitansMAG``, ``TitansMAL``, §4) live in ``zoo.layers.titans_hybrids`` and are
 re-exported here lazily, so ``from zoo.layers.titans import TitansMAC`` works.
@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
-from zoo.kernels.titans_deep_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
-from zoo.kernels.titans_memory import titans_linear_memory
+from zoo.kernels.titans_mlp_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
+from zoo.kernels.titans_linear_memory import titans_linear_memory
 from zoo.layers.base import Mixer
 from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm

@@ -1,6 +1,6 @@
 """Triton forward and backward kernels of ``titans_linear_memory`` (specs/titans.md §3.2, §3.3, §3.7).
 
-Imported lazily by ``zoo.kernels.titans_memory`` when ``backend="triton"``; importing this module needs triton.
+Imported lazily by ``zoo.kernels.titans_linear_memory`` when ``backend="triton"``; importing this module needs triton.
 
 The gate-only coefficients of the dual form (Γ = G ⊙ 1θᵀ, β, f, the chunk-end rows c = G_{n,:}⊙θ, e = B_{n,:}⊙θ and the
 scalars β_n, f_n, m_n) are computed in torch, where autograd differentiates them back to α, η, θ exactly. The kernels do

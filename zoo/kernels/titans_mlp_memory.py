@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from zoo.kernels._common import check_finite, check_floating, check_range, check_shape, resolve_backend
-from zoo.kernels.titans_memory import _chunk_gate_coefficients, _compute_dtype, _to_chunks
+from zoo.kernels.titans_linear_memory import _chunk_gate_coefficients, _compute_dtype, _to_chunks
 
 _OP = "titans_mlp_memory"
 _LN_EPS = 1e-5
@@ -310,7 +310,7 @@ def titans_mlp_memory(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16,
 
     Example:
         >>> import torch
-        >>> from zoo.kernels.titans_deep_memory import titans_mlp_memory
+        >>> from zoo.kernels.titans_mlp_memory import titans_mlp_memory
         >>> B, T, H, d, E = 2, 20, 2, 8, 32
         >>> q, k = torch.nn.functional.normalize(torch.randn(2, B, T, H, d), dim=-1)
         >>> v = torch.randn(B, T, H, d)

@@ -7,7 +7,7 @@ Per (batch, head), with row vectors, chunk size b and chunks aligned to the star
 
 (Behrouz et al., "Titans: Learning to Memorize at Test Time", arXiv 2501.00663, eqs. 13–18). The file holds the four
 parts of the kernel contract: the token loop (oracle), the chunked dual form in torch, the Triton path (kernels in
-``titans_memory_triton.py``, imported lazily) and the public function.
+``titans_linear_memory_triton.py``, imported lazily) and the public function.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def _titans_linear_memory_torch(q, k, v, alpha, eta, theta, chunk_size, initial_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Triton path: kernels and the autograd.Function live in titans_memory_triton.py (imported only when used)
+# 3. Triton path: kernels and the autograd.Function live in titans_linear_memory_triton.py (imported only when used)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _triton_supports(chunk_size: int, key_dim: int) -> str | None:
@@ -156,7 +156,7 @@ def _triton_supports(chunk_size: int, key_dim: int) -> str | None:
 
 
 def _titans_linear_memory_triton(q, k, v, alpha, eta, theta, chunk_size, initial_state):
-    from zoo.kernels.titans_memory_triton import titans_linear_memory_triton
+    from zoo.kernels.titans_linear_memory_triton import titans_linear_memory_triton
 
     dtype = _compute_dtype(q, k, v)
     M0, S0 = _zero_state(q, v, dtype) if initial_state is None else (t.to(dtype) for t in initial_state)
