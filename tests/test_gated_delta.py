@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import zoo.kernels.gated_delta as gated_delta
 from zoo.kernels import gated_delta_rule
 from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
 
@@ -87,11 +86,11 @@ def test_chunked_gradients_match_reference(use_qk_l2norm):
     assert_close(results32, expected, {"default": 5e-4})
 
 
-def test_chunked_gradcheck_with_small_chunks(monkeypatch):
-    monkeypatch.setattr(gated_delta, "CHUNK_SIZE", 4)
+def test_chunked_gradcheck_with_small_chunks():
     inputs = make_inputs(1, 9, 1, 3, 2, normalize_k=False)
     inputs[3] = (inputs[3].detach() - 0.1).requires_grad_()  # keep g < 0 under the finite-difference steps
-    function = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm=True, scale=0.7, backend="torch")  # noqa: E731
+    function = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm=True, scale=0.7, chunk_size=4,  # noqa: E731
+                                            backend="torch")
     assert torch.autograd.gradcheck(function, inputs)
 
 
