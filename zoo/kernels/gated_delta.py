@@ -4,9 +4,10 @@ Per head, with a K×V state S (keys first) and row vectors:
 
     S_t = e^{g_t} S_{t-1} + β_t k_t (v_t − e^{g_t} S_{t-1}ᵀ k_t)ᵀ,      o_t = scale · S_tᵀ q_t
 
-The file holds, in order: the sequential reference (the oracle), the chunked PyTorch form (WY representation through
-the UT transform, linear in T, the CPU path), and the public op with validation and dispatch. The Triton kernels and
-their autograd function live in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for).
+The file holds the four numbered parts of the kernel contract: 1 the sequential reference (the oracle), 2 the chunked
+PyTorch form (WY representation through the UT transform, linear in T, the CPU path), 3 the entry to the Triton kernels
+and their autograd function in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for), and
+4 the public op with validation (``_validate``) and dispatch.
 See ``specs/mom.md`` §3 for the derivation.
 """
 from __future__ import annotations
@@ -174,7 +175,17 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, cu_seqlens=No
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 4. The public op (part 3, the Triton kernels, is gated_delta_triton.py).
+# 3. Triton path: the kernels and their autograd.Function live in gated_delta_triton.py (imported only when used).
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _gated_delta_rule_triton(q, k, v, g, beta, **arguments):
+    from zoo.kernels.gated_delta_triton import gated_delta_rule_triton
+
+    return gated_delta_rule_triton(q, k, v, g, beta, **arguments)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The public op.
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size, backend) -> str:
@@ -263,5 +274,4 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         return gated_delta_rule_reference(q, k, v, g, beta, **arguments)
     if backend == "torch":
         return gated_delta_rule_chunked(q, k, v, g, beta, **arguments, chunk_size=chunk_size)
-    from zoo.kernels.gated_delta_triton import gated_delta_rule_triton
-    return gated_delta_rule_triton(q, k, v, g, beta, **arguments, chunk_size=chunk_size)
+    return _gated_delta_rule_triton(q, k, v, g, beta, **arguments, chunk_size=chunk_size)

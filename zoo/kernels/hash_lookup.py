@@ -7,9 +7,10 @@ For one token x ∈ R^{Kτ}, cut into K contiguous chunks z_k of τ values:
     s_k    = p_k ("prob", the paper)   or   ‖z_k‖₁ · p_k ("l1prob", the released code)
     y      = Σ_k s_k · tables[k, code_k, :] + bias
 
-The file holds, in order: the dense one-hot reference (the oracle), the PyTorch path (``F.embedding_bag`` with
-per-sample weights, the CPU path), and the public op with validation and dispatch. The Triton kernels and their
-autograd function live in ``hash_lookup_triton.py`` (imported only when the Triton backend is asked for).
+The file holds the four numbered parts of the kernel contract: 1 the dense one-hot reference (the oracle), 2 the PyTorch
+path (``F.embedding_bag`` with per-sample weights, the CPU path), 3 the entry to the Triton kernels and their autograd
+function in ``hash_lookup_triton.py`` (imported only when the Triton backend is asked for), and 4 the public op with
+validation (``_validate``) and dispatch. The op does not chunk, so it has no chunk size.
 See ``specs/memoryformer.md`` §3–§7.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Paper: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", arXiv 2312.00752, Alg. 2.
 Per channel d and state n:  h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t,  y_t = C_t·h_t + D u_t  (ZOH for A, Euler for B).
-The Triton kernels live in ``selective_scan_triton.py``; this file holds parts 1, 2 and 4 of the kernel contract.
+The file holds the four numbered parts of the kernel contract; part 3's kernels live in ``selective_scan_triton.py``.
 """
 from __future__ import annotations
 

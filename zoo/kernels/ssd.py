@@ -3,7 +3,7 @@
 Paper: Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space
 Duality", arXiv 2405.21060 (Listing 1 is the chunked algorithm). Each head h (group g = h // (H/G)) carries a P×N
 state:  S_t = exp(Δ_t A_h)·S_{t-1} + Δ_t·x_t ⊗ B_t[g],  y_t = S_t·C_t[g] + D_h·x_t.
-The Triton kernels live in ``ssd_triton.py``; this file holds parts 1, 2 and 4 of the kernel contract.
+The file holds the four numbered parts of the kernel contract; part 3's kernels live in ``ssd_triton.py``.
 """
 from __future__ import annotations
 
