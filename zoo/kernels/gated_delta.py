@@ -15,23 +15,24 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from zoo.kernels._common import (
-    check_chunk_size,
-    check_cu_seqlens,
-    check_floating,
-    check_range,
-    check_shape,
-    compute_dtype,
-    l2_normalize,
-    resolve_backend,
-    sequence_bounds,
-)
+from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_floating, check_range, check_shape,
+                                 compute_dtype, l2_normalize, resolve_backend, sequence_bounds)
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "CHUNK_SIZE"]
 
 OP = "gated_delta_rule"
 CHUNK_SIZE = 64  # C: the default tokens per chunk of the chunked forms
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)
+
+
+def _prepare(q, k, v, g, beta, scale, use_qk_l2norm):
+    """The inputs in the compute dtype (q and k l2-normalised when asked), that dtype, and the output scale."""
+    dtype = compute_dtype(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    return (q, k, v, g, beta), dtype, scale
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -61,12 +62,8 @@ def gated_delta_rule_reference(q, k, v, g, beta, initial_state=None, cu_seqlens=
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = compute_dtype(q)
     out_dtype = v.dtype
-    scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
+    (q, k, v, g, beta), dtype, scale = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
     if cu_seqlens is None:
         state = (q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype))  # (B, H, K, V)
         o, final = _recurrent(q, k, v, g, beta, state, scale)
@@ -142,12 +139,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, cu_seqlens=No
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
-    dtype = compute_dtype(q)
     out_dtype = v.dtype
-    scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
+    (q, k, v, g, beta), dtype, scale = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
     if cu_seqlens is None:
         padded = -(-T // C) * C
         state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)  # (B, H, K, V)

@@ -10,16 +10,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from zoo.kernels._common import (
-    check_chunk_size,
-    check_finite,
-    check_floating,
-    check_range,
-    check_shape,
-    compute_dtype,
-    discretise_delta,
-    resolve_backend,
-)
+from zoo.kernels._common import (check_chunk_size, check_finite, check_floating, check_range, check_shape,
+                                 compute_dtype, discretise_delta, resolve_backend)
 
 __all__ = ["selective_scan", "selective_scan_reference"]
 

@@ -11,18 +11,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from zoo.kernels._common import (
-    check_chunk_size,
-    check_cu_seqlens,
-    check_finite,
-    check_floating,
-    check_range,
-    check_shape,
-    compute_dtype,
-    discretise_delta,
-    resolve_backend,
-    sequence_bounds,
-)
+from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_finite, check_floating, check_range,
+                                 check_shape, compute_dtype, discretise_delta, resolve_backend, sequence_bounds)
 
 __all__ = ["ssd", "ssd_reference"]
 

@@ -21,15 +21,8 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 
-from zoo.kernels._common import (
-    check_chunk_size,
-    check_finite,
-    check_floating,
-    check_range,
-    check_shape,
-    compute_dtype,
-    resolve_backend,
-)
+from zoo.kernels._common import (check_chunk_size, check_finite, check_floating, check_range, check_shape,
+                                 compute_dtype, resolve_backend)
 
 _OP = "titans_linear_memory"
 
@@ -209,6 +202,16 @@ _RUNS = {"reference": titans_linear_memory_reference, "torch": _titans_linear_me
          "triton": _titans_linear_memory_triton}
 
 
+def check_values(op: str, named: dict, alpha, eta, theta) -> None:
+    """Every named tensor floating-point and finite, α and η in [0, 1], θ ≥ 0 (the checks both Titans ops share)."""
+    for name, tensor in named.items():
+        check_floating(op, name, tensor)
+        check_finite(op, name, tensor)
+    check_range(op, "alpha", alpha, 0.0, 1.0)
+    check_range(op, "eta", eta, 0.0, 1.0)
+    check_range(op, "theta", theta, 0.0, None)
+
+
 def _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, backend) -> str:
     """One-line errors for inputs that disagree; returns the concrete backend."""
     check_shape(_OP, "q", q, (None, None, None, None), " (B, T, H, K)")
@@ -238,12 +241,7 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, backend) ->
         for name, state in zip(("initial_state[0] (M_0)", "initial_state[1] (S_0)"), initial_state):
             check_shape(_OP, name, state, (B, H, K, Vdim), " (B, H, K, V)")
         named.update(M_0=initial_state[0], S_0=initial_state[1])
-    for name, tensor in named.items():
-        check_floating(_OP, name, tensor)
-        check_finite(_OP, name, tensor)
-    check_range(_OP, "alpha", alpha, 0.0, 1.0)
-    check_range(_OP, "eta", eta, 0.0, 1.0)
-    check_range(_OP, "theta", theta, 0.0, None)
+    check_values(_OP, named, alpha, eta, theta)
     resolved = resolve_backend(backend, q, _OP)
     if resolved == "triton":
         reason = _triton_supports(chunk_size, K)

@@ -21,16 +21,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from zoo.kernels._common import (
-    check_chunk_size,
-    check_finite,
-    check_floating,
-    check_range,
-    check_shape,
-    compute_dtype,
-    resolve_backend,
-)
-from zoo.kernels.titans_linear_memory import _chunk_gate_coefficients, _to_chunks
+from zoo.kernels._common import check_chunk_size, check_shape, compute_dtype, resolve_backend
+from zoo.kernels.titans_linear_memory import _chunk_gate_coefficients, _to_chunks, check_values
 
 _OP = "titans_mlp_memory"
 _LN_EPS = 1e-5
@@ -291,12 +283,7 @@ def _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state, ba
         check_shape(_OP, "initial_state.pending_v", initial_state.pending_v, (B, p, H, d), " (B, p, H, d)")
         check_shape(_OP, "initial_state.pending_gates", initial_state.pending_gates, (B, p, H, 2 + L),
                     " (B, p, H, 2 + L)")
-    for name, tensor in named.items():
-        check_floating(_OP, name, tensor)
-        check_finite(_OP, name, tensor)
-    check_range(_OP, "alpha", alpha, 0.0, 1.0)
-    check_range(_OP, "eta", eta, 0.0, 1.0)
-    check_range(_OP, "theta", theta, 0.0, None)
+    check_values(_OP, named, alpha, eta, theta)
     if backend == "triton":
         raise ValueError(f"{_OP}: there is no Triton path for the deep memory; use backend='torch' or 'reference'")
     return resolve_backend(backend, q, _OP)

@@ -4,49 +4,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
+from tests.kernels.kit import F64, assert_finite, needs_triton, random_functional
+from tests.kernels.kit import titans_linear_inputs as make_inputs
+from zoo.kernels._common import rel_rms_error
 from zoo.kernels.titans_linear_memory import (_titans_linear_memory_torch, titans_linear_memory,
                                               titans_linear_memory_reference)
-
-F64 = torch.float64
-triton_runs = pytest.mark.skipif(
-    not triton_available() or not (torch.cuda.is_available() or triton_interpreted()),
-    reason="needs triton, and CUDA or TRITON_INTERPRET=1")
-
-
-def _gates(generator, *shape, dtype=F64, scale=1.0):
-    """Uniform [0, 1] with about 10 % exact 0 and 10 % exact 1, times ``scale``."""
-    gate = torch.rand(*shape, generator=generator, dtype=F64)
-    pick = torch.rand(*shape, generator=generator, dtype=F64)
-    gate = torch.where(pick < 0.1, 0.0, torch.where(pick > 0.9, 1.0, gate))
-    return (scale * gate).to(dtype)
-
-
-def make_inputs(B, T, H, K, V, dtype=F64, seed=0, state=True):
-    """q, k (unit norm), v, alpha, eta, theta and a random initial state."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, dtype=F64), dim=-1).to(dtype)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, dtype=F64), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, V, generator=gen, dtype=F64).to(dtype)
-    alpha, eta, theta = (_gates(gen, B, T, H, dtype=dtype) for _ in range(3))
-    initial = None
-    if state:
-        initial = tuple(torch.randn(B, H, K, V, generator=gen, dtype=F64).to(dtype) for _ in range(2))
-    return [q, k, v, alpha, eta, theta], initial
-
-
-def _functional(outputs, seed=123):
-    """A random linear functional of every output tensor (cotangents drawn in fp64, independent of strides)."""
-    gen = torch.Generator().manual_seed(seed)
-    return sum((x * torch.randn(x.shape, generator=gen, dtype=F64).to(x)).sum() for x in outputs)
 
 
 def _run_with_grads(inputs, initial, chunk_size, backend, dtype=None):
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     leaves = [x.detach().to(device, dtype or x.dtype).requires_grad_() for x in inputs + list(initial)]
     o, (M, S, *_) = titans_linear_memory(*leaves[:6], chunk_size=chunk_size, initial_state=tuple(leaves[6:]),
-                                     backend=backend)
-    grads = torch.autograd.grad(_functional([o, M, S]), leaves)
+                                         backend=backend)
+    grads = torch.autograd.grad(random_functional([o, M, S], seed=123), leaves)
     return (o, M, S), grads
 
 
@@ -65,7 +35,7 @@ def test_torch_fp32_matches_fp64_reference():
     inputs, initial = make_inputs(2, 256, 2, 16, 16, seed=1)
     ref_o, (ref_M, ref_S) = titans_linear_memory_reference(*inputs, chunk_size=16, initial_state=initial)
     o, (M, S, *_) = titans_linear_memory(*(x.float() for x in inputs), chunk_size=16,
-                                     initial_state=tuple(s.float() for s in initial), backend="torch")
+                                         initial_state=tuple(s.float() for s in initial), backend="torch")
     assert o.dtype == M.dtype == S.dtype == torch.float32
     for got, want in ((o, ref_o), (M, ref_M), (S, ref_S)):
         assert rel_rms_error(got, want) <= 1e-5
@@ -96,7 +66,7 @@ def test_gradcheck_fp64(backend):
 
     def op(q, k, v, alpha, eta, theta, M0, S0):
         o, (M, S, *_) = titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size=4, initial_state=(M0, S0),
-                                         backend=backend)
+                                             backend=backend)
         return o, M, S
 
     assert torch.autograd.gradcheck(op, tensors)
@@ -133,7 +103,7 @@ def test_no_decay_no_momentum_chunk_one_is_deltanet():
     q, k, v, _, _, theta = inputs
     zeros = torch.zeros_like(theta)
     o, (M, *_) = titans_linear_memory(q, k, v, zeros, zeros, theta, chunk_size=1,
-                                     initial_state=(M0, torch.zeros_like(M0)))
+                                      initial_state=(M0, torch.zeros_like(M0)))
     o_delta, M_delta = _delta_rule(q, k, v, 2 * theta, M0)
     assert rel_rms_error(o, o_delta) <= 1e-10 and rel_rms_error(M, M_delta) <= 1e-10
     try:
@@ -184,7 +154,7 @@ def test_stream_split_equals_full(backend, chunk_size):
         o1, state = titans_linear_memory(*(x[:, :split] for x in inputs), chunk_size=chunk_size,
                                          initial_state=initial, backend=backend)
         o2, (M, S, *_) = titans_linear_memory(*(x[:, split:] for x in inputs), chunk_size=chunk_size,
-                                          initial_state=state, backend=backend)
+                                              initial_state=state, backend=backend)
         assert rel_rms_error(torch.cat([o1, o2], dim=1), full_o) <= 1e-12, split
         assert rel_rms_error(M, full_state[0]) <= 1e-12 and rel_rms_error(S, full_state[1]) <= 1e-12, split
 
@@ -235,16 +205,17 @@ def test_batch_and_heads_are_independent():
     assert torch.equal(o_changed[0], o[0]) and torch.equal(M_changed[0], M[0])
     for head in range(3):
         o_h, (M_h, S_h, *_) = titans_linear_memory(*(x[:, :, head:head + 1] for x in inputs), chunk_size=4,
-                                               initial_state=tuple(s[:, head:head + 1] for s in initial))
+                                                   initial_state=tuple(s[:, head:head + 1] for s in initial))
         torch.testing.assert_close(o_h, o[:, :, head:head + 1], rtol=0, atol=1e-13)
         torch.testing.assert_close(M_h, M[:, head:head + 1], rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=triton_runs)])
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
 def test_outputs_and_gradients_are_finite_under_nan_poisoning(nan_poisoned_empty, backend):
     inputs, initial = make_inputs(1, 20, 1, 16, 16, dtype=torch.float32, seed=12)
     outputs, grads = _run_with_grads(inputs, initial, 16, backend)
-    assert all(torch.isfinite(x).all() for x in (*outputs, *grads))
+    assert_finite(**dict(zip(["o", "M", "S", "dq", "dk", "dv", "dalpha", "deta", "dtheta", "dM_0", "dS_0"],
+                             (*outputs, *grads))))
 
 
 @pytest.mark.parametrize("chunk_size,theta_value,length", [(1, 1.0, 512), (16, 1.0 / 16, 2048)])
@@ -262,8 +233,8 @@ def test_extreme_gates_stay_finite(alpha_value, eta_value, chunk_size, theta_val
     inputs[5] = torch.full_like(inputs[5], theta_value)
     leaves = [x.requires_grad_() for x in inputs]
     o, (M, S, *_) = titans_linear_memory(*leaves, chunk_size=chunk_size, backend="torch")
-    grads = torch.autograd.grad(_functional([o, M, S]), leaves)
-    assert all(torch.isfinite(x).all() for x in (o, M, S, *grads))
+    grads = torch.autograd.grad(random_functional([o, M, S], seed=123), leaves)
+    assert_finite(**dict(zip(["o", "M", "S", "dq", "dk", "dv", "dalpha", "deta", "dtheta"], (o, M, S, *grads))))
 
 
 def test_low_precision_inputs_give_outputs_in_v_dtype_and_fp32_states():
@@ -272,7 +243,7 @@ def test_low_precision_inputs_give_outputs_in_v_dtype_and_fp32_states():
     assert o.dtype == torch.bfloat16 and M.dtype == S.dtype == torch.float32
 
 
-@triton_runs
+@needs_triton
 @pytest.mark.parametrize("shape", [(1, 16, 1, 16, 16), (2, 45, 2, 32, 16)])
 @pytest.mark.parametrize("chunk_size", [16, 32])
 def test_triton_matches_reference(shape, chunk_size):
@@ -281,8 +252,8 @@ def test_triton_matches_reference(shape, chunk_size):
     ref_outputs, ref_grads = _run_with_grads(inputs, initial, chunk_size, "reference")
     leaves = [x.detach().float().to(device).requires_grad_() for x in inputs + list(initial)]
     o, (M, S, *_) = titans_linear_memory(*leaves[:6], chunk_size=chunk_size, initial_state=tuple(leaves[6:]),
-                                     backend="triton")
-    grads = torch.autograd.grad(_functional([o.cpu(), M.cpu(), S.cpu()]), leaves)
+                                         backend="triton")
+    grads = torch.autograd.grad(random_functional([o.cpu(), M.cpu(), S.cpu()], seed=123), leaves)
     for got, want in zip((o, M, S), ref_outputs):
         assert rel_rms_error(got.cpu(), want) <= 2e-3
     tolerances = [8e-3, 8e-3, 8e-3, 2e-2, 2e-2, 2e-2, 8e-3, 8e-3]  # q k v alpha eta theta M_0 S_0
@@ -291,7 +262,7 @@ def test_triton_matches_reference(shape, chunk_size):
         assert rel_rms_error(got.cpu(), want) <= tol, name
 
 
-@triton_runs
+@needs_triton
 def test_triton_rejects_chunk_size_it_cannot_tile():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs, _ = make_inputs(1, 8, 1, 4, 4, dtype=torch.float32, state=False)
