@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels._common import l2_normalize
+from zoo.kernels._common import compute_dtype, l2_normalize
 
 
 DOT = tl.constexpr("ieee")  # float32 matmuls stay float32 (no TF32); a global a kernel reads must be a constexpr
@@ -442,7 +442,7 @@ def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, cu_seqlens=Non
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
-    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    state_dtype = compute_dtype(q)
     out_dtype = v.dtype
     if use_qk_l2norm:  # in float32, with autograd through the norm
         q, k = l2_normalize(q.float()), l2_normalize(k.float())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.kernels._common import nan_filled, triton_available
+from zoo.kernels._common import compute_dtype, nan_filled, triton_available
 
 CHECKPOINT_STEPS = 64  # K: steps between stored states
 MAX_BLOCK_D = 16
@@ -181,9 +181,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoint_steps):
-        compute = torch.float64 if any(t is not None and t.dtype == torch.float64
-                                       for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)) \
-            else torch.float32
+        compute = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
         batch, T, Dm = u.shape
         G, N = B.shape[2], B.shape[3]
         K = min(checkpoint_steps, max(8, triton.next_power_of_2(T)))  # short sequences: one short segment

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.kernels._common import nan_filled, triton_available
+from zoo.kernels._common import compute_dtype, nan_filled, triton_available
 
 if triton_available():
     import triton
@@ -264,8 +264,7 @@ class _SSDTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, chunk_size, dt_softplus):
-        compute = torch.float64 if any(t is not None and t.dtype == torch.float64
-                                       for t in (x, dt, A, B, C, D, dt_bias, initial_state)) else torch.float32
+        compute = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
         batch, T, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         Q = chunk_size

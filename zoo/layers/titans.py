@@ -275,7 +275,7 @@ class TitansMemory(Mixer):
     def _empty_state(self, x: torch.Tensor) -> TitansState:
         """The state of a fresh sequence (returned for an empty first call)."""
         B = x.shape[0]
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(x)
         weights = tuple(w.to(dtype) for w in self.initial_weights(B))
         inner = self.heads * self.head_dim
         empty = x.new_zeros(B, 0, self.heads, self.head_dim)
