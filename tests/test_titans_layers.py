@@ -1,6 +1,6 @@
 """Layer-level tests of the Titans mixers (docs/titans.md#tests): TitansMemory and the MAC / MAG / MAL hybrids.
 
-The ops are tested in test_titans_memory.py and test_titans_deep_memory.py; here: the mixer contract (streaming over
+The ops are tested in tests/kernels/test_titans_*_memory.py; here: the mixer contract (streaming over
 any split, decode, causality including MAC's two traps, batch independence), parameters, config fields, training.
 """
 from __future__ import annotations

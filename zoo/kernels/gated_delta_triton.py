@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo.kernels._common import compute_dtype, l2_normalize
+
 
 DOT = tl.constexpr("ieee")  # float32 matmuls stay float32 (no TF32); a global a kernel reads must be a constexpr
 WARPS = 4  # the single fixed launch config (no autotuning: the interpreter needs one config)
@@ -437,17 +439,13 @@ def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, cu_seqlens=Non
 
     Computes in float32 (float64 inputs are rounded to float32; outputs are cast back to the documented dtypes).
     """
-    from zoo.kernels.gated_delta import _l2norm
-
-    if chunk_size not in (16, 32, 64, 128):
-        raise ValueError(f"gated_delta_rule: the Triton kernels need a chunk size of 16, 32, 64 or 128, got {chunk_size}")
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
-    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    state_dtype = compute_dtype(q)
     out_dtype = v.dtype
     if use_qk_l2norm:  # in float32, with autograd through the norm
-        q, k = _l2norm(q.float()), _l2norm(k.float())
+        q, k = l2_normalize(q.float()), l2_normalize(k.float())
     if cu_seqlens is None:
         cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int64) * T  # (B + 1,)
     kernel_dtype = (lambda x: x.float()) if q.dtype == torch.float64 else (lambda x: x)
