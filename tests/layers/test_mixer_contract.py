@@ -203,3 +203,51 @@ def test_gradients_reach_every_parameter(name):
 def test_known_failures_name_registered_mixers_and_checks():
     for name, check in KNOWN_FAILURES:
         assert name in MIXERS and check in PARAMETRIZED_CHECKS, f"stale KNOWN_FAILURES entry ({name}, {check})"
+
+
+
+# ----------------------------------------------------------------------------------------------- the checks bite
+class _Broken(Mixer):
+    """A registered mixer with one contract violation: ``leak`` (an output sees a later input), ``forget`` (the state
+    is dropped), ``no_mask`` (mask= ignored), ``dead`` (a parameter outside the graph), ``uninitialised`` (reset skips
+    a parameter)."""
+
+    takes_mask = True
+
+    def __init__(self, fault: str):
+        super().__init__()
+        self.fault, self.inner = fault, build("bimamba" if fault == "no_mask" else "mamba")
+        self.causal = self.inner.causal
+        with_extra = fault in ("dead", "uninitialised")
+        self.extra = torch.nn.Parameter(torch.ones(3, dtype=torch.float64)) if with_extra else None
+
+    def reset_parameters(self) -> None:
+        self.inner.reset_parameters()
+
+    def forward(self, x, state=None, mask=None):
+        if self.fault == "no_mask":
+            return self.inner(x)
+        y, state = self.inner(x, None if self.fault == "forget" else state)
+        return (y + 1e-3 * x.flip(1) if self.fault == "leak" else y), state
+
+
+CATCHES = {  # check -> (how it runs, what its failure says)
+    "leak": (lambda mixer, x: check_future_does_not_leak(mixer, x, 5), "depends on a later input"),
+    "split": (lambda mixer, x: check_stream_split(mixer, x, [5], TOL), "split at 5"),
+    "three_way_split": (lambda mixer, x: check_three_way_split(mixer, x, [(1, 5)], TOL), "splits at 1 and 5"),
+    "decode": (lambda mixer, x: check_decode_equals_full(mixer, x, TOL), "decode vs full"),
+    "padding": (lambda mixer, x: check_padding_is_invisible(mixer, x, _padding_mask(x.shape[1]), TOL),
+                "padded vs unpadded"),
+    "gradients": (lambda mixer, x: check_gradients_reach_every_parameter(mixer, x), "extra: no gradient"),
+    "meta_init": (lambda mixer, x: check_meta_init_equals_init(lambda: _Broken(mixer.fault)),
+                  r"extra: reset_parameters\(\) leaves it uninitialised"),
+}
+
+
+@pytest.mark.parametrize("fault, check", [("leak", "leak"), ("forget", "split"), ("forget", "three_way_split"),
+                                          ("forget", "decode"), ("no_mask", "padding"), ("dead", "gradients"),
+                                          ("uninitialised", "meta_init")])
+def test_checks_catch_a_broken_mixer(fault, check):
+    run, message = CATCHES[check]
+    with pytest.raises(AssertionError, match=message):
+        run(_Broken(fault), inputs("mamba")[:, :12])
