@@ -154,7 +154,7 @@ def _pass_states(S_chunk: torch.Tensor, decay: torch.Tensor, S0: torch.Tensor) -
     S, chunk, decays = S_all.unbind(1), S_chunk.unbind(1), decay[..., None, None].unbind(1)
     S[0].copy_(S0)
     for c in range(nc):
-        torch.addcmul(chunk[c], decays[c], S[c], out=S[c + 1])
+        S[c + 1].copy_(torch.addcmul(chunk[c], decays[c], S[c]))  # torch.compile refuses out= into a strided slice
     return S_all
 
 
