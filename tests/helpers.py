@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
-
 from tests.layers.contract import (check_decode_equals_full, check_future_does_not_leak,  # noqa: F401 (re-exported)
                                    check_stream_split, rel_err)
 from zoo.cli import main
@@ -37,15 +35,3 @@ def read_metrics(path: Path) -> list[dict]:
 def train_losses(run: Path) -> dict[int, float]:
     """step -> train/loss from a run's merged metrics.csv."""
     return {int(r["step"]): float(r["train/loss"]) for r in read_metrics(run / "metrics.csv") if r.get("train/loss")}
-
-
-def outputs_and_grads(fn, kwargs, seed=1):
-    """(y, final_state, grads of every tensor input) for a loss on both y and the final state."""
-    y, final = fn(**kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
-    wh = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final.device, final.dtype)
-    loss = (y * wy).sum() + (final * wh).sum()
-    leaves = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) if loss.requires_grad else ()
-    return y, final, dict(zip(leaves, grads))
