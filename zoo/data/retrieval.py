@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from zoo.data.loader import DataBundle
+from zoo.data.bundle import DataBundle
 from zoo.data.tasks import example_seed
 from zoo.data.tokenizer import load_tokenizer
 from zoo.errors import DataError
