@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
 from zoo.config import Mamba2Config, MambaConfig, ModelConfig
-from zoo.layers.mamba import BiMamba, Mamba, Mamba2, Mamba2State
+from zoo.layers.conv import ShortConv
+from zoo.layers.mamba import BiMamba, Mamba
+from zoo.layers.mamba2 import Mamba2, Mamba2State
 from zoo.models.lm import LanguageModel
 
 SPLITS = [0, 1, 5, 63, 64, 65, 130]
@@ -170,7 +172,6 @@ def test_init_survives_model_init(pattern):
         else:
             A = torch.exp(mixer.A_log.detach())
             assert A.min() >= 1 and A.max() <= 16
-        assert getattr(mixer.A_log, "_no_weight_decay", False) and getattr(bias, "_no_reinit", False)
     names = model.no_weight_decay()
     assert "blocks.0.mixer.A_log" in names and "blocks.0.mixer.D" in names
 
@@ -187,9 +188,10 @@ def test_meta_init_equals_normal_init(pattern):
     meta.reset_parameters()
     for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
         assert torch.equal(a, b), name
-    # a mixer alone, too
-    torch.manual_seed(5)
+    # a mixer alone, too: built normally then reset under the seed (construction draws from the RNG too)
     alone = Mamba(16, d_state=4)
+    torch.manual_seed(5)
+    alone.reset_parameters()
     with torch.device("meta"):
         meta_alone = Mamba(16, d_state=4)
     meta_alone = meta_alone.to_empty(device="cpu")
@@ -207,7 +209,7 @@ def test_fp32_parameters_kept_under_bfloat16(cls):
     assert mixer.in_proj.weight.dtype == torch.bfloat16
     assert mixer.A_log.dtype == mixer.D.dtype == torch.float32 and torch.equal(mixer.A_log, A_before)
     bias = mixer.dt_bias if cls is Mamba2 else mixer.dt_proj.bias
-    assert bias.dtype == torch.float32 and getattr(bias, "_no_reinit", False)
+    assert bias.dtype == torch.float32
     y, _ = mixer(torch.randn(2, 9, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
 
@@ -244,34 +246,34 @@ def test_mamba2_long_input_in_segments_equals_one_pass():
         assert rel_err(grad, grad_ref) < 1e-11
 
 
-def _reference_conv_silu(conv: torch.nn.Conv1d, x: torch.Tensor, state: torch.Tensor | None = None):
+def _reference_conv_silu(conv: ShortConv, x: torch.Tensor, state: torch.Tensor | None = None):
     """silu(causal depthwise F.conv1d) of x (B, T, C) after ``state`` (B, K-1, C) (zeros if None).
 
     Returns (output (B, T, C), the last K-1 rows of [state | x])."""
-    K = conv.kernel_size[0]
+    K, C = conv.size, x.shape[-1]
     if state is None:
-        state = x.new_zeros(x.shape[0], K - 1, x.shape[2])
+        state = x.new_zeros(x.shape[0], K - 1, C)
     padded = torch.cat([state, x], 1)                                                 # (B, K-1+T, C)
-    out = F.conv1d(padded.transpose(1, 2), conv.weight, conv.bias, groups=x.shape[-1])
+    out = F.conv1d(padded.transpose(1, 2), conv.weight.view(C, 1, K), conv.bias, groups=C)
     return F.silu(out.transpose(1, 2)), padded[:, padded.shape[1] - (K - 1):]
 
 
+@pytest.mark.parametrize("conv1d_layout", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("T", [1, 2, 9])
-def test_conv_silu_matches_conv1d_with_gradients(T, with_bias):
-    """The fused causal conv + SiLU (hand-written backward) against F.conv1d over [state | x] in float64: outputs,
-    the carried state, and the gradients of x, state, weight and bias, including through the returned state."""
-    from zoo.layers.mamba import _conv_silu
-
+def test_conv_silu_matches_conv1d_with_gradients(T, with_bias, conv1d_layout):
+    """ShortConv's fused causal conv + SiLU (hand-written backward) against F.conv1d over [state | x] in float64:
+    outputs, the carried state, and the gradients of x, state, weight and bias, including through the returned state.
+    """
     torch.manual_seed(0)
     C, K = 5, 4
-    conv = torch.nn.Conv1d(C, C, K, groups=C, bias=with_bias).double()
+    conv = ShortConv(C, K, bias=with_bias, activation="silu", conv1d_layout=conv1d_layout).double()
     x = torch.randn(2, T, C, dtype=torch.float64, requires_grad=True)
     state = torch.randn(2, K - 1, C, dtype=torch.float64, requires_grad=True)
     g_out, g_state = torch.randn(2, T, C, dtype=torch.float64), torch.randn(2, K - 1, C, dtype=torch.float64)
 
     results = []
-    for fn in (lambda: _conv_silu(conv, x, state), lambda: _reference_conv_silu(conv, x, state)):
+    for fn in (lambda: conv(x, state), lambda: _reference_conv_silu(conv, x, state)):
         out, new_state = fn()
         params = [x, state, conv.weight] + ([conv.bias] if with_bias else [])
         grads = torch.autograd.grad((out * g_out).sum() + (new_state * g_state).sum(), params)
@@ -282,7 +284,7 @@ def test_conv_silu_matches_conv1d_with_gradients(T, with_bias):
         assert rel_err(g, g_ref) < 1e-12, name
 
     # split output (as Mamba2 uses it) with one piece and the state unused: their gradients are zero
-    first, rest, _ = _conv_silu(conv, x, state, sizes=(2, 3))
+    (first, rest), _ = conv(x, state, split=(2, 3))
     assert torch.equal(torch.cat([first, rest], -1), out)
     grads = torch.autograd.grad((rest * g_out[..., 2:]).sum(), [x, state])
     out_ref = _reference_conv_silu(conv, x, state)[0]
@@ -314,7 +316,7 @@ def _reference_gated_norm(norm, y: torch.Tensor, z: torch.Tensor) -> torch.Tenso
 def test_gated_norm_matches_equation_with_gradients(groups):
     """The fused gated RMSNorm (hand-written backward) against its equation in float64: output and the gradients of
     y, z (a strided view, as the mixer passes it) and the weight."""
-    from zoo.layers.mamba import GroupedGatedRMSNorm
+    from zoo.layers.mamba2 import GroupedGatedRMSNorm
 
     torch.manual_seed(0)
     norm = GroupedGatedRMSNorm(12, groups).double()
