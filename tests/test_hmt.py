@@ -1,4 +1,4 @@
-"""HMT (zoo.layers.hmt) against its algebra, streaming, causality and training contracts (specs/hmt.md §10)."""
+"""HMT (zoo.models.hmt) against its algebra, streaming, causality and training contracts (specs/hmt.md §10)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from tests.helpers import KJV_FIXTURE, run_zoo, train_losses
 from zoo.checkpoint import export_model, load_export
 from zoo.config import AttentionConfig, Config, HMTConfig, ModelConfig
 from zoo.eval.metrics import IGNORE_INDEX
-from zoo.layers.hmt import HMT, HMTState
+from zoo.models.hmt import HMT, HMTState
 from zoo.models import build_model
 from zoo.models.lm import LanguageModel
 from zoo.train.hmt import HMTTask, last_segments_labels

@@ -38,8 +38,8 @@ _NAMES = {
     "TitansMAC": "zoo.layers.titans_hybrids",
     "TitansMAG": "zoo.layers.titans_hybrids",
     "TitansMAL": "zoo.layers.titans_hybrids",
-    "HMT": "zoo.layers.hmt",
-    "HMTState": "zoo.layers.hmt",
+    "HMT": "zoo.models.hmt",
+    "HMTState": "zoo.models.hmt",
     "LatentAttentionPooling": "zoo.layers.latent_pooling",
 }
 

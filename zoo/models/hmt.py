@@ -12,7 +12,7 @@ own state never crosses a segment boundary: only these memories carry informatio
 
     import torch
     from zoo.config import ModelConfig
-    from zoo.layers.hmt import HMT
+    from zoo.models.hmt import HMT
     from zoo.models import LanguageModel
     backbone = LanguageModel(ModelConfig(dim=64, depth=2))
     hmt = HMT(backbone, segment_len=16, sensory_len=4, cache_size=4)
