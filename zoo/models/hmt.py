@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from zoo.layers.base import Mixer
+
 __all__ = ["HMT", "HMTState"]
 
 SUMMARY_SOURCES = ("previous", "current")
@@ -74,11 +76,8 @@ class HMTState:
 
 
 def _noncausal_mixers(backbone: nn.Module) -> list[str]:
-    """Names of sub-modules that see the future: bidirectional attention or BiMamba."""
-    from zoo.layers.mamba import BiMamba
-
-    return [name for name, module in backbone.named_modules()
-            if isinstance(module, BiMamba) or getattr(module, "causal", True) is False]
+    """Names of the mixers that declare ``causal = False`` and so see the future (bidirectional attention, BiMamba)."""
+    return [name for name, module in backbone.named_modules() if isinstance(module, Mixer) and not module.causal]
 
 
 class HMT(nn.Module):
@@ -116,15 +115,11 @@ class HMT(nn.Module):
         self.recall_dim = recall_dim or D
         self.summary_source, self.recall, self.checkpoint_segments = summary_source, recall, checkpoint_segments
         factory = {"dtype": weight.dtype, "device": weight.device}
-        rng_at_start = torch.get_rng_state()
         self.m0 = nn.Parameter(torch.empty(D, **factory))
         self.summary_prompt = nn.Parameter(torch.empty(D, **factory))
         self.w_q = nn.Linear(D, self.recall_dim, bias=False, **factory)
         self.w_k = nn.Linear(D, self.recall_dim, bias=False, **factory)
-        # Draw from the RNG state at entry (nn.Linear drew in its constructor), so that a meta-device build +
-        # to_empty + reset_parameters() under one seed equals this build. The given backbone keeps its weights.
-        torch.set_rng_state(rng_at_start)
-        self.reset_memory_parameters()
+        self.reset_memory_parameters()  # the given backbone keeps its weights
         if not recall:  # stage 1: never used, so they must not wait for a gradient (DDP unused-parameter error)
             for param in (self.summary_prompt, self.w_q.weight, self.w_k.weight):
                 param.requires_grad_(False)
@@ -170,7 +165,7 @@ class HMT(nn.Module):
                    recall=options.recall, checkpoint_segments=options.checkpoint_segments)
 
     def reset_parameters(self) -> None:
-        """Initialise every parameter, the backbone's first (meta build + ``to_empty`` + this = a normal build).
+        """Initialise every parameter once, the backbone's first (after a meta build + ``to_empty``, under a seed).
 
         This re-initialises a trained backbone too; ``reset_memory_parameters`` re-draws only HMT's own.
         """
