@@ -227,6 +227,3 @@ def _check_counts(task: str, cfg) -> None:
     if cfg.train_examples < 1 or cfg.test_examples < 1:
         raise ValueError(f"{task}: train_examples and test_examples must be >= 1")
 
-
-TASKS = {"mqar": MQARConfig, "selective_copy": SelectiveCopyConfig, "induction": InductionConfig,
-         "niah": NIAHConfig}

@@ -12,7 +12,6 @@ import importlib
 
 _NAMES = {
     "RMSNorm": "zoo.layers.norm",
-    "GatedRMSNorm": "zoo.layers.norm",
     "SwiGLU": "zoo.layers.mlp",
     "ShortConv": "zoo.layers.conv",
     "RotaryEmbedding": "zoo.layers.rotary",
