@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
+from tests.layers.test_conv import reference_conv_silu
 from zoo.config import Mamba2Config, MambaConfig, ModelConfig
-from zoo.layers.conv import ShortConv
 from zoo.layers.mamba import BiMamba, Mamba
 from zoo.layers.mamba2 import Mamba2, Mamba2State
 from zoo.models.lm import LanguageModel
@@ -246,60 +246,13 @@ def test_mamba2_long_input_in_segments_equals_one_pass():
         assert rel_err(grad, grad_ref) < 1e-11
 
 
-def _reference_conv_silu(conv: ShortConv, x: torch.Tensor, state: torch.Tensor | None = None):
-    """silu(causal depthwise F.conv1d) of x (B, T, C) after ``state`` (B, K-1, C) (zeros if None).
-
-    Returns (output (B, T, C), the last K-1 rows of [state | x])."""
-    K, C = conv.size, x.shape[-1]
-    if state is None:
-        state = x.new_zeros(x.shape[0], K - 1, C)
-    padded = torch.cat([state, x], 1)                                                 # (B, K-1+T, C)
-    out = F.conv1d(padded.transpose(1, 2), conv.weight.view(C, 1, K), conv.bias, groups=C)
-    return F.silu(out.transpose(1, 2)), padded[:, padded.shape[1] - (K - 1):]
-
-
-@pytest.mark.parametrize("conv1d_layout", [True, False])
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("T", [1, 2, 9])
-def test_conv_silu_matches_conv1d_with_gradients(T, with_bias, conv1d_layout):
-    """ShortConv's fused causal conv + SiLU (hand-written backward) against F.conv1d over [state | x] in float64:
-    outputs, the carried state, and the gradients of x, state, weight and bias, including through the returned state.
-    """
-    torch.manual_seed(0)
-    C, K = 5, 4
-    conv = ShortConv(C, K, bias=with_bias, activation="silu", conv1d_layout=conv1d_layout).double()
-    x = torch.randn(2, T, C, dtype=torch.float64, requires_grad=True)
-    state = torch.randn(2, K - 1, C, dtype=torch.float64, requires_grad=True)
-    g_out, g_state = torch.randn(2, T, C, dtype=torch.float64), torch.randn(2, K - 1, C, dtype=torch.float64)
-
-    results = []
-    for fn in (lambda: conv(x, state), lambda: _reference_conv_silu(conv, x, state)):
-        out, new_state = fn()
-        params = [x, state, conv.weight] + ([conv.bias] if with_bias else [])
-        grads = torch.autograd.grad((out * g_out).sum() + (new_state * g_state).sum(), params)
-        results.append((out, new_state, grads))
-    (out, new_state, grads), (out_ref, state_ref, grads_ref) = results
-    assert rel_err(out, out_ref) < 1e-12 and rel_err(new_state, state_ref) < 1e-12
-    for name, g, g_ref in zip(["x", "state", "weight", "bias"], grads, grads_ref):
-        assert rel_err(g, g_ref) < 1e-12, name
-
-    # split output (as Mamba2 uses it) with one piece and the state unused: their gradients are zero
-    (first, rest), _ = conv(x, state, split=(2, 3))
-    assert torch.equal(torch.cat([first, rest], -1), out)
-    grads = torch.autograd.grad((rest * g_out[..., 2:]).sum(), [x, state])
-    out_ref = _reference_conv_silu(conv, x, state)[0]
-    grads_ref = torch.autograd.grad((out_ref[..., 2:] * g_out[..., 2:]).sum(), [x, state])
-    for name, g, g_ref in zip(["x", "state"], grads, grads_ref):
-        assert rel_err(g, g_ref) < 1e-12, name
-
-
 def _reference_mamba2(mixer: Mamba2, x: torch.Tensor) -> torch.Tensor:
     """Mamba-2 from its equations: in_proj, conv, the sequential SSD loop, gate-then-normalise per group, out_proj."""
     from zoo.kernels.ssd import ssd_reference
 
     E, H, G, N, P = mixer.d_inner, mixer.nheads, mixer.ngroups, mixer.d_state, mixer.headdim
     z, xBC, dt = torch.split(mixer.in_proj(x), [E, E + 2 * G * N, H], dim=-1)
-    x_c, B, C = torch.split(_reference_conv_silu(mixer.conv1d, xBC)[0], [E, G * N, G * N], dim=-1)
+    x_c, B, C = torch.split(reference_conv_silu(mixer.conv1d, xBC)[0], [E, G * N, G * N], dim=-1)
     y, _ = ssd_reference(x_c.unflatten(-1, (H, P)), dt, -torch.exp(mixer.A_log), B.unflatten(-1, (G, N)),
                          C.unflatten(-1, (G, N)), D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True)
     return mixer.out_proj(_reference_gated_norm(mixer.norm, y.flatten(-2), z))
@@ -342,7 +295,7 @@ def _reference_mamba(mixer: Mamba, x: torch.Tensor) -> torch.Tensor:
     from zoo.kernels.selective_scan import selective_scan_reference
 
     x_in, z = mixer.in_proj(x).chunk(2, dim=-1)
-    x_c = _reference_conv_silu(mixer.conv1d, x_in)[0]
+    x_c = reference_conv_silu(mixer.conv1d, x_in)[0]
     dt_low, B, C = torch.split(mixer.x_proj(x_c), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
     y, _ = selective_scan_reference(x_c, dt_low @ mixer.dt_proj.weight.T, -torch.exp(mixer.A_log), B, C, mixer.D, z,
                                     mixer.dt_proj.bias, True)
