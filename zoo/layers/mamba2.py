@@ -108,7 +108,7 @@ class Mamba2(KeepFP32):
     segment_len = 2048
 
     def __init__(self, dim: int, d_state: int = 128, headdim: int = 64, ngroups: int = 1, chunk_size: int = 64,
-                 expand: int = 2, d_conv: int = 4):
+                 expand: int = 2, d_conv: int = 4, norm_eps: float = 1e-5):
         super().__init__()
         E = expand * dim
         if E % headdim:
@@ -126,7 +126,7 @@ class Mamba2(KeepFP32):
         self.dt_bias = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(H, dtype=torch.float32))
-        self.norm = GroupedGatedRMSNorm(E, ngroups)
+        self.norm = GroupedGatedRMSNorm(E, ngroups, norm_eps)
         self.out_proj = nn.Linear(E, dim, bias=False)
         self.reset_parameters()
 
