@@ -31,7 +31,6 @@ class Mamba2State(NamedTuple):
     ssm: torch.Tensor
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 class _GatedRMSNorm(torch.autograd.Function):
     """w ⊙ v / sqrt(mean_group(v²) + eps) with v = y·silu(z), in fp32, with a hand-written backward.
 
