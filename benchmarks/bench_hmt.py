@@ -67,7 +67,7 @@ def hmt_model_config(dim: int, depth: int, heads: int, segment_len: int, sensory
 
 def cost_cases(depth: int, heads: int, segment_len: int, sensory_len: int, cache_size: int) -> list[Case]:
     """Backbone full context, backbone in L-token windows, and HMT, each fed the same token ids."""
-    from zoo.layers.hmt import HMT
+    from zoo.models.hmt import HMT
 
     def ids_like(x: torch.Tensor) -> torch.Tensor:                              # (B, T) fixed ids for input x
         return torch.randint(0, 256, x.shape[:2], generator=torch.Generator().manual_seed(0)).to(x.device)
@@ -103,7 +103,7 @@ def cost_rows(shapes, depth=4, heads=4, segment_len=64, sensory_len=8, cache_siz
 def load_models(hmt_dir: str, backbone_dir: str | None):
     """(HMT, backbone, backbone label) from export directories; the HMT's own backbone when none is given."""
     from zoo import load
-    from zoo.layers.hmt import HMT
+    from zoo.models.hmt import HMT
 
     hmt = load(hmt_dir)
     if not isinstance(hmt, HMT):

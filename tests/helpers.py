@@ -8,7 +8,7 @@ from tests.layers.contract import (check_decode_equals_full, check_future_does_n
                                    check_stream_split, rel_err)
 from zoo.cli import main
 
-KJV_FIXTURE = Path(__file__).parent / "data" / "kjv_fixture.jsonl"
+KJV_FIXTURE = Path(__file__).parent / "fixtures" / "kjv_fixture.jsonl"
 
 TINY_MQAR = ["model.dim=32", "model.depth=1", "model.vocab_size=64", "model.attention.heads=2",
              "data.name=mqar", "data.mqar.seq_len=32", "data.mqar.num_kv_pairs=4", "data.mqar.vocab_size=64",

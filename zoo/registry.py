@@ -17,7 +17,7 @@ MIXERS: dict[str, tuple[str, str]] = {
     "titans_mag": ("zoo.layers.titans:TitansMAG", "titans"),
     "titans_mal": ("zoo.layers.titans:TitansMAL", "titans"),
     "mamba": ("zoo.layers.mamba:Mamba", "mamba"),
-    "mamba2": ("zoo.layers.mamba:Mamba2", "mamba2"),
+    "mamba2": ("zoo.layers.mamba2:Mamba2", "mamba2"),
     "bimamba": ("zoo.layers.mamba:BiMamba", "mamba"),
     "memoryformer": ("zoo.layers.memoryformer:MemoryAttention", "memoryformer"),
     "gdn": ("zoo.layers.mom:GatedDeltaNet", "mom"),

@@ -15,7 +15,7 @@ def build_model(config):
 
         return VisionClassifier(model_config)
     if model_config.architecture == "hmt":
-        from zoo.layers.hmt import HMT
+        from zoo.models.hmt import HMT
 
         return HMT.from_config(model_config)
     if model_config.architecture == "embedding":

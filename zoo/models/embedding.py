@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.checkpoint import state_mismatches
 from zoo.config import ModelConfig
 from zoo.errors import CheckpointError
 from zoo.layers.latent_pooling import LatentAttentionPooling, last_valid, masked_mean, valid_mask
 from zoo.layers.norm import RMSNorm
 from zoo.models.lm import build_blocks, no_weight_decay_names
 from zoo.registry import MLP_ONLY, mixer_class, mixer_section
+from zoo.state_dict import state_mismatches
 
 LM_HEAD_KEY = "lm_head.weight"
 

@@ -12,7 +12,7 @@ own state never crosses a segment boundary: only these memories carry informatio
 
     import torch
     from zoo.config import ModelConfig
-    from zoo.layers.hmt import HMT
+    from zoo.models.hmt import HMT
     from zoo.models import LanguageModel
     backbone = LanguageModel(ModelConfig(dim=64, depth=2))
     hmt = HMT(backbone, segment_len=16, sensory_len=4, cache_size=4)
@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from zoo.layers.base import Mixer
 
 __all__ = ["HMT", "HMTState"]
 
@@ -82,11 +84,8 @@ class HMTState:
 
 
 def _noncausal_mixers(backbone: nn.Module) -> list[str]:
-    """Names of sub-modules that see the future: bidirectional attention or BiMamba."""
-    from zoo.layers.mamba import BiMamba
-
-    return [name for name, module in backbone.named_modules()
-            if isinstance(module, BiMamba) or getattr(module, "causal", True) is False]
+    """Names of the mixers that declare ``causal = False`` and so see the future (bidirectional attention, BiMamba)."""
+    return [name for name, module in backbone.named_modules() if isinstance(module, Mixer) and not module.causal]
 
 
 class HMT(nn.Module):
@@ -124,15 +123,11 @@ class HMT(nn.Module):
         self.recall_dim = recall_dim or D
         self.summary_source, self.recall, self.checkpoint_segments = summary_source, recall, checkpoint_segments
         factory = {"dtype": weight.dtype, "device": weight.device}
-        rng_at_start = torch.get_rng_state()
         self.m0 = nn.Parameter(torch.empty(D, **factory))
         self.summary_prompt = nn.Parameter(torch.empty(D, **factory))
         self.w_q = nn.Linear(D, self.recall_dim, bias=False, **factory)
         self.w_k = nn.Linear(D, self.recall_dim, bias=False, **factory)
-        # Draw from the RNG state at entry (nn.Linear drew in its constructor), so that a meta-device build +
-        # to_empty + reset_parameters() under one seed equals this build. The given backbone keeps its weights.
-        torch.set_rng_state(rng_at_start)
-        self.reset_memory_parameters()
+        self.reset_memory_parameters()  # the given backbone keeps its weights
         if not recall:  # stage 1: never used, so they must not wait for a gradient (DDP unused-parameter error)
             for param in (self.summary_prompt, self.w_q.weight, self.w_k.weight):
                 param.requires_grad_(False)
@@ -178,7 +173,7 @@ class HMT(nn.Module):
                    recall=options.recall, checkpoint_segments=options.checkpoint_segments)
 
     def reset_parameters(self) -> None:
-        """Initialise every parameter, the backbone's first (meta build + ``to_empty`` + this = a normal build).
+        """Initialise every parameter once, the backbone's first (after a meta build + ``to_empty``, under a seed).
 
         This re-initialises a trained backbone too; ``reset_memory_parameters`` re-draws only HMT's own.
         """

@@ -1,4 +1,4 @@
-"""HMT (zoo.layers.hmt) against its algebra, streaming, causality and training contracts (docs/hmt.md#tests)."""
+"""HMT (zoo.models.hmt) against its algebra, streaming, causality and training contracts (docs/hmt.md#tests)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from tests.helpers import KJV_FIXTURE, run_zoo, train_losses
 from zoo.checkpoint import export_model, load_export
 from zoo.config import AttentionConfig, Config, HMTConfig, ModelConfig
 from zoo.eval.metrics import IGNORE_INDEX
-from zoo.layers.hmt import HMT, HMTState
+from zoo.models.hmt import HMT, HMTState
 from zoo.models import build_model
 from zoo.models.lm import LanguageModel
 from zoo.train.hmt import HMTTask, last_segments_labels
@@ -455,8 +455,9 @@ def test_parameters_init_and_weight_decay_groups():
 
 def test_meta_init_then_reset_equals_a_normal_build():
     config = tiny_config().model
-    torch.manual_seed(7)
     normal = HMT.from_config(config)
+    torch.manual_seed(7)
+    normal.reset_parameters()
     with torch.device("meta"):
         meta = HMT.from_config(config)
     meta.to_empty(device="cpu")
@@ -464,8 +465,9 @@ def test_meta_init_then_reset_equals_a_normal_build():
     meta.reset_parameters()
     for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
         assert torch.equal(a, b), name
-    torch.manual_seed(7)
     backbone = LanguageModel(config)
+    torch.manual_seed(7)
+    backbone.reset_parameters()
     assert torch.equal(normal.m0, torch.randn(D) * backbone.embed.weight.std())  # m0 ~ randn(D) * std(E)
     x = make_ids(2, 2 * L + 3)
     with torch.no_grad():
