@@ -44,7 +44,7 @@ def time_call(function, inputs, repeats: int) -> tuple[float, float]:
 
 
 def fla_function():
-    """fla's pure-PyTorch chunked gated delta rule, or None when fla is not importable (keywords only: spec §6)."""
+    """fla's pure-PyTorch chunked gated delta rule, or None without fla (keywords only: docs/mom.md)."""
     try:
         from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
     except Exception:  # not installed, or fla.ops needs triton/GPU pieces that are missing

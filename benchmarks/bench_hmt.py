@@ -67,7 +67,7 @@ def hmt_model_config(dim: int, depth: int, heads: int, segment_len: int, sensory
 
 def cost_cases(depth: int, heads: int, segment_len: int, sensory_len: int, cache_size: int) -> list[Case]:
     """Backbone full context, backbone in L-token windows, and HMT, each fed the same token ids."""
-    from zoo.layers.hmt import HMT
+    from zoo.models.hmt import HMT
 
     def ids_like(x: torch.Tensor) -> torch.Tensor:                              # (B, T) fixed ids for input x
         return torch.randint(0, 256, x.shape[:2], generator=torch.Generator().manual_seed(0)).to(x.device)
@@ -103,7 +103,7 @@ def cost_rows(shapes, depth=4, heads=4, segment_len=64, sensory_len=8, cache_siz
 def load_models(hmt_dir: str, backbone_dir: str | None):
     """(HMT, backbone, backbone label) from export directories; the HMT's own backbone when none is given."""
     from zoo import load
-    from zoo.layers.hmt import HMT
+    from zoo.models.hmt import HMT
 
     hmt = load(hmt_dir)
     if not isinstance(hmt, HMT):
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
                   f"j=L/2, N={args.cache_size}, float32.")
         notes = ("ratio = time / the full-context backbone's time at the same shape. The windowed backbone reads "
                  "the same L-token pieces as HMT but without memory; HMT adds per segment k+2 positions to the main "
-                 "pass and one summary pass of j+2 positions (spec §4).")
+                 "pass and one summary pass of j+2 positions (docs/hmt.md#parallel-form).")
         print(f"wrote {write_results('hmt', rows, header=header, notes=notes)}")
     else:
         rows, info = bpb_rows(args.hmt, args.backbone, args.seq_len, args.batch_size, args.max_batches or None)

@@ -4,11 +4,11 @@
     python -m benchmarks.bench_memoryformer --full     # adds D = 1024
 
 1. ``MemoryLinear(D, D, tau=8)`` (torch backend: ``F.embedding_bag``) vs ``nn.Linear(D, D)``: time of fwd and
-   fwd+bwd, and forward FLOPs per token from specs/memoryformer.md §10 (2·K·d_out vs 2·d_in·d_out; the O(d_in) hash
+   fwd+bwd, and forward FLOPs per token from docs/memoryformer.md#flops (2·K·d_out vs 2·d_in·d_out; the O(d_in) hash
    is ignored).
 2. Parameters and forward FLOPs per token of a MemoryFormer LM (pattern [memoryformer]) vs the equivalent dense
-   transformer LM (pattern [attention] + SwiGLU, the zoo's ``transformer`` config family) at the spec's configs:
-   analytic block FLOPs (§10) and whole-model FLOPs counted by ``FlopCounterMode`` on a meta-device forward (with
+   transformer LM (pattern [attention] + SwiGLU, zoo's ``transformer`` configs) at docs/memoryformer.md#configs:
+   analytic block FLOPs and whole-model FLOPs counted by ``FlopCounterMode`` on a meta-device forward (with
    ``EMBEDDING_BAG_FLOPS`` so lookups are counted). Models are built on the meta device: nothing is allocated.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def linear_flops(d_in: int, d_out: int) -> int:
 
 
 def memory_linear_flops(d_in: int, d_out: int, tau: int) -> int:
-    """Memory Layer, forward, per token: 2·K·d_out with K = d_in / τ (spec §10)."""
+    """Memory Layer, forward, per token: 2·K·d_out with K = d_in / τ (docs/memoryformer.md#flops)."""
     return 2 * (d_in // tau) * d_out
 
 
@@ -95,7 +95,7 @@ def model_rows() -> list[dict]:
 
 def model_table(rows: list[dict]) -> str:
     lines = ["| model | d | layers | seq | params | block params | FLOPs/token (counted) | ratio | "
-             "block FLOPs/token (§10) | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "block FLOPs/token (analytic) | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['d']} | {r['layers']} | {r['seq']} | {r['params'] / 1e6:.2f}M | "
                      f"{r['block_params'] / 1e6:.2f}M | {r['flops_per_token_counted'] / 1e6:.2f}M | "
@@ -135,13 +135,13 @@ def main(argv=None) -> None:
     notes = (f"ratio = time / nn.Linear's time at the same shape and pass. MemoryLinear runs the torch backend "
              f"(`F.embedding_bag` with per-sample weights; its backward sorts the B·T·K row ids to build the dense "
              f"table gradient, which dominates fwd+bwd on CPU).\n\n"
-             f"### Forward FLOPs per token (spec §10) and parameters, D → D, tau = {TAU}\n\n{flops_table(dims)}\n\n"
+             f"### Forward FLOPs per token and parameters, D → D, tau = {TAU}\n\n{flops_table(dims)}\n\n"
              f"### Language models: MemoryFormer vs the dense transformer (meta-device build)\n\n"
              f"{model_table(models)}\n\n"
              "Counted FLOPs include the token embedding lookup (0) and the tied LM head (2·d·258 per token); "
-             "attention is counted at the full context s (4·s·d per token, as in §10). The dense transformer is the "
+             "attention is counted at the full context s (4·s·d per token). The dense transformer is the "
              "zoo's attention block with a SwiGLU MLP of hidden 8d/3 (8d² parameters, the same as a 4d GELU MLP). "
-             "Block FLOPs ratios reproduce §10 (29.1 % at d=128/256, 43.3 % at d=512, s=2048).")
+             "Block FLOPs ratios reproduce docs/memoryformer.md#flops (29.1 % at d=128/256, 43.3 % at d=512, s=2048).")
     path = write_results("memoryformer", rows,
                          header=f"MemoryLinear(D, D, tau={TAU}) vs nn.Linear(D, D), float32, CPU, B·T = 2048 tokens.",
                          notes=notes)

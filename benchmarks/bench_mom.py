@@ -1,5 +1,5 @@
 """CPU cost of Mixture-of-Memories: (a) the gated delta rule op vs fla's pure-PyTorch chunked form, (b) a MoM layer's
-forward + backward vs one GatedDeltaNet layer of the same width (specs/mom.md §4.6: target ≤ 1.3·(k + 1)×).
+forward + backward vs one GatedDeltaNet layer of the same width (docs/mom.md#cost; target ≤ 1.3·(k + 1)×).
 
 Every comparison runs side by side in one process: the candidates alternate inside each repeat and the best (minimum)
 wall time per candidate is kept, which is the robust statistic on a shared machine. Writes markdown + JSON.

@@ -1,6 +1,6 @@
 """Titans LMM speed and memory: ``zoo.layers.TitansMemory`` side by side with ``titans_pytorch.NeuralMemory``.
 
-Matched size (specs/titans.md §7): dim 256, deep memory of depth 2 with expansion 4, heads 1 and 4, chunk 16 and 64,
+Matched size (docs/titans.md#benchmark): dim 256, depth-2 memory with expansion 4, heads 1 and 4, chunk 16 and 64,
 batch 1, T = 1k / 4k / 16k. Each point is fwd+bwd of ``y.pow(2).mean()``, median of repeats after one warm-up, run in a
 fresh child process (same thread count for both libraries) whose peak RSS growth during the runs is the memory figure.
 The peer runs with ``batch_size = chunk_size``, so both take every gradient of a chunk at the chunk-start weights.
@@ -139,7 +139,7 @@ NOTES = """\
 ## Where the two compute different things
 
 Both are timed at matched size (dim 256, depth-2 MLP memory with expansion 4, same heads, same chunk, chunk-start
-gradients: the peer runs with `batch_size = chunk_size`), but they are not the same function (specs/titans.md §6):
+gradients: the peer runs with `batch_size = chunk_size`), but they are not the same function (docs/titans.md#benchmark):
 
 - **Readout granularity.** zoo reads token t with the weights after absorbing token t (per-token dual form inside the
   chunk). titans-pytorch reads with chunk-granular weights: token t sees the weights after ⌊(t+1)/C⌋ complete chunks.

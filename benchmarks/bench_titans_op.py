@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from zoo.kernels.titans_deep_memory import titans_mlp_memory
-from zoo.kernels.titans_memory import titans_linear_memory
+from zoo.kernels.titans_linear_memory import titans_linear_memory
+from zoo.kernels.titans_mlp_memory import titans_mlp_memory
 
 
 def _linear_inputs(B, T, H, d):
@@ -58,7 +58,7 @@ def main(argv=None):
     B, H, d, b = args.batch, args.heads, args.head_dim, args.chunk_size
 
     def linear(backend, inputs):
-        o, (M, _) = titans_linear_memory(*inputs, chunk_size=b, backend=backend)
+        o, (M, *_) = titans_linear_memory(*inputs, chunk_size=b, backend=backend)
         (o.sum() + M.sum()).backward()
 
     def deep(backend, inputs, weights):

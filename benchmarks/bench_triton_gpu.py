@@ -109,8 +109,8 @@ def _titans_make(s, gen):
 
 
 def _titans_call(x, backend):
-    o, (M, S) = titans_linear_memory(x["q"], x["k"], x["v"], x["alpha"], x["eta"], x["theta"], chunk_size=16,
-                                     initial_state=(x["M0"], x["S0"]), backend=backend)
+    o, (M, S, *_) = titans_linear_memory(x["q"], x["k"], x["v"], x["alpha"], x["eta"], x["theta"], chunk_size=16,
+                                         initial_state=(x["M0"], x["S0"]), backend=backend)
     return [o, M, S]
 
 

@@ -23,8 +23,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DATA_DIR = Path(__file__).parent / "data"
-KJV_FIXTURE = DATA_DIR / "kjv_fixture.jsonl"
+FIXTURES_DIR = Path(__file__).parent / "fixtures"
+KJV_FIXTURE = FIXTURES_DIR / "kjv_fixture.jsonl"
 
 
 @pytest.fixture

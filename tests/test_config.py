@@ -1,4 +1,4 @@
-"""Config parser and CLI argument handling (training.md §1)."""
+"""Config parser and CLI argument handling (docs/training.md#config-parser)."""
 import subprocess
 import sys
 import textwrap

@@ -1,4 +1,4 @@
-"""EmbeddingModel (spec latent-pooling §5, §10 tests 7-8): bidirectional backbone, padding, instructions, init."""
+"""EmbeddingModel (docs/latent-pooling.md#embedding-model): bidirectional backbone, padding, instructions, init."""
 from __future__ import annotations
 
 import warnings
@@ -17,7 +17,7 @@ from zoo.models.embedding import EmbeddingModel
 
 
 def tiny_config(**embedding) -> ModelConfig:
-    """The CPU tiny scale of spec §8: attention D=64, 2 layers, 2 heads; head r=16, 2 heads, m=2, d=32."""
+    """CPU tiny scale (docs/latent-pooling.md#configs): D=64, 2 layers, 2 heads; head r=16, 2 heads, m=2, d=32."""
     cfg = ModelConfig(architecture="embedding", dim=64, depth=2, pattern=["attention"])
     cfg.attention.heads = 2
     cfg.embedding.num_latents, cfg.embedding.heads, cfg.embedding.mlp_ratio, cfg.embedding.head_dim = 16, 2, 2, 32

@@ -1,4 +1,4 @@
-"""LatentAttentionPooling (spec latent-pooling §2-4, §10 tests 1-6): padding, mixing, gradients, norms, parity."""
+"""LatentAttentionPooling (docs/latent-pooling.md#tests): padding, mixing, gradients, norms, parity."""
 from __future__ import annotations
 
 import importlib
@@ -137,7 +137,7 @@ def test_masked_helpers():
     assert torch.equal(last_valid(x, valid), torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
 
 
-# ------------------------------------------------------------------------------------------------ 4 (spec). params
+# ------------------------------------------------------------------------------------------------ 4. params
 @pytest.mark.parametrize("dim, expected", [(128, 329_600), (256, 1_183_488)])
 def test_parameter_count(dim, expected):
     pool = LatentAttentionPooling(dim, num_latents=512, heads=8, mlp_ratio=4)
@@ -243,7 +243,7 @@ def nvembed_hf_class():
     try:
         modeling = importlib.import_module(f"{Path(code).name}.modeling_nvembed")
         configuration = importlib.import_module(f"{Path(code).name}.configuration_nvembed")
-    except Exception as error:  # its pinned transformers 4.42.4 is often absent (spec §11 pitfall 1)
+    except Exception as error:  # its pinned transformers 4.42.4 is often absent (docs/latent-pooling.md#nv-embed-code)
         pytest.skip(f"NV-Embed's code does not import here: {type(error).__name__}: {str(error)[:80]}")
     finally:
         sys.path.pop(0)

@@ -1,5 +1,5 @@
-"""MemoryFormer layers: MemoryLinear, MemoryFFN, MemoryAttention and the ``memoryformer`` block (specs/memoryformer.md
-§8–§12). CPU test scale: d = 64, 2 heads, τ = 4 (K = 16)."""
+"""MemoryFormer layers: MemoryLinear, MemoryFFN, MemoryAttention and the ``memoryformer`` block
+(docs/memoryformer.md#layers). CPU test scale: d = 64, 2 heads, τ = 4 (K = 16)."""
 from __future__ import annotations
 
 import dataclasses

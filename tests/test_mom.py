@@ -1,4 +1,4 @@
-"""MixtureOfMemories and GatedDeltaNet against loop oracles and the mixer contract (specs/mom.md §5, items 8–16)."""
+"""MixtureOfMemories and GatedDeltaNet against loop oracles and the mixer contract (docs/mom.md#tests, items 8–16)."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +14,7 @@ from zoo.layers.mom import CONV_SIZE, GatedDeltaNet, MixtureOfMemories, MoMState
 from zoo.models.lm import LanguageModel, build_mixer
 from zoo.train.module import auxiliary_loss
 
-TINY = dict(dim=32, heads=2, head_dim=8, num_memories=3, topk=2)          # mom-tiny (spec §8)
+TINY = dict(dim=32, heads=2, head_dim=8, num_memories=3, topk=2)          # mom-tiny (docs/mom.md#configs)
 
 
 def make_mom(seed=0, dtype=torch.float64, **options):
@@ -55,7 +55,7 @@ def output_head(layer, o, x):
 
 
 def mom_oracle(layer, x):
-    """The spec's per-(b, m) loop: route, run each memory on its own tokens in time order, mix, norm, gate, W_O."""
+    """The per-(b, m) loop oracle: route, run each memory on its own tokens in time order, mix, norm, gate, W_O."""
     B, T, _ = x.shape
     M, H, d = layer.num_memories, layer.heads, layer.head_dim
     probs = (x @ layer.router.weight.T).softmax(-1)                                        # (B, T, M)

@@ -1,6 +1,6 @@
-"""Layer-level tests of the Titans mixers (specs/titans.md §5): TitansMemory and the MAC / MAG / MAL hybrids.
+"""Layer-level tests of the Titans mixers (docs/titans.md#tests): TitansMemory and the MAC / MAG / MAL hybrids.
 
-The ops are tested in test_titans_memory.py and test_titans_deep_memory.py; here: the mixer contract (streaming over
+The ops are tested in tests/kernels/test_titans_*_memory.py; here: the mixer contract (streaming over
 any split, decode, causality including MAC's two traps, batch independence), parameters, config fields, training.
 """
 from __future__ import annotations
@@ -211,7 +211,7 @@ def test_batch_samples_are_independent(name):
 # ------------------------------------------------------------------------------------------------ memory maths
 def test_layer_chunk_path_matches_token_loop_with_gradients():
     """The layer on backend='torch' (chunk dual form) equals backend='reference' (token loop, autograd gradients at
-    the chunk-start weights) in outputs and in the gradients of x and every parameter, fp64 <= 1e-9 (§5.4)."""
+    the chunk-start weights) in outputs and in the gradients of x and every parameter, fp64 <= 1e-9."""
     results = []
     for backend in ("torch", "reference"):
         layer = lmm(2, chunk_size=4, backend=backend)
@@ -241,7 +241,7 @@ def test_outputs_and_gradients_finite_at_saturated_gates(depth):
     """fp32, T = 512: α, η saturated at exactly 0 or 1 (gate biases ±30) keep outputs and gradients finite.
 
     θ stays at its initial ≈ 0.1: θ = θ_max with b = 16 is a batch GD step of size 16·θ_max on unit keys and diverges
-    by design (the op-level extremes test covers θ = θ_max numerics; spec §3.6).
+    by design (the op-level extremes test covers θ = θ_max numerics; docs/titans.md#numerics).
     """
     for alpha_bias, eta_bias in ((30.0, -30.0), (-30.0, 30.0), (-30.0, -30.0), (30.0, 30.0)):
         layer = _seeded(lambda: TitansMemory(DIM, HEADS, memory_depth=depth, chunk_size=16))

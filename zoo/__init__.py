@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from zoo.version import __version__
 
 __all__ = ["__version__", "build", "load", "list_models"]
 

@@ -14,26 +14,8 @@ import torch
 
 from zoo.config import Config, from_dict, to_dict
 from zoo.errors import CheckpointError
-
-
-
-def _size(path: Path) -> str:
-    return f"{path.stat().st_size:,} bytes"
-
-
-def read_ckpt(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)`` with one-line errors for missing, truncated or foreign files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for the same kinds of damage
-        text = str(error)
-        if "Unsupported global" in text or "Unsupported operand" in text:
-            raise CheckpointError(f"checkpoint {path} holds Python objects zoo does not load "
-                                  f"(written by another program?)") from None
-        raise CheckpointError(f"checkpoint {path} ({_size(path)}) is truncated or corrupted") from None
+from zoo.state_dict import file_size, load_state_checked, read_ckpt, read_safetensors
+from zoo.version import __version__
 
 
 def config_from_ckpt(checkpoint: dict, path: Path) -> Config:
@@ -50,47 +32,17 @@ def model_state_from_ckpt(checkpoint: dict) -> dict:
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
-def state_mismatches(own: dict, saved: dict, unexpected: list[str] | None = None) -> list[str]:
-    """What keeps ``saved`` from loading into a model whose state is ``own``: missing keys, unexpected keys (default:
-    every saved key the model lacks) and shape mismatches, the first five of each; empty when it fits."""
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own] if unexpected is None else unexpected
-    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    if unexpected:
-        parts.append(f"unexpected keys: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-    if shapes:
-        parts.append(f"shape mismatches (saved vs model): {'; '.join(shapes[:5])}")
-    return parts
-
-
-def load_state_checked(model: torch.nn.Module, state: dict, source: str, config_diff: str = "") -> None:
-    """``load_state_dict(strict=True)`` whose failure lists missing/unexpected keys and shape mismatches in one line."""
-    own = model.state_dict()
-    parts = state_mismatches(own, state)
-    if parts:
-        if config_diff:
-            parts.append(f"config differs: {config_diff}")
-        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-
-
 def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Path:
     """Write ``out/config.json`` and ``out/model.safetensors`` atomically (temporary sibling, then rename)."""
     from safetensors.torch import save_model
-
-    import zoo
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        payload = {"architecture": type(model).__name__, "zoo_version": zoo.__version__, **to_dict(config)}
+        payload = {"architecture": type(model).__name__, "zoo_version": __version__, **to_dict(config)}
         (tmp / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
-        metadata = {"format": "pt", "zoo_version": zoo.__version__, "architecture": type(model).__name__}
+        metadata = {"format": "pt", "zoo_version": __version__, "architecture": type(model).__name__}
         save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
         for file in tmp.iterdir():
             os.chmod(file, 0o644)
@@ -125,10 +77,11 @@ def read_export_config(path: str | Path) -> Config:
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} has no {name} (found: {found})")
+    config_file = path / "config.json"
     try:
-        data = json.loads((path / "config.json").read_text())
+        data = json.loads(config_file.read_text())
     except json.JSONDecodeError:
-        raise CheckpointError(f"{path / 'config.json'} ({_size(path / 'config.json')}) is not valid JSON") from None
+        raise CheckpointError(f"{config_file} ({file_size(config_file)}) is not valid JSON") from None
     data.pop("architecture", None)
     data.pop("zoo_version", None)
     return from_dict(data)
@@ -152,16 +105,8 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.n
 
 def read_export_state(path: str | Path, device: str | torch.device = "cpu") -> dict:
     """The weights of an export directory, with one-line errors for a missing or damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     read_export_config(path)
-    weights = Path(path) / "model.safetensors"
-    try:
-        return load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise CheckpointError(f"{weights} ({_size(weights)}) is truncated or corrupted: header unreadable "
-                              f"({str(error).splitlines()[0][:80]})") from None
+    return read_safetensors(Path(path) / "model.safetensors", device)
 
 
 def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:

@@ -8,6 +8,7 @@ This module imports neither torch nor lightning, so a bad key fails in a tenth o
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.resources
@@ -340,11 +341,15 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Fields that configs saved by older versions hold and nothing reads any more: dropped when a saved config is read.
+REMOVED_FIELDS = (("data", "induction", "eval_lengths"),)
+
+
 def from_dict(data: dict) -> Config:
-    """Rebuild a ``Config`` from ``to_dict`` output (older layouts migrated by ``migrate_layout``); unknown keys are
-    errors."""
+    """Rebuild a ``Config`` from ``to_dict`` output; unknown keys are errors (``REMOVED_FIELDS`` are dropped, older
+    section layouts migrated by ``migrate_layout``)."""
     cfg = Config()
-    _apply_mapping(cfg, migrate_layout(data), "", "saved config")
+    _apply_mapping(cfg, migrate_layout(_without_removed_fields(data)), "", "saved config")
     return cfg
 
 
@@ -382,6 +387,18 @@ def migrate_layout(data: dict) -> dict:
     if "gdn" not in model and isinstance(mom, dict):
         model["gdn"] = {key: mom[key] for key in ("heads", "head_dim") if key in mom}
     return {**data, "model": model}
+
+
+def _without_removed_fields(data: dict) -> dict:
+    """A copy of ``data`` without the ``REMOVED_FIELDS`` it holds."""
+    data = copy.deepcopy(data)
+    for *sections, name in REMOVED_FIELDS:
+        section = data
+        for key in sections:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(name, None)
+    return data
 
 
 def dump_yaml(cfg: Config) -> str:

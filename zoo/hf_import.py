@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from zoo.errors import CheckpointError
+from zoo.state_dict import file_size, load_state_checked, read_ckpt, read_safetensors
 
 __all__ = ["foreign_format", "load_foreign"]
 
@@ -25,7 +26,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise CheckpointError(f"{path} ({path.stat().st_size:,} bytes) is not valid JSON") from None
+        raise CheckpointError(f"{path} ({file_size(path)}) is not valid JSON") from None
 
 
 def foreign_format(path: str | Path) -> str | None:
@@ -158,22 +159,11 @@ def _model_config_mamba_ssm(data: dict, config_file: Path):
 # ---------------------------------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------------------------------
-def _read_safetensors(file: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file), device="cpu")
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise CheckpointError(f"{file} ({file.stat().st_size:,} bytes) is truncated or corrupted: header unreadable "
-                              f"({str(error).splitlines()[0][:80]})") from None
-
-
 def _read_weights(path: Path) -> dict:
     """All tensors of a HF/mamba_ssm directory: safetensors, sharded safetensors, or pytorch_model.bin."""
     single = path / "model.safetensors"
     if single.is_file():
-        return _read_safetensors(single)
+        return read_safetensors(single)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
@@ -181,12 +171,10 @@ def _read_weights(path: Path) -> dict:
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).is_file():
                 raise CheckpointError(f"{index} names shard {shard}, which is missing")
-            state.update(_read_safetensors(path / shard))
+            state.update(read_safetensors(path / shard))
         return state
     binary = path / "pytorch_model.bin"
     if binary.is_file():
-        from zoo.checkpoint import read_ckpt
-
         state = read_ckpt(binary)
         if not isinstance(state, dict):
             raise CheckpointError(f"{binary} does not hold a state dict")
@@ -196,7 +184,7 @@ def _read_weights(path: Path) -> dict:
                           f"(found: {found})")
 
 
-def _map_keys(state: dict, depth: int, tied: bool, source: str) -> dict:
+def _map_keys(state: dict, tied: bool) -> dict:
     """HF / mamba_ssm keys -> zoo ``LanguageModel`` keys."""
     out = {}
     for key, value in state.items():
@@ -218,30 +206,6 @@ def _map_keys(state: dict, depth: int, tied: bool, source: str) -> dict:
         else:
             out[key] = value
     return out
-
-
-def _check_and_load(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Strict load; a mismatch is one line listing expected vs found keys and shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    for key in own:
-        if key in state and tuple(state[key].shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, the model expects "
-                                  f"{tuple(own[key].shape)}")
-    if missing or unexpected:
-        def names(keys):
-            return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing (expected by the model): {names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected (found in the file): {names(unexpected)}")
-        raise CheckpointError(f"{source} does not fit the {type(model).__name__}: " + "; ".join(parts))
-    with torch.no_grad():
-        for key, tensor in own.items():
-            tensor.copy_(state[key].to(tensor.dtype))
 
 
 def load_foreign(path: str | Path, device: str | torch.device = "cpu"):
@@ -269,6 +233,6 @@ def load_foreign(path: str | Path, device: str | torch.device = "cpu"):
     if mixer == "mamba2":
         for block in model.blocks:
             block.mixer.norm.eps = eps
-    _check_and_load(model, _map_keys(state, model_config.depth, tied, str(path)), str(path))
+    load_state_checked(model, _map_keys(state, tied), str(path))
     model.eval()
     return model.to(device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo.data.bundle import DataBundle
 from zoo.errors import DataError
 
 HELD_OUT_FRACTION = 0.2
@@ -49,7 +50,5 @@ def digits_datasets(seed: int) -> tuple[ImageDataset, ImageDataset]:
 
 def digits_bundle(data_cfg):
     """The ``DataBundle`` of ``data.name=digits`` (classification: scored like a task, no tokenizer)."""
-    from zoo.data.loader import DataBundle
-
     train, test = digits_datasets(data_cfg.seed)
     return DataBundle(train, test, tokenizer=None, vocab_size=0, is_task=True)

@@ -1,10 +1,9 @@
 """Datasets for a config and the resumable, rank-sharded training loader."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from zoo.data.bundle import DataBundle
 from zoo.data.tokenizer import ByteTokenizer
 
 
@@ -19,17 +18,6 @@ class TaskDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.task.example(i, self.split, self.seed)
-
-
-@dataclass
-class DataBundle:
-    """What training and evaluation need from the data: datasets, tokenizer and how to score."""
-
-    train: torch.utils.data.Dataset
-    test: torch.utils.data.Dataset
-    tokenizer: object
-    vocab_size: int
-    is_task: bool
 
 
 def build_data(data_cfg) -> DataBundle:

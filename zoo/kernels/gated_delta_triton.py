@@ -1,4 +1,4 @@
-"""Triton chunk kernels for the gated delta rule, forward and hand-written backward (specs/mom.md §3.3, §3.6).
+"""Triton chunk kernels for the gated delta rule, forward and hand-written backward (docs/mom.md#backward-of-one-chunk).
 
 Part 3 of the op in ``gated_delta.py``; imported only when ``backend="triton"`` is asked for, so ``import zoo`` never
 needs Triton. Every kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``): one fixed config, no autotune,
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from zoo.kernels._common import compute_dtype, l2_normalize
 
 
 DOT = tl.constexpr("ieee")  # float32 matmuls stay float32 (no TF32); a global a kernel reads must be a constexpr
@@ -255,7 +257,7 @@ def _chunk_bwd_kernel(q, k, v, beta, G, u, du, do, h, dh, cu_seqlens, chunk_seq,
                       dq_out, dk_out, dv_out, dbeta_out, dg_out, scale,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr):
-    """Per chunk, given S, dS', U and dU: the UT-transform backward and dq, dk, dv, dβ, dg (spec §3.3).
+    """Per chunk, given S, dS', U, dU: UT-transform backward, dq, dk, dv, dβ, dg (docs/mom.md#backward-of-one-chunk).
     Grid (chunk slots, H); K and V each fit one tile."""
     i_c = tl.cast(tl.program_id(0), tl.int64)
     i_h = tl.cast(tl.program_id(1), tl.int64)
@@ -405,7 +407,7 @@ def _backward(q, k, v, beta, h0, cu_seqlens, scale, chunk_size, do, dht, saved):
 
 
 class GatedDeltaRuleTriton(torch.autograd.Function):
-    """Chunked gated delta rule on packed sequences with the hand-written backward of spec §3.3.
+    """Chunked gated delta rule on packed sequences with the hand-written backward of docs/mom.md#backward-of-one-chunk.
 
     Inputs are (T, H, ·) contiguous with ``cu_seqlens`` (N + 1,). The backward recomputes G, T, W, U and the
     chunk-start states from the saved inputs, runs the reverse state kernel (dS per chunk and dU), then the per-chunk
@@ -437,17 +439,13 @@ def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, cu_seqlens=Non
 
     Computes in float32 (float64 inputs are rounded to float32; outputs are cast back to the documented dtypes).
     """
-    from zoo.kernels.gated_delta import _l2norm
-
-    if chunk_size not in (16, 32, 64, 128):
-        raise ValueError(f"gated_delta_rule: the Triton kernels need a chunk size of 16, 32, 64 or 128, got {chunk_size}")
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
-    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    state_dtype = compute_dtype(q)
     out_dtype = v.dtype
     if use_qk_l2norm:  # in float32, with autograd through the norm
-        q, k = _l2norm(q.float()), _l2norm(k.float())
+        q, k = l2_normalize(q.float()), l2_normalize(k.float())
     if cu_seqlens is None:
         cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int64) * T  # (B + 1,)
     kernel_dtype = (lambda x: x.float()) if q.dtype == torch.float64 else (lambda x: x)

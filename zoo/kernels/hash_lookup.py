@@ -7,17 +7,18 @@ For one token x ∈ R^{Kτ}, cut into K contiguous chunks z_k of τ values:
     s_k    = p_k ("prob", the paper)   or   ‖z_k‖₁ · p_k ("l1prob", the released code)
     y      = Σ_k s_k · tables[k, code_k, :] + bias
 
-The file holds, in order: the dense one-hot reference (the oracle), the PyTorch path (``F.embedding_bag`` with
-per-sample weights, the CPU path), and the public op with validation and dispatch. The Triton kernels and their
-autograd function live in ``hash_lookup_triton.py`` (imported only when the Triton backend is asked for).
-See ``specs/memoryformer.md`` §3–§7.
+The file holds the four numbered parts of the kernel contract: 1 the dense one-hot reference (the oracle), 2 the PyTorch
+path (``F.embedding_bag`` with per-sample weights, the CPU path), 3 the entry to the Triton kernels and their autograd
+function in ``hash_lookup_triton.py`` (imported only when the Triton backend is asked for), and 4 the public op with
+validation (``_validate``) and dispatch. The op does not chunk, so it has no chunk size.
+See docs/memoryformer.md#hash-and-bucket-index.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels._common import check_floating, check_shape, resolve_backend
+from zoo.kernels._common import check_floating, check_shape, compute_dtype, resolve_backend
 
 __all__ = ["hash_lookup", "hash_lookup_reference", "hash_lookup_torch", "hash_codes", "EMBEDDING_BAG_FLOPS",
            "SCORES", "MAX_TAU"]
@@ -27,14 +28,9 @@ SCORES = ("prob", "l1prob")
 MAX_TAU = 16  # codes fit int32 and tables stay addressable (2^16 rows per table)
 
 
-def _compute_dtype(x: torch.Tensor, tables: torch.Tensor) -> torch.dtype:
-    """float64 when x or the tables are float64, float32 otherwise (codes, scores and the K-term sum)."""
-    return torch.float64 if torch.float64 in (x.dtype, tables.dtype) else torch.float32
-
-
 def hash_codes(x: torch.Tensor, tau: int, score: str = "prob",
                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket indices and differentiable weights of every chunk of ``x`` (spec §3–§4).
+    """Bucket indices and differentiable weights of every chunk of ``x`` (docs/memoryformer.md#differentiable-weight).
 
     Args:
         x: (..., K·τ). tau: bits per chunk. score: "prob" (s = p) or "l1prob" (s = ‖z‖₁·p).
@@ -45,7 +41,7 @@ def hash_codes(x: torch.Tensor, tau: int, score: str = "prob",
         s: (..., K) weights, differentiable in x (``abs`` gives sgn(0) = 0 at exact zeros).
     """
     if dtype is None:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(x)
     z = x.unflatten(-1, (x.shape[-1] // tau, tau))  # (..., K, τ)
     powers = 2 ** torch.arange(tau - 1, -1, -1, device=x.device)  # (τ,) 2^{τ−1−i}
     code = ((z >= 0).long() * powers).sum(-1)  # (..., K)
@@ -69,7 +65,7 @@ def hash_lookup_reference(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, b
     autograd gives the exact dense gradients (exact zeros on the table rows no token hit).
     """
     K, rows, d_out = tables.shape
-    dtype = _compute_dtype(x, tables)
+    dtype = compute_dtype(x, tables)
     lead = x.shape[:-1]
     code, s = hash_codes(x.reshape(-1, x.shape[-1]), tau, score, dtype)  # (N, K) each
     y = x.new_zeros(code.shape[0], d_out, dtype=dtype)  # (N, d_out)
@@ -94,7 +90,7 @@ def hash_lookup_torch(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias:
     read through a float32 copy so that the K-term sum accumulates in float32.
     """
     K, rows, d_out = tables.shape
-    dtype = _compute_dtype(x, tables)
+    dtype = compute_dtype(x, tables)
     lead = x.shape[:-1]
     code, s = hash_codes(x.reshape(-1, x.shape[-1]), tau, score, dtype)  # (N, K) each
     row_ids = code + torch.arange(K, device=x.device) * rows  # (N, K) rows of the flattened tables
@@ -122,11 +118,21 @@ EMBEDDING_BAG_FLOPS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 4. The public op (part 3, the Triton kernels, is hash_lookup_triton.py).
+# 3. Triton path: the kernels and their autograd.Function live in hash_lookup_triton.py (imported only when used).
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _validate(x, tables, tau, bias, score) -> None:
-    """One-line errors for inputs that disagree."""
+def _hash_lookup_triton(x, tables, tau, bias, score):
+    from zoo.kernels.hash_lookup_triton import hash_lookup_triton
+
+    return hash_lookup_triton(x, tables, tau, bias, score=score)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The public op.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _validate(x, tables, tau, bias, score, backend) -> str:
+    """One-line errors for inputs that disagree; returns the concrete backend."""
     if isinstance(tau, bool) or not isinstance(tau, int):
         raise TypeError(f"{OP}: tau must be an int, got {type(tau).__name__}")
     if not 1 <= tau <= MAX_TAU:
@@ -156,6 +162,7 @@ def _validate(x, tables, tau, bias, score) -> None:
         check_floating(OP, "bias", bias)
         if bias.device != x.device:
             raise ValueError(f"{OP}: bias is on {bias.device} but x is on {x.device}")
+    return resolve_backend(backend, x, OP)
 
 
 def hash_lookup(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias: torch.Tensor | None = None, *,
@@ -198,11 +205,9 @@ def hash_lookup(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias: torch
         >>> int((tables.grad.abs().sum(-1) > 0).sum()) <= 2 * 10 * K      # only the rows that were hit
         True
     """
-    _validate(x, tables, tau, bias, score)
-    backend = resolve_backend(backend, x, OP)
+    backend = _validate(x, tables, tau, bias, score, backend)
     if backend == "reference":
         return hash_lookup_reference(x, tables, tau, bias, score=score)
     if backend == "torch":
         return hash_lookup_torch(x, tables, tau, bias, score=score)
-    from zoo.kernels.hash_lookup_triton import hash_lookup_triton
-    return hash_lookup_triton(x, tables, tau, bias, score=score)
+    return _hash_lookup_triton(x, tables, tau, bias, score)

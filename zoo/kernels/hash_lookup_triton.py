@@ -1,4 +1,4 @@
-"""Triton kernels for MemoryFormer's hash lookup, forward and hand-written backward (specs/memoryformer.md §7).
+"""Triton kernels for MemoryFormer's hash lookup, forward and hand-written backward (docs/memoryformer.md#backends).
 
 Part 3 of the op in ``hash_lookup.py``; imported only when ``backend="triton"`` is asked for, so ``import zoo`` never
 needs Triton. Every kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``): one fixed config, no
@@ -205,7 +205,7 @@ def _table_gradient(code, s, dy, K, rows, D):
 
 
 class HashLookupTriton(torch.autograd.Function):
-    """y = Σ_k s_k tables[k, code_k] + bias with the hand-written backward of spec §6–§7.
+    """y = Σ_k s_k tables[k, code_k] + bias with a hand-written backward (docs/memoryformer.md#backends).
 
     Inputs: x (N, K·τ) contiguous, tables (K, 2^τ, d_out) contiguous, bias (d_out,) or None. Saves x, the tables,
     code and s; the backward recomputes s and ∂s/∂z from x inside the dx kernel.

@@ -2,7 +2,7 @@
 
 Paper: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", arXiv 2312.00752, Alg. 2.
 Per channel d and state n:  h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t,  y_t = C_t·h_t + D u_t  (ZOH for A, Euler for B).
-The Triton kernels live in ``selective_scan_triton.py``; this file holds parts 1, 2 and 4 of the kernel contract.
+The file holds the four numbered parts of the kernel contract; part 3's kernels live in ``selective_scan_triton.py``.
 """
 from __future__ import annotations
 
@@ -10,13 +10,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from zoo.kernels._common import (
-    check_finite,
-    check_floating,
-    check_range,
-    check_shape,
-    resolve_backend,
-)
+from zoo.kernels._common import (check_chunk_size, check_finite, check_floating, check_range, check_shape,
+                                 compute_dtype, discretise_delta, resolve_backend)
 
 __all__ = ["selective_scan", "selective_scan_reference"]
 
@@ -24,22 +19,9 @@ OP = "selective_scan"
 CHUNK_SIZE = 64  # Q of the chunked torch path; exact for every value, only speed depends on it
 
 
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (fp16/bf16/fp32 all compute in fp32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _grouped(x: torch.Tensor) -> torch.Tensor:
     """(B, T, N) -> (B, T, 1, N); (B, T, G, N) unchanged."""
     return x.unsqueeze(2) if x.dim() == 3 else x
-
-
-def _discretise_delta(delta, delta_bias, delta_softplus, dtype):
-    """Δ = softplus(delta + bias) or delta + bias, in the compute dtype."""
-    Δ = delta.to(dtype)  # (B, T, Dm)
-    if delta_bias is not None:
-        Δ = Δ + delta_bias.to(dtype)
-    return F.softplus(Δ) if delta_softplus else Δ
 
 
 def _gate(y, z):
@@ -56,12 +38,12 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     Returns ``(y (B, T, Dm) in u's dtype, final_state (B, Dm, N) in the compute dtype)``.
     """
-    dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, T, Dm = u.shape
     B_g, C_g = _grouped(B).to(dtype), _grouped(C).to(dtype)  # (B, T, G, N)
     G, N = B_g.shape[2], B_g.shape[3]
     Dg = Dm // G
-    Δ = _discretise_delta(delta, delta_bias, delta_softplus, dtype)  # (B, T, Dm)
+    Δ = discretise_delta(delta, delta_bias, delta_softplus, dtype)  # (B, T, Dm)
     u_c = u.to(dtype)
     A_g = rearrange(A.to(dtype), "(g d) n -> g d n", g=G)  # (G, Dg, N)
     if initial_state is None:
@@ -186,12 +168,12 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
 def _selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             initial_state=None, chunk_size=CHUNK_SIZE):
     """The torch fast path: discretise in autograd, scan in ``_ChunkedSelectiveScan``, then D and the gate."""
-    dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, T, Dm = u.shape
     B_g, C_g = _grouped(B).to(dtype), _grouped(C).to(dtype)  # (B, T, G, N)
     G, N = B_g.shape[2], B_g.shape[3]
     u_c = u.to(dtype)
-    Δ = _discretise_delta(delta, delta_bias, delta_softplus, dtype)  # (B, T, Dm)
+    Δ = discretise_delta(delta, delta_bias, delta_softplus, dtype)  # (B, T, Dm)
     if initial_state is None:
         h0 = u_c.new_zeros(batch, G, N, Dm // G)  # (B, G, N, Dg)
     else:
@@ -214,9 +196,19 @@ def _selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# 3. Triton path: the kernels and their autograd.Function live in selective_scan_triton.py (imported only when used)
+# ---------------------------------------------------------------------------------------------------------------------
+def _selective_scan_triton(*args):
+    from zoo.kernels.selective_scan_triton import selective_scan_triton
+
+    return selective_scan_triton(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # 4. Public op
 # ---------------------------------------------------------------------------------------------------------------------
-def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size, backend) -> str:
+    """One-line errors for inputs that disagree; returns the concrete backend."""
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         check_floating(OP, name, t)
     if u.dim() != 3:
@@ -245,12 +237,14 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
     devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{OP}: all inputs must be on one device, got {sorted(map(str, devices))}")
+    check_chunk_size(OP, chunk_size)
     check_range(OP, "A", A, None, 0.0)
     check_finite(OP, "A", A)
+    return resolve_backend(backend, u, OP)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-                   *, backend="auto"):
+                   chunk_size=CHUNK_SIZE, *, backend="auto"):
     """Mamba-1 selective scan (S6) with initial state in and final state out.
 
     Shapes: ``u, delta, z: (B, T, Dm)``; ``A: (Dm, N)``, negative; ``B, C: (B, T, N)`` or ``(B, T, G, N)`` with
@@ -266,6 +260,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     final_state = h_T (B, Dm, N) in the compute dtype)``; every input, ``initial_state`` included, gets a gradient,
     and a loss on ``final_state`` back-propagates.
 
+    ``chunk_size``: time steps per chunk of the torch path (exact for every value; only speed depends on it).
     ``backend``: ``"auto"`` (Triton on CUDA, the chunked torch path otherwise), ``"reference"`` (sequential loop),
     ``"torch"`` or ``"triton"``.
 
@@ -285,13 +280,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         >>> torch.allclose(y2, y[:, 4:], atol=1e-5)
         True
     """
-    _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    backend = resolve_backend(backend, u, OP)
+    backend = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size, backend)
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state)
     if backend == "reference":
         return selective_scan_reference(*args)
     if backend == "triton" and u.shape[1] > 0:
-        from zoo.kernels.selective_scan_triton import selective_scan_triton
-
-        return selective_scan_triton(*args)
-    return _selective_scan_chunked(*args)
+        return _selective_scan_triton(*args)
+    return _selective_scan_chunked(*args, chunk_size=chunk_size)

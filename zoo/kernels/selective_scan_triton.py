@@ -2,7 +2,7 @@
 
 Forward: grid (B, Dm / BLOCK_D); a (BLOCK_D, N) state tile stays in registers across the time loop and an fp32 state
 checkpoint is written every K steps. Backward: the same grid walks the segments in reverse, recomputes each
-segment's K states from its checkpoint into a per-program scratch buffer, then runs the adjoint (spec mamba.md §2)::
+segment's K states from its checkpoint into per-program scratch, then runs the adjoint (docs/mamba.md#triton-kernels)::
 
     ĝ_t = C_t·gy'_t + a_{t+1}·ĝ_{t+1},  ĝ_T seeded by g_final;  g_initial = a_1·ĝ_1
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.kernels._common import triton_available
+from zoo.kernels._common import compute_dtype, nan_filled, triton_available
 
 CHECKPOINT_STEPS = 64  # K: steps between stored states
 MAX_BLOCK_D = 16
@@ -176,19 +176,12 @@ def _block_d(group_width: int) -> int:
     return block
 
 
-def _nan(shape, dtype, device):
-    """Outputs are poisoned with NaN before a kernel writes them."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 class _SelectiveScanTriton(torch.autograd.Function):
     """Triton forward and hand-written backward of the selective scan."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoint_steps):
-        compute = torch.float64 if any(t is not None and t.dtype == torch.float64
-                                       for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)) \
-            else torch.float32
+        compute = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
         batch, T, Dm = u.shape
         G, N = B.shape[2], B.shape[3]
         K = min(checkpoint_steps, max(8, triton.next_power_of_2(T)))  # short sequences: one short segment
@@ -196,9 +189,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         block_d = _block_d(Dm // G)
         block_n = triton.next_power_of_2(N)
         dummy = u.new_empty(1)
-        y = _nan((batch, T, Dm), u.dtype, u.device)
-        final = _nan((batch, Dm, N), compute, u.device)
-        ckpt = _nan((batch, n_ckpt, Dm, N), compute, u.device)
+        y = nan_filled((batch, T, Dm), u.dtype, u.device)
+        final = nan_filled((batch, Dm, N), compute, u.device)
+        ckpt = nan_filled((batch, n_ckpt, Dm, N), compute, u.device)
         grid = (batch, Dm // block_d)
         _scan_fwd_kernel[grid](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -224,14 +217,14 @@ class _SelectiveScanTriton(torch.autograd.Function):
         gout = gout.contiguous()
         gfinal = gfinal.to(compute).contiguous() if gfinal is not None else torch.zeros(batch, Dm, N, dtype=compute,
                                                                                          device=dev)
-        scratch = _nan((batch, n_dblocks, K + 1, block_d, block_n), compute, dev)
-        gu, gdelta = _nan((batch, T, Dm), compute, dev), _nan((batch, T, Dm), compute, dev)
-        gz = _nan((batch, T, Dm), compute, dev) if z is not None else u.new_empty(1)
-        gB_part = _nan((batch, T, n_dblocks, N), compute, dev)
-        gC_part = _nan((batch, T, n_dblocks, N), compute, dev)
-        gA_part = _nan((batch, Dm, N), compute, dev)
-        gD_part, gbias_part = _nan((batch, Dm), compute, dev), _nan((batch, Dm), compute, dev)
-        gh0 = _nan((batch, Dm, N), compute, dev)
+        scratch = nan_filled((batch, n_dblocks, K + 1, block_d, block_n), compute, dev)
+        gu, gdelta = nan_filled((batch, T, Dm), compute, dev), nan_filled((batch, T, Dm), compute, dev)
+        gz = nan_filled((batch, T, Dm), compute, dev) if z is not None else u.new_empty(1)
+        gB_part = nan_filled((batch, T, n_dblocks, N), compute, dev)
+        gC_part = nan_filled((batch, T, n_dblocks, N), compute, dev)
+        gA_part = nan_filled((batch, Dm, N), compute, dev)
+        gD_part, gbias_part = nan_filled((batch, Dm), compute, dev), nan_filled((batch, Dm), compute, dev)
+        gh0 = nan_filled((batch, Dm, N), compute, dev)
         dummy = u.new_empty(1)
         _scan_bwd_kernel[(batch, n_dblocks)](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,

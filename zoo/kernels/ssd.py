@@ -3,7 +3,7 @@
 Paper: Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space
 Duality", arXiv 2405.21060 (Listing 1 is the chunked algorithm). Each head h (group g = h // (H/G)) carries a P×N
 state:  S_t = exp(Δ_t A_h)·S_{t-1} + Δ_t·x_t ⊗ B_t[g],  y_t = S_t·C_t[g] + D_h·x_t.
-The Triton kernels live in ``ssd_triton.py``; this file holds parts 1, 2 and 4 of the kernel contract.
+The file holds the four numbered parts of the kernel contract; part 3's kernels live in ``ssd_triton.py``.
 """
 from __future__ import annotations
 
@@ -11,37 +11,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from zoo.kernels._common import (
-    check_finite,
-    check_floating,
-    check_range,
-    check_shape,
-    resolve_backend,
-    values_checkable,
-)
+from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_finite, check_floating, check_range,
+                                 check_shape, compute_dtype, discretise_delta, resolve_backend, sequence_bounds)
 
 __all__ = ["ssd", "ssd_reference"]
 
 OP = "ssd"
-
-
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (fp16/bf16/fp32 all compute in fp32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _discretise_dt(dt, dt_bias, dt_softplus, dtype):
-    """Δ = softplus(dt + dt_bias) or dt + dt_bias, in the compute dtype."""
-    Δ = dt.to(dtype)  # (B, T, H)
-    if dt_bias is not None:
-        Δ = Δ + dt_bias.to(dtype)
-    return F.softplus(Δ) if dt_softplus else Δ
-
-
-def _sequence_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
-    """[(start, end)] per packed sequence (reads cu_seqlens on the host: it is layout metadata)."""
-    bounds = cu_seqlens.tolist()
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -50,7 +25,7 @@ def _sequence_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
 def _ssd_reference_dense(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state, dtype):
     batch, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    Δ = _discretise_dt(dt, dt_bias, dt_softplus, dtype)  # (B, T, H)
+    Δ = discretise_delta(dt, dt_bias, dt_softplus, dtype)  # (B, T, H)
     a = Δ * A.to(dtype)  # (B, T, H), ≤ 0
     X = x.to(dtype) * Δ.unsqueeze(-1)  # (B, T, H, P)
     if initial_state is None:
@@ -75,12 +50,12 @@ def ssd_reference(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softpl
 
     Returns ``(y (B, T, H, P) in x's dtype, final_state (B or nseq, H, P, N) in the compute dtype)``.
     """
-    dtype = _compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
+    dtype = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
     if cu_seqlens is None:
         y, S = _ssd_reference_dense(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state, dtype)
         return y.to(x.dtype), S
     ys, finals = [], []
-    for k, (start, end) in enumerate(_sequence_bounds(cu_seqlens)):
+    for k, (start, end) in enumerate(sequence_bounds(cu_seqlens)):
         init = None if initial_state is None else initial_state[k:k + 1]
         y, S = _ssd_reference_dense(x[:, start:end], dt[:, start:end], A, B[:, start:end], C[:, start:end], D,
                                     dt_bias, dt_softplus, init, dtype)
@@ -179,7 +154,7 @@ def _pass_states(S_chunk: torch.Tensor, decay: torch.Tensor, S0: torch.Tensor) -
     S, chunk, decays = S_all.unbind(1), S_chunk.unbind(1), decay[..., None, None].unbind(1)
     S[0].copy_(S0)
     for c in range(nc):
-        torch.addcmul(chunk[c], decays[c], S[c], out=S[c + 1])
+        S[c + 1].copy_(torch.addcmul(chunk[c], decays[c], S[c]))  # torch.compile refuses out= into a strided slice
     return S_all
 
 
@@ -296,12 +271,12 @@ class _ChunkedSSD(torch.autograd.Function):
 
 def _ssd_chunked_dense(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, seq_lens=None):
     """Dense chunked SSD; ``seq_lens`` (B,) right-pads each row after discretisation (Δ = 0 past its end)."""
-    dtype = _compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
+    dtype = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
     batch, T, H, P = x.shape
     N = B.shape[3]
     Q = chunk_size
     pad = max(1, -(-T // Q)) * Q - T
-    Δ = _discretise_dt(dt, dt_bias, dt_softplus, dtype)  # (B, T, H)
+    Δ = discretise_delta(dt, dt_bias, dt_softplus, dtype)  # (B, T, H)
     if seq_lens is not None:
         Δ = Δ * (torch.arange(T, device=x.device) < seq_lens[:, None]).unsqueeze(-1)
     x_c, B_c, C_c = x.to(dtype), B.to(dtype), C.to(dtype)
@@ -328,7 +303,7 @@ def _repack(padded: torch.Tensor, bounds) -> torch.Tensor:
 
 def _varlen(dense_fn, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens):
     """Unpack to (nseq, Tmax), run a dense path that masks Δ past each row's length, repack."""
-    bounds = _sequence_bounds(cu_seqlens)
+    bounds = sequence_bounds(cu_seqlens)
     lengths = [e - s for s, e in bounds]
     max_len = max(lengths) if lengths else 0
     seq_lens = torch.tensor(lengths, device=x.device, dtype=torch.int32)
@@ -348,9 +323,22 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_st
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# 3. Triton path: the kernels and their autograd.Function live in ssd_triton.py (imported only when used)
+# ---------------------------------------------------------------------------------------------------------------------
+def _ssd_triton(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens=None):
+    from zoo.kernels.ssd_triton import ssd_triton
+
+    args = (x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state)
+    if cu_seqlens is None:
+        return ssd_triton(*args)
+    return _varlen(ssd_triton, *args, cu_seqlens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # 4. Public op
 # ---------------------------------------------------------------------------------------------------------------------
-def _validate(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, cu_seqlens):
+def _validate(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, cu_seqlens, backend) -> str:
+    """One-line errors for inputs that disagree; returns the concrete backend (``"auto"`` is the torch path)."""
     for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
         check_floating(OP, name, t)
     if x.dim() != 4:
@@ -363,24 +351,12 @@ def _validate(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, cu_seqlens)
     G = B.shape[2]
     if G == 0 or H % G != 0:
         raise ValueError(f"{OP}: the number of groups G={G} must divide the number of heads H={H}")
-    if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"{OP}: chunk_size must be a power of two, got {chunk_size!r}")
+    check_chunk_size(OP, chunk_size, power_of_two=True)
     for name, t in (("D", D), ("dt_bias", dt_bias)):
         if t is not None:
             check_floating(OP, name, t)
             check_shape(OP, name, t, (H,))
-    states = batch
-    if cu_seqlens is not None:
-        if batch != 1:
-            raise ValueError(f"{OP}: cu_seqlens needs batch size 1 (sequences packed along time), got B={batch}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"{OP}: cu_seqlens must be a 1-d int32/int64 tensor (nseq + 1,), got "
-                             f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
-        if values_checkable():
-            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens.diff() < 0).any()):
-                raise ValueError(f"{OP}: cu_seqlens must be non-decreasing from 0 to T={T}, got "
-                                 f"{cu_seqlens.tolist()}")
-        states = cu_seqlens.numel() - 1
+    states = batch if cu_seqlens is None else check_cu_seqlens(OP, cu_seqlens, batch, T, x.device)
     if initial_state is not None:
         check_floating(OP, "initial_state", initial_state)
         check_shape(OP, "initial_state", initial_state, (states, H, P, B.shape[3]),
@@ -390,6 +366,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, cu_seqlens)
         raise ValueError(f"{OP}: all inputs must be on one device, got {sorted(map(str, devices))}")
     check_range(OP, "A", A, None, 0.0)
     check_finite(OP, "A", A)
+    return resolve_backend("torch" if backend == "auto" else backend, x, OP)  # "auto": see ssd's docstring
 
 
 def ssd(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=True, initial_state=None, *,
@@ -427,16 +404,10 @@ def ssd(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=True, i
         >>> torch.allclose(y_packed[:, :20], ssd(x[:, :20], dt[:, :20], A, B[:, :20], C[:, :20])[0], atol=1e-5)
         True
     """
-    _validate(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, cu_seqlens)
-    backend = resolve_backend("torch" if backend == "auto" else backend, x, OP)  # "auto": see the docstring
+    backend = _validate(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, cu_seqlens, backend)
     args = (x, dt, A, B, C, chunk_size, D, dt_bias, bool(dt_softplus), initial_state)
     if backend == "reference":
         return ssd_reference(*args, cu_seqlens=cu_seqlens)
     if backend == "triton" and x.shape[1] > 0:
-        from zoo.kernels.ssd_triton import ssd_triton
-
-        if cu_seqlens is None:
-            return ssd_triton(*args)
-        y, S = _varlen(ssd_triton, *args, cu_seqlens)
-        return y, S
+        return _ssd_triton(*args, cu_seqlens=cu_seqlens)
     return _ssd_chunked(*args, cu_seqlens=cu_seqlens)

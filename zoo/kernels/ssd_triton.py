@@ -1,6 +1,6 @@
 """Part 3 of ``ssd``: Triton forward/backward kernels and the autograd Function (the GPU path).
 
-Forward (spec mamba.md §3): (1) chunk cumsum Λ and chunk states S^c = Σ_j exp(Λ_Q − Λ_j)·X_j ⊗ B_j, one program per
+Forward (docs/mamba.md#ssd): (1) chunk cumsum Λ and chunk states S^c = Σ_j exp(Λ_Q − Λ_j)·X_j ⊗ B_j, one program per
 (batch·head, chunk); (2) sequential state passing per (batch·head), fp32, from the initial state; (3) the chunk
 output (C·Bᵀ ⊙ L)·X + exp(Λ)·C·S_startᵀ + D·x, recomputing C·Bᵀ and L. Stored: Δ, Λ, the chunk-start states and the
 final state. Backward: (1) gS_start from the output stage; (2) reverse state passing seeded by g_final; (3) one
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.kernels._common import triton_available
+from zoo.kernels._common import compute_dtype, nan_filled, triton_available
 
 if triton_available():
     import triton
@@ -259,18 +259,12 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
-def _nan(shape, dtype, device):
-    """Outputs are poisoned with NaN before a kernel writes them."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 class _SSDTriton(torch.autograd.Function):
     """Triton forward and hand-written backward of the chunked SSD."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, chunk_size, dt_softplus):
-        compute = torch.float64 if any(t is not None and t.dtype == torch.float64
-                                       for t in (x, dt, A, B, C, D, dt_bias, initial_state)) else torch.float32
+        compute = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
         batch, T, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         Q = chunk_size
@@ -280,12 +274,12 @@ class _SSDTriton(torch.autograd.Function):
                       COMPUTE=tl.float64 if compute == torch.float64 else tl.float32)
         precision = "ieee"
         dummy = x.new_empty(1)
-        delta = _nan((batch, H, nc * Q), compute, dev)
-        Lam = _nan((batch, H, nc * Q), compute, dev)
-        S_chunk = _nan((batch, nc, H, P, N), compute, dev)
-        S_start = _nan((batch, nc, H, P, N), compute, dev)
-        final = _nan((batch, H, P, N), compute, dev)
-        y = _nan((batch, T, H, P), x.dtype, dev)
+        delta = nan_filled((batch, H, nc * Q), compute, dev)
+        Lam = nan_filled((batch, H, nc * Q), compute, dev)
+        S_chunk = nan_filled((batch, nc, H, P, N), compute, dev)
+        S_start = nan_filled((batch, nc, H, P, N), compute, dev)
+        final = nan_filled((batch, H, P, N), compute, dev)
+        y = nan_filled((batch, T, H, P), x.dtype, dev)
         lens = seq_lens if seq_lens is not None else dummy
         _ssd_chunk_state_fwd_kernel[(batch * H, nc)](
             x, dt, A, dt_bias if dt_bias is not None else dummy, B, lens, delta, Lam, S_chunk, T, H, G, P, N, nc,
@@ -315,21 +309,21 @@ class _SSDTriton(torch.autograd.Function):
         gy = gy.contiguous()
         gfinal = gfinal.to(compute).contiguous() if gfinal is not None else torch.zeros(batch, H, P, N, dtype=compute,
                                                                                          device=dev)
-        gS_out = _nan((batch, nc, H, P, N), compute, dev)
+        gS_out = nan_filled((batch, nc, H, P, N), compute, dev)
         _ssd_state_grad_kernel[(batch * H, nc)](gy, C, Lam, gS_out, T, H, G, P, N, nc, PRECISION=precision, **blocks)
-        gS_chunk = _nan((batch, nc, H, P, N), compute, dev)
-        gLam_last = _nan((batch, H, nc), compute, dev)
-        gh0 = _nan((batch, H, P, N), compute, dev)
+        gS_chunk = nan_filled((batch, nc, H, P, N), compute, dev)
+        gLam_last = nan_filled((batch, H, nc), compute, dev)
+        gh0 = nan_filled((batch, H, P, N), compute, dev)
         _ssd_state_passing_bwd_kernel[(batch * H,)](
             gS_out, S_start, Lam, gfinal, gS_chunk, gLam_last, gh0, H, P, N, nc, Q=Q, BLOCK_P=blocks["BLOCK_P"],
             BLOCK_N=blocks["BLOCK_N"], COMPUTE=blocks["COMPUTE"])
-        gx = _nan((batch, T, H, P), compute, dev)
-        gdt = _nan((batch, T, H), compute, dev)
-        gB_head = _nan((batch, T, H, N), compute, dev)
-        gC_head = _nan((batch, T, H, N), compute, dev)
-        gA_part = _nan((batch, H, nc), compute, dev)
-        gD_part = _nan((batch, H, nc), compute, dev)
-        gbias_part = _nan((batch, H, nc), compute, dev)
+        gx = nan_filled((batch, T, H, P), compute, dev)
+        gdt = nan_filled((batch, T, H), compute, dev)
+        gB_head = nan_filled((batch, T, H, N), compute, dev)
+        gC_head = nan_filled((batch, T, H, N), compute, dev)
+        gA_part = nan_filled((batch, H, nc), compute, dev)
+        gD_part = nan_filled((batch, H, nc), compute, dev)
+        gbias_part = nan_filled((batch, H, nc), compute, dev)
         _ssd_chunk_bwd_kernel[(batch * H, nc)](
             x, dt, A, dt_bias if dt_bias is not None else dummy, B, C, D if D is not None else dummy,
             seq_lens if seq_lens is not None else dummy, delta, Lam, S_start, gS_chunk, gLam_last, gy,

@@ -12,17 +12,16 @@ import importlib
 
 _NAMES = {
     "RMSNorm": "zoo.layers.norm",
-    "GatedRMSNorm": "zoo.layers.norm",
     "SwiGLU": "zoo.layers.mlp",
     "ShortConv": "zoo.layers.conv",
     "RotaryEmbedding": "zoo.layers.rotary",
     "Attention": "zoo.layers.attention",
     "AttentionState": "zoo.layers.attention",
     "Mamba": "zoo.layers.mamba",
-    "Mamba2": "zoo.layers.mamba",
+    "Mamba2": "zoo.layers.mamba2",
     "BiMamba": "zoo.layers.mamba",
     "MambaState": "zoo.layers.mamba",
-    "Mamba2State": "zoo.layers.mamba",
+    "Mamba2State": "zoo.layers.mamba2",
     "GatedDeltaNet": "zoo.layers.mom",
     "MixtureOfMemories": "zoo.layers.mom",
     "GDNState": "zoo.layers.mom",
@@ -38,8 +37,8 @@ _NAMES = {
     "TitansMAC": "zoo.layers.titans_hybrids",
     "TitansMAG": "zoo.layers.titans_hybrids",
     "TitansMAL": "zoo.layers.titans_hybrids",
-    "HMT": "zoo.layers.hmt",
-    "HMTState": "zoo.layers.hmt",
+    "HMT": "zoo.models.hmt",
+    "HMTState": "zoo.models.hmt",
     "LatentAttentionPooling": "zoo.layers.latent_pooling",
 }
 

@@ -1,4 +1,4 @@
-"""NV-Embed's latent-attention pooling (Lee et al. 2024, arXiv 2405.17428 §3.2) and masked pooling helpers.
+"""NV-Embed's latent-attention pooling (Lee et al. 2024, arXiv 2405.17428 Sec. 3.2) and masked pooling helpers.
 
 Token states are the queries and a trainable dictionary of r latents supplies the keys and values; an MLP follows,
 then a masked mean over the valid tokens. The head mixes nothing across tokens (each token is mapped on its own), so

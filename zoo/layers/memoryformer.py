@@ -8,7 +8,7 @@ Memory Layer, a hash lookup into learned tables (``zoo.kernels.hash_lookup``).
   tables), partial RoPE, causal softmax attention with a KV cache, no output projection.
 
 A block is ``x + MemoryAttention(RMSNorm(x))`` then ``x + MemoryFFN(RMSNorm(x))`` (pattern entry ``memoryformer``).
-See ``specs/memoryformer.md`` §8–§9.
+See docs/memoryformer.md#layers.
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def bucket_usage(model: nn.Module, *inputs, **kwargs) -> dict[str, float]:
     """Fraction of table rows hit, per Memory Layer of ``model``, while it runs on ``inputs`` (no gradients).
 
     Returns ``{module name: rows hit / (K·2^τ)}`` for every ``MemoryLinear`` and ``MemoryAttention``; rows that are
-    never hit get no gradient (dead buckets, spec §13), so this is the histogram to log during training.
+    never hit get no gradient (docs/memoryformer.md#dead-buckets), so this is the histogram to log during training.
     """
     usage, hooks = {}, []
 

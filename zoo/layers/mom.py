@@ -1,4 +1,4 @@
-"""Gated DeltaNet and Mixture-of-Memories mixers (arXiv 2412.06464, arXiv 2502.13685); see ``specs/mom.md``.
+"""Gated DeltaNet and Mixture-of-Memories mixers (arXiv 2412.06464, arXiv 2502.13685); see docs/mom.md.
 
 ``GatedDeltaNet`` is one gated-delta-rule memory: short convs on q, k, v, the recurrence of
 :func:`zoo.kernels.gated_delta_rule`, a per-head RMSNorm and a SiLU output gate.
@@ -29,7 +29,7 @@ from zoo.layers.norm import RMSNorm
 __all__ = ["GatedDeltaNet", "GDNState", "MixtureOfMemories", "MoMState", "CONV_SIZE", "sort_by_memory", "segment_conv",
            "segment_cache"]
 
-CONV_SIZE = 4                # w: taps of the short convs on q, k, v (a module constant, spec §2)
+CONV_SIZE = 4                # w: taps of the short convs on q, k, v (a module constant, docs/mom.md#parameters)
 INIT_GAIN = 2 ** -2.5        # xavier_uniform gain of every projection (the fla parameterisation)
 NORM_EPS = 1e-5
 
@@ -45,7 +45,7 @@ class GDNState(NamedTuple):
 
 
 class MoMState(NamedTuple):
-    """State of a ``MixtureOfMemories`` (spec §4.5), batch-first.
+    """State of a ``MixtureOfMemories`` (docs/mom.md#state-across-calls), batch-first.
 
     - S: (B, M, H, d, d), the routed memories; S_shared: (B, H, d, d) or None without a shared memory.
     - conv_q, conv_k, conv_v: (B, M', w−1, H·d), pre-conv rows of each memory's last w−1 routed tokens; M' = M + 1
@@ -76,7 +76,7 @@ def _xavier_(weight: torch.Tensor) -> None:
 
 
 def _init_decay(A_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
-    """A ~ U(0, 16), A_log = log A; dt = exp(U(log 1e-3, log 0.1)) ≥ 1e-4, dt_bias = softplus⁻¹(dt) (spec §2.1)."""
+    """A_log = log U(0, 16); dt = exp(U(log 1e-3, log 0.1)) ≥ 1e-4, dt_bias = softplus⁻¹(dt), docs/mom.md#parameters."""
     with torch.no_grad():
         A_log.copy_(torch.empty_like(A_log).uniform_(0, 16).clamp_min(1e-6).log())
         dt = torch.empty_like(dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp().clamp_min(1e-4)
@@ -101,7 +101,7 @@ def _check_input(name: str, x: torch.Tensor, dim: int) -> None:
 
 
 def sort_by_memory(top_index: torch.Tensor, num_memories: int):
-    """Pack routed rows by (batch, memory, time) with static shapes and no host sync (spec §4.1).
+    """Pack routed rows by (batch, memory, time) with static shapes and no host sync (docs/mom.md#routing-and-packing).
 
     top_index: (B, T, k) memory ids. Row n = (b·T + t)·k + j of the flattened (b, t, j) order is row ``j`` of token t.
     Returns ``order`` (N_r,) the flattened row of each packed row, ``segment`` (N_r,) its segment b·M + m
@@ -293,7 +293,7 @@ class MixtureOfMemories(_GatedDeltaBase):
         M, H, width = self.num_memories, self.heads, self.heads * self.head_dim
         probs, top_index, weights = self.route(x)                                      # (B, T, M), (B, T, k) ×2
         q_raw = self.q_proj(x)                                                         # (B, T, H·d)
-        # Dense per-memory projections, one matmul over the stacked weights (static shapes; spec §4.1 step 4).
+        # Dense per-memory projections, one matmul of stacked weights (docs/mom.md#routing-and-packing).
         stacked = torch.cat([self.k_proj, self.v_proj, self.b_proj, self.a_proj], dim=1).to(x.dtype)  # (M', O, D)
         projected = F.linear(x, stacked.flatten(0, 1)).unflatten(-1, stacked.shape[:2])  # (B, T, M', O)
 
@@ -334,7 +334,7 @@ class MixtureOfMemories(_GatedDeltaBase):
         k_raw, v_raw, beta_logits, decay_logits = picked.split([width, width, H, H], dim=-1)
         beta, g = self._gates(beta_logits, decay_logits, _compute_dtype(x))           # (N_r, H) each
         raw = torch.cat([q_raw.reshape(B * T, width).index_select(0, token), k_raw, v_raw], dim=-1)  # (N_r, 3Hd)
-        # 3. Segment-aware short conv (spec §4.2) and the new caches.
+        # 3. Segment-aware short conv (docs/mom.md#segment-aware-short-conv) and the new caches.
         cache = torch.cat([state.conv_q[:, :M], state.conv_k[:, :M], state.conv_v[:, :M]], dim=-1)
         cache = cache.reshape(segments, w - 1, 3 * width).to(raw.dtype)              # (B·M, w−1, 3·H·d)
         conv_weight = torch.cat([self.conv_q.weight, self.conv_k.weight, self.conv_v.weight]).to(raw.dtype)
@@ -354,7 +354,7 @@ class MixtureOfMemories(_GatedDeltaBase):
 
 
     def _step(self, x, q_raw, projected, top_index, weights, state: MoMState):
-        """One token (T = 1) with the M+1 states (spec §4.5): gather the k selected memories (and the shared one)
+        """One token (T = 1) with the M+1 states: gather the k selected memories (and the shared one)
         along the memory axis, push the token into their conv caches, one gated-delta update each, scatter back.
         Unselected memories keep their state and caches. Returns o (B, 1, H, d), S, S_shared and the caches."""
         B, M, H, d, w = x.shape[0], self.num_memories, self.heads, self.head_dim, CONV_SIZE
@@ -391,7 +391,7 @@ class MixtureOfMemories(_GatedDeltaBase):
 # ------------------------------------------------------------------------------------- segment-aware short conv
 def segment_conv(rows: torch.Tensor, cache: torch.Tensor, cu_seqlens: torch.Tensor,
                  weight: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal conv over packed segments, each continuing its own cache (spec §4.2).
+    """Depthwise causal conv over packed segments, each continuing its own cache (docs/mom.md#segment-aware-short-conv).
 
     rows (N, C) packed segment after segment; cache (S, w−1, C) the pre-conv rows before each segment; cu_seqlens
     (S + 1,); weight (C, w), the last tap multiplies the row itself. Tap j of the row at offset r of its segment reads

@@ -1,4 +1,4 @@
-"""Normalisation layers: RMSNorm and the gated RMSNorm of Mamba-2 / MoM outputs."""
+"""RMSNorm, the pre-norm of every block (Mamba-2's gated, grouped norm is ``zoo.layers.mamba2.GroupedGatedRMSNorm``)."""
 from __future__ import annotations
 
 import torch
@@ -25,9 +25,3 @@ class RMSNorm(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).to(x.dtype)
 
-
-class GatedRMSNorm(RMSNorm):
-    """``RMSNorm(x * SiLU(z))`` (Mamba-2's gated norm, norm after gating). Shapes: x, z (..., D) -> (..., D)."""
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x * F.silu(z))

@@ -1,10 +1,10 @@
-"""Titans neural long-term memory (LMM) as a sequence mixer: ``TitansMemory`` (specs/titans.md §2, §3.5).
+"""Titans neural long-term memory (LMM) as a sequence mixer: ``TitansMemory`` (docs/titans.md).
 
-Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663; v1 §3–4, NeurIPS 2025 §3.3).
+Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663; v1 Sec. 3–4, NeurIPS Sec. 3.3).
 The memory is a small network M_W whose weights W are the recurrent state, trained online at test time by gradient
 descent with momentum and weight decay on ‖M_W(k_t) − v_t‖², every gradient of a chunk of b tokens taken at the
 chunk-start weights. Depth 1 runs the op :func:`zoo.kernels.titans_linear_memory` (matrix memory), depth ≥ 2 the op
-:func:`zoo.kernels.titans_deep_memory.titans_mlp_memory` (residual MLP memory with LayerNorm).
+:func:`zoo.kernels.titans_mlp_memory.titans_mlp_memory` (residual MLP memory with LayerNorm).
 
 The hybrids built on it (``TitansMAC``, ``TitansMAG``, ``TitansMAL``) live in ``zoo.layers.titans_hybrids`` (import them
 from there or from ``zoo.layers``).
@@ -25,22 +25,22 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
-from zoo.kernels.titans_deep_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
-from zoo.kernels.titans_memory import titans_linear_memory
+from zoo.kernels._common import compute_dtype, l2_normalize
+from zoo.kernels.titans_linear_memory import LinearMemoryState, titans_linear_memory
+from zoo.kernels.titans_mlp_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
 from zoo.layers.base import Mixer
 from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm
 
-_INIT_GAIN = 2 ** -2.5          # xavier_uniform gain of every projection (§2.1 [open])
+_INIT_GAIN = 2 ** -2.5          # xavier_uniform gain of every projection (docs/titans.md#parameters)
 _GATE_BIAS = {"alpha": -4.6, "eta": 0.0, "theta": -2.2}   # sigmoid: α ≈ 0.01, η = 0.5, θ ≈ 0.1·θ_max
-_L2_EPS = 1e-6
-# The arguments of TitansMemory besides dim: the keys a hybrid's ``memory`` dict accepts.
+# The arguments of TitansMemory besides dim: the keys a hybrid's ``memory`` dict accepts (docs/titans.md#hybrids).
 MEMORY_OPTIONS = ("heads", "head_dim", "memory_depth", "memory_expansion", "chunk_size", "conv_size", "momentum",
                   "forget", "theta_max", "backend", "checkpoint_chunks")
 
 
 class TitansState(NamedTuple):
-    """Recurrent state of :class:`TitansMemory`, batch-first (specs/titans.md §3.5).
+    """Recurrent state of :class:`TitansMemory`, batch-first (docs/titans.md#state-across-calls).
 
     weights, momentum: tuples of L tensors (B, H, in, out), fp32 (fp64 for fp64 inputs): the fast weights W^ℓ and the
         momentum S^ℓ at the last completed chunk boundary.
@@ -57,17 +57,12 @@ class TitansState(NamedTuple):
     conv: torch.Tensor
 
 
-def _l2_normalize(z: torch.Tensor) -> torch.Tensor:
-    """z · (Σ z² + 1e-6)^-½ over the last dimension."""
-    return z * torch.rsqrt(z.pow(2).sum(-1, keepdim=True) + _L2_EPS)
-
-
 class TitansMemory(Mixer):
-    """Multi-head Titans long-term memory mixer (Behrouz et al. 2025, arXiv 2501.00663 v1 §3, §4.4).
+    """Multi-head Titans long-term memory mixer (Behrouz et al. 2025, arXiv 2501.00663 v1 Sec. 3, Sec. 4.4).
 
     ``forward(x (B, T, D), state: TitansState | None = None) -> (y (B, T, D), TitansState)``.
 
-    Per token t and head (specs/titans.md §2.2):
+    Per token t and head (docs/titans.md#forward-equations):
     q, k, v = l2(SiLU(conv(x W_q))), l2(SiLU(conv(x W_k))), SiLU(conv(x W_v)), each (B, T, H, d);
     [α, η, θ^1..θ^L] = sigmoid(x W_gate + b_gate), θ scaled by ``theta_max``;
     u_t = ∇_W ‖M_W(k_t) − v_t‖² at the chunk-start weights; S_t = η_t S_{t−1} − θ_t u_t; W_t = (1 − α_t) W_{t−1} + S_t;
@@ -80,7 +75,7 @@ class TitansMemory(Mixer):
 
     ``checkpoint_chunks = G > 0`` runs the memory in groups of G chunks under activation checkpointing when gradients
     are needed: backward recomputes one group at a time (all but the last, whose graph it needs first), so activation
-    memory holds the group-boundary states ((T / (G·b))·|M|) plus one group's graph instead of every chunk's (§3.4), for
+    memory holds the group-boundary states ((T / (G·b))·|M|) plus one group's graph instead of every chunk's, for
     about one extra forward of the memory. Results are identical.
     """
 
@@ -131,7 +126,7 @@ class TitansMemory(Mixer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise every parameter (specs/titans.md §2.1)."""
+        """Initialise every parameter (docs/titans.md#parameters)."""
         for linear in (self.w_q, self.w_k, self.w_v, self.w_gate, self.w_out_gate, self.w_o):
             nn.init.xavier_uniform_(linear.weight, gain=_INIT_GAIN)
         for conv in (self.conv_q, self.conv_k, self.conv_v):
@@ -155,7 +150,7 @@ class TitansMemory(Mixer):
     def _query(self, x: torch.Tensor, conv_state: torch.Tensor | None):
         """q = l2(SiLU(conv_q(x W_q))), (B, T, H, d), and the new conv cache of the q path."""
         q, conv_state = self._conv(self.conv_q, self.w_q(x), conv_state)
-        return _l2_normalize(rearrange(F.silu(q), "b t (h d) -> b t h d", h=self.heads)), conv_state
+        return l2_normalize(rearrange(F.silu(q), "b t (h d) -> b t h d", h=self.heads)), conv_state
 
     def _gates(self, x: torch.Tensor):
         """α, η (B, T, H) and θ (B, T, H, L) from sigmoid(x W_gate + b_gate); disabled gates are zeros."""
@@ -201,7 +196,7 @@ class TitansMemory(Mixer):
         q, conv_q = self._query(x, conv_states[0])
         k, conv_k = self._conv(self.conv_k, self.w_k(x), conv_states[1])
         v, conv_v = self._conv(self.conv_v, self.w_v(x), conv_states[2])
-        k = _l2_normalize(rearrange(F.silu(k), "b t (h d) -> b t h d", h=self.heads))  # (B, T, H, d)
+        k = l2_normalize(rearrange(F.silu(k), "b t (h d) -> b t h d", h=self.heads))  # (B, T, H, d)
         v = rearrange(F.silu(v), "b t (h d) -> b t h d", h=self.heads)  # (B, T, H, d)
         alpha, eta, theta = self._gates(x)  # (B, T, H), (B, T, H), (B, T, H, L)
         conv = torch.cat([conv_q, conv_k, conv_v], dim=-1)  # (B, conv_size − 1, 3·H·d)
@@ -255,47 +250,24 @@ class TitansMemory(Mixer):
         return y, tuple(memory)
 
     def _linear_memory(self, q, k, v, alpha, eta, theta, memory):
-        """Matrix memory with the §3.5 pending-token protocol around :func:`titans_linear_memory`.
+        """Matrix memory through :func:`titans_linear_memory`, which carries the pending tokens in its state.
 
-        Prepends the pending tokens (zero queries, outputs dropped), runs the chunk-aligned prefix to get the new
-        boundary state, then the tail from it. Returns (y (B, T, H, d), (weights, momentum, pending k, v, gates)).
+        Returns (y (B, T, H, d), (weights, momentum, pending k, v, gates)) in the layout of ``_memory``.
         """
-        B, T, H, d = q.shape
-        gates = torch.cat([alpha[..., None], eta[..., None], theta], dim=-1)  # (B, T, H, 3)
         if memory is None:
-            weights = self.initial_weights(B)[0]
-            momentum = torch.zeros_like(weights, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-            pending = 0
+            weights = self.initial_weights(q.shape[0])[0]
+            initial = (weights, torch.zeros_like(weights, dtype=compute_dtype(q)))
         else:
-            (weights,), (momentum,), pending_k, pending_v, pending_gates = memory
-            pending = pending_k.shape[1]
-            q = torch.cat([q.new_zeros(B, pending, H, d), q], dim=1)
-            k = torch.cat([pending_k.to(k.dtype), k], dim=1)
-            v = torch.cat([pending_v.to(v.dtype), v], dim=1)
-            gates = torch.cat([pending_gates.to(gates.dtype), gates], dim=1)
-        total = pending + T
-        aligned = (total // self.chunk_size) * self.chunk_size
-        pieces, memory = [], (weights, momentum)
-        for start, stop, is_prefix in ((0, aligned, True), (aligned, total, False)):
-            if stop == start:
-                continue
-            g = gates[:, start:stop]
-            o, new_memory = titans_linear_memory(q[:, start:stop], k[:, start:stop], v[:, start:stop], g[..., 0],
-                                                 g[..., 1], g[..., 2], chunk_size=self.chunk_size,
-                                                 initial_state=memory, backend=self.backend)
-            pieces.append(o)
-            if is_prefix:
-                memory = new_memory  # the boundary state after the aligned prefix
-        weights, momentum = memory
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        y = torch.cat(pieces, dim=1)[:, pending:]  # (B, T, H, d)
-        return y, ((weights.to(dtype),), (momentum.to(dtype),), k[:, aligned:], v[:, aligned:],
-                   gates[:, aligned:].to(dtype))
+            (weights,), (momentum,), *pending = memory
+            initial = LinearMemoryState(weights, momentum, *pending)
+        y, state = titans_linear_memory(q, k, v, alpha, eta, theta[..., 0], chunk_size=self.chunk_size,
+                                        initial_state=initial, backend=self.backend)
+        return y, ((state.memory,), (state.momentum,), state.pending_k, state.pending_v, state.pending_gates)
 
     def _empty_state(self, x: torch.Tensor) -> TitansState:
         """The state of a fresh sequence (returned for an empty first call)."""
         B = x.shape[0]
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(x)
         weights = tuple(w.to(dtype) for w in self.initial_weights(B))
         inner = self.heads * self.head_dim
         empty = x.new_zeros(B, 0, self.heads, self.head_dim)

@@ -1,6 +1,6 @@
-"""Titans hybrids: memory as context (MAC), as a gate (MAG), as a layer (MAL) (specs/titans.md §4).
+"""Titans hybrids: memory as context (MAC), as a gate (MAG), as a layer (MAL) (docs/titans.md#hybrids).
 
-Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663 v1 §4.1–4.3, eqs. 19–31).
+Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663 v1 Sec. 4.1–4.3, eqs. 19–31).
 Each hybrid combines a :class:`~zoo.layers.titans.TitansMemory` (the long-term memory) with a
 :class:`~zoo.layers.attention.Attention` (the short-term memory) that holds N_p learned persistent tokens. All three are
 causal mixers with ``forward(x (B, T, D), state=None) -> (y (B, T, D), state)``; streaming over any split and
@@ -42,7 +42,7 @@ def _check_positive(owner: str, name: str, value, low: int) -> None:
 
 
 class _Gate(nn.Module):
-    """o = RMSNorm_y(y) ⊙ sigmoid(RMSNorm_z(z)) (v1 eq. 25 / §4.2; the non-linearity is [open]: sigmoid)."""
+    """o = RMSNorm_y(y) ⊙ sigmoid(RMSNorm_z(z)) (v1 eq. 25 / Sec. 4.2; sigmoid is zoo's choice of non-linearity)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -81,7 +81,7 @@ class MACState(NamedTuple):
 
 
 class TitansMAC(Mixer):
-    """Titans, memory as context (v1 §4.1, eqs. 21–25; specs/titans.md §4.3).
+    """Titans, memory as context (v1 Sec. 4.1, eqs. 21–25; docs/titans.md#mac-memory-as-context).
 
     ``forward(x (B, T, D), state: MACState | None = None) -> (o (B, T, D), MACState)``.
 
@@ -92,7 +92,7 @@ class TitansMAC(Mixer):
        share RoPE position j, causal inside the segment, never across segments (eq. 22);
     3. z_j = M(y_j), the memory run causally on the y stream (store y, read token j after storing y_{≤j}; eq. 24);
     4. o_j = RMSNorm(y_j) ⊙ sigmoid(RMSNorm(z_j)) (eq. 25).
-    Both causality traps of §4.3 are avoided: h is masked causally and z_j never sees y_{>j}.
+    Both causality traps (docs/titans.md#causality-traps) are avoided: h is masked causally and z_j never sees y_{>j}.
     ``segment_len`` must be a multiple of the memory's ``chunk_size``, so segment ends are chunk boundaries.
     """
 
@@ -178,7 +178,7 @@ class MAGState(NamedTuple):
 
 
 class TitansMAG(Mixer):
-    """Titans, memory as a gate (v1 §4.2, eqs. 26–28; specs/titans.md §4.4).
+    """Titans, memory as a gate (v1 Sec. 4.2, eqs. 26–28; docs/titans.md#mag-memory-as-a-gate).
 
     ``forward(x (B, T, D), state: MAGState | None = None) -> (o (B, T, D), MAGState)``.
 
@@ -219,7 +219,7 @@ class MALState(NamedTuple):
 
 
 class TitansMAL(Mixer):
-    """Titans, memory as a layer (v1 §4.3, eqs. 29–31; specs/titans.md §4.5).
+    """Titans, memory as a layer (v1 Sec. 4.3, eqs. 29–31; docs/titans.md#mal-memory-as-a-layer).
 
     ``forward(x (B, T, D), state: MALState | None = None) -> (o (B, T, D), MALState)``.
 

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.checkpoint import state_mismatches
 from zoo.config import ModelConfig
 from zoo.errors import CheckpointError
 from zoo.layers.latent_pooling import LatentAttentionPooling, last_valid, masked_mean, valid_mask
 from zoo.layers.norm import RMSNorm
 from zoo.models.lm import build_blocks, no_weight_decay_names
 from zoo.registry import MLP_ONLY, mixer_class, mixer_section
+from zoo.state_dict import state_mismatches
 
 LM_HEAD_KEY = "lm_head.weight"
 
@@ -110,13 +110,19 @@ class EmbeddingModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm backbone states (B, T, D) of right-padded ``input_ids`` (B, T)."""
+        return self.hidden_states_and_state(input_ids, attention_mask)[0]
+
+    def hidden_states_and_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(final-norm backbone states (B, T, D), the blocks' states) of right-padded ``input_ids`` (B, T)."""
         if input_ids.dim() != 2:
             raise ValueError(f"EmbeddingModel: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         mask = None if attention_mask is None else valid_mask(attention_mask, *input_ids.shape, input_ids.device)
         h = self.embed_dropout(self.embed(input_ids))                                      # (B, T, D)
+        states = []
         for block, wants_mask in zip(self.blocks, self.masked_blocks):
-            h, _ = block(h, None, mask if wants_mask else None)
-        return self.norm(h)
+            h, block_state = block(h, None, mask if wants_mask else None)
+            states.append(block_state)
+        return self.norm(h), tuple(states)
 
     def pool(self, h: torch.Tensor, pool_mask: torch.Tensor | None) -> torch.Tensor:
         """Embeddings (B, D) of states h (B, T, D) over the positions ``pool_mask`` (B, T) marks."""
@@ -127,9 +133,11 @@ class EmbeddingModel(nn.Module):
         return F.normalize(e, dim=-1, eps=1e-12) if self.config.embedding.normalize else e
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pool_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden_states(input_ids, attention_mask)
-        return self.pool(h, attention_mask if pool_mask is None else pool_mask)
+                pool_mask: torch.Tensor | None = None, *, return_state: bool = False):
+        """Embeddings e (B, D); with ``return_state`` (e, the blocks' states), whose ``aux_loss`` training adds."""
+        h, state = self.hidden_states_and_state(input_ids, attention_mask)
+        e = self.pool(h, attention_mask if pool_mask is None else pool_mask)
+        return (e, state) if return_state else e
 
     @torch.no_grad()
     def encode(self, texts: list[str], instruction: str = "", batch_size: int = 32) -> torch.Tensor:

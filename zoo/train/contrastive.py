@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ConfigError
-from zoo.train.module import LanguageModelTask
+from zoo.eval.metrics import Tally
+from zoo.train.task import Task
 
 
 class ContrastiveLoss(nn.Module):
@@ -108,14 +109,14 @@ def contrastive_statistics(logits: torch.Tensor, targets: torch.Tensor, temperat
             "positive_cosine": positive.mean() * temperature, "negative_cosine": negatives * temperature}
 
 
-class EmbeddingTask(LanguageModelTask):
+class EmbeddingTask(Task):
     """Trains ``zoo.models.EmbeddingModel`` with ``ContrastiveLoss`` on retrieval pairs (``data.name=ict|needle``).
 
     Logs ``train/loss``, ``train/accuracy`` (in-batch top-1), ``train/positive_cosine``, ``train/negative_cosine``,
-    ``train/lr``, ``train/grad_norm``; after validation ``val/loss``, ``val/accuracy`` over held-out pair batches and
-    the held-out retrieval metrics ``val/recall@1``, ``val/recall@10``, ``val/mrr@10``. Optimizer, schedule, NaN
-    guard, resumable loader state and checkpoint hooks come from ``LanguageModelTask``. In-batch negatives are the
-    rows of the local batch (no gathering across devices).
+    ``train/lr``, ``train/grad_norm`` (and ``train/aux_loss`` when the backbone returns one); after validation
+    ``val/loss``, ``val/accuracy`` over held-out pair batches and the held-out retrieval metrics ``val/recall@1``,
+    ``val/recall@10``, ``val/mrr@10``. Optimizer, schedule, NaN guard, resumable loader state and checkpoint hooks
+    come from ``Task``. In-batch negatives are the rows of the local batch (no gathering across devices).
     """
 
     def __init__(self, config, data=None, last_checkpoint: str | None = None):
@@ -126,76 +127,51 @@ class EmbeddingTask(LanguageModelTask):
         settings = config.model.embedding
         self.loss_fn = ContrastiveLoss(settings.temperature, settings.in_batch_negatives,
                                        config.data.retrieval.hard_negatives)
-        self._val_sums = {}
 
-    # ------------------------------------------------------------------------------------------------ data
-    def train_dataloader(self):
-        from zoo.data.loader import ResumableLoader
-
-        self.train_loader = ResumableLoader(self.data.train, self.config.data.batch_size, self.config.data.seed,
-                                            rank=self.global_rank, world_size=self.trainer.world_size,
-                                            collate_fn=self.data.collate)
-        if self._loader_state is not None:
-            self.train_loader.load_state_dict(self._loader_state)
-        return self.train_loader
-
-    def val_dataloader(self):
-        return torch.utils.data.DataLoader(self.data.test, batch_size=self.config.data.eval_batch_size,
-                                           shuffle=False, collate_fn=self.data.collate, generator=torch.Generator())
+    def collate(self, items: list) -> dict:
+        """A padded batch of retrieval pairs (the data's ``PairCollator``)."""
+        return self.data.collate(items)
 
     # ------------------------------------------------------------------------------------------------ steps
     def embed_batch(self, batch: dict):
-        """(q (B, D), pos (B, D), neg (B, h, D) | None): queries in one pass, positives and negatives in another."""
-        q = self._forward(batch["input_ids"], batch["attention_mask"], batch["pool_mask"])
+        """(q (B, D), pos (B, D), neg (B, h, D) | None, block states of both passes).
+
+        Queries go in one pass, positives and negatives in another.
+        """
+        q, query_state = self._forward(batch["input_ids"], batch["attention_mask"], batch["pool_mask"],
+                                       return_state=True)
         B = q.shape[0]
         passage_ids, passage_mask = batch["positive_ids"], batch["positive_mask"]
         if "negative_ids" in batch:
             passage_ids = torch.cat([passage_ids, batch["negative_ids"].flatten(0, 1)])          # (B(1+h), Tp)
             passage_mask = torch.cat([passage_mask, batch["negative_mask"].flatten(0, 1)])
-        passages = self._forward(passage_ids, passage_mask)                                     # (B(1+h), D)
+        passages, passage_state = self._forward(passage_ids, passage_mask, return_state=True)  # (B(1+h), D)
         neg = passages[B:].view(B, -1, passages.shape[-1]) if "negative_ids" in batch else None
-        return q, passages[:B], neg
+        return q, passages[:B], neg, query_state + passage_state
 
     def batch_logits(self, batch: dict):
-        q, pos, neg = self.embed_batch(batch)
-        return self.loss_fn.logits_and_targets(q, pos, neg, batch["group_ids"],
-                                               negative_group_ids=batch.get("negative_group_ids"))
+        """(logits, targets, block states of the embedding passes) of a batch of pairs."""
+        q, pos, neg, state = self.embed_batch(batch)
+        logits, targets = self.loss_fn.logits_and_targets(q, pos, neg, batch["group_ids"],
+                                                          negative_group_ids=batch.get("negative_group_ids"))
+        return logits, targets, state
 
-    def training_step(self, batch, batch_idx):
-        logits, targets = self.batch_logits(batch)
+    def task_loss(self, batch: dict):
+        logits, targets, state = self.batch_logits(batch)
         loss = F.cross_entropy(logits.float(), targets)
-        if self.train_loader is not None:
-            self.train_loader.mark_consumed()
         stats = contrastive_statistics(logits.detach(), targets, self.loss_fn.temperature)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", stats["accuracy"])
-        self.log("train/positive_cosine", stats["positive_cosine"])
-        self.log("train/negative_cosine", stats["negative_cosine"])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_sums = {"loss": 0.0, "correct": 0.0, "rows": 0}
+        return loss, state, stats
 
     def validation_step(self, batch, batch_idx):
-        logits, targets = self.batch_logits(batch)
-        rows = targets.shape[0]
-        self._val_sums["loss"] += float(F.cross_entropy(logits.float(), targets)) * rows
-        self._val_sums["correct"] += float((logits.argmax(dim=-1) == targets).sum())
-        self._val_sums["rows"] += rows
+        logits, targets, _ = self.batch_logits(batch)
+        # one scored position per query: the task tally gives accuracy and loss
+        self._val_tally.add(logits.unsqueeze(1), targets.unsqueeze(1))
 
-    def on_validation_epoch_end(self) -> None:
+    def validation_values(self, tally: Tally) -> dict:
         from zoo.eval.retrieval import evaluate_corpus
 
-        sums = self._val_sums
-        if not sums.get("rows"):
-            return
-        values = {"val/loss": sums["loss"] / sums["rows"], "val/accuracy": sums["correct"] / sums["rows"]}
+        metrics = tally.task_metrics()
+        values = {"val/loss": metrics["loss"], "val/accuracy": metrics["accuracy"]}
         metrics = evaluate_corpus(self.model, self.data.corpus, self.config.data.eval_batch_size, self.data.tokenizer)
         values.update({f"val/{key}": metrics[key] for key in ("recall@1", "recall@10", "mrr@10")})
-        for key, value in values.items():
-            self.log(key, value, sync_dist=True)
-        self.last_val = values
-        target = self.config.trainer.stop_at_accuracy
-        if target is not None and values["val/accuracy"] >= target and not self.trainer.sanity_checking:
-            self.trainer.should_stop = True
+        return values

@@ -37,7 +37,20 @@ def is_global_rank_zero() -> bool:
 
 
 def use_progress_bar() -> bool:
+    """True in an interactive terminal (stdout a TTY, not CI): Rich's progress bar instead of plain lines."""
     return sys.stdout.isatty() and not os.environ.get("CI")
+
+
+def progress_callbacks(cfg: Config, interactive: bool) -> list:
+    """Lightning's ``RichProgressBar`` in a terminal, else ``ProgressLines`` printing; both log throughput."""
+    from zoo.train.callbacks import ProgressLines
+
+    lines = ProgressLines(cfg.trainer.log_every_n_steps, print_lines=not interactive)
+    if not interactive:
+        return [lines]
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    return [RichProgressBar(), lines]
 
 
 def build_strategy(cfg: Config):
@@ -50,7 +63,7 @@ def build_strategy(cfg: Config):
     return cfg.trainer.strategy
 
 
-def build_trainer(cfg: Config, directory: Path, callbacks: list):
+def build_trainer(cfg: Config, directory: Path, callbacks: list, progress_bar: bool):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -65,7 +78,7 @@ def build_trainer(cfg: Config, directory: Path, callbacks: list):
         gradient_clip_val=t.gradient_clip_val or None, gradient_clip_algorithm="norm",
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
-        num_sanity_val_steps=0, enable_progress_bar=use_progress_bar(), enable_model_summary=False,
+        num_sanity_val_steps=0, enable_progress_bar=progress_bar, enable_model_summary=False,
         callbacks=[checkpoint, *callbacks], logger=logger, default_root_dir=str(directory),
         use_distributed_sampler=False,
     )
@@ -99,7 +112,7 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
 
     quiet_lightning(verbose)  # after the import: lightning sets its loggers to INFO when imported
 
-    from zoo.train.callbacks import ProgressLines, ResumeState
+    from zoo.train.callbacks import ResumeState
     pl.seed_everything(cfg.seed, verbose=False)
     if is_global_rank_zero():
         write_run_start(cfg, directory, argv, cfg.trainer.devices * cfg.trainer.num_nodes,
@@ -109,8 +122,8 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
         from zoo.checkpoint import load_init_weights
 
         load_init_weights(module.model, cfg.init_from)
-    progress = ProgressLines(cfg.trainer.log_every_n_steps, print_lines=not use_progress_bar())
-    trainer = build_trainer(cfg, directory, [ResumeState(), progress])
+    interactive = use_progress_bar()
+    trainer = build_trainer(cfg, directory, [ResumeState(), *progress_callbacks(cfg, interactive)], interactive)
     try:
         trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None)
     except SystemExit:

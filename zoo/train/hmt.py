@@ -1,14 +1,13 @@
-"""The LightningModule for HMT (specs/hmt.md §8): BPTT over the segments of each text window.
+"""The LightningModule for HMT (docs/hmt.md#training): BPTT over the segments of each text window.
 
 Each training window of ``data.seq_len`` tokens holds several HMT segments and is unrolled in one forward, with
 gradients through every segment and the cached memories. The two training options of ``model.hmt`` live here:
 ``loss_last_segments=s`` scores only the last s segments of each window (the reference's loss), and
-``freeze_backbone`` trains only m0, T, Wq and Wk. Validation, resume and the NaN guard are ``LanguageModelTask``'s.
+``freeze_backbone`` trains only m0, T, Wq and Wk. Loss, validation and the scaffolding are ``LanguageModelTask``'s.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from zoo.config import Config
 from zoo.eval.metrics import IGNORE_INDEX
@@ -29,7 +28,8 @@ def last_segments_labels(labels: torch.Tensor, segment_len: int, segments: int |
 class HMTTask(LanguageModelTask):
     """Trains ``zoo.layers.HMT`` on windows of several segments: mean cross-entropy over the scored text positions.
 
-    Logs ``train/loss`` and ``train/lr``; validation reports ``val/loss`` and ``val/bpb`` over all positions.
+    Logs ``train/loss``, ``train/lr``, ``train/grad_norm`` and, when the backbone returns one, ``train/aux_loss``
+    (``HMTState.aux_loss``); validation reports ``val/loss`` and ``val/bpb`` over all positions.
     """
 
     def __init__(self, config: Config, data=None, last_checkpoint: str | None = None):
@@ -41,12 +41,6 @@ class HMTTask(LanguageModelTask):
         if options.freeze_backbone:
             self.model.backbone.requires_grad_(False)
 
-    def training_step(self, batch, batch_idx):
-        logits, _ = self._forward(batch["input_ids"])                             # (B, T, V)
-        labels = last_segments_labels(batch["labels"], self.model.segment_len, self.loss_last_segments)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        if self.train_loader is not None:
-            self.train_loader.mark_consumed()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+    def training_labels(self, batch: dict) -> torch.Tensor:
+        """The window's labels (B, T) with the segments before the last ``loss_last_segments`` unscored."""
+        return last_segments_labels(batch["labels"], self.model.segment_len, self.loss_last_segments)

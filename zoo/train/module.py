@@ -1,39 +1,17 @@
-"""The LightningModule for language modelling and synthetic tasks: loss, optimizer groups, schedule, NaN guard."""
+"""The task for language modelling and synthetic tasks: next-token cross-entropy on aligned (input_ids, labels)."""
 from __future__ import annotations
 
-import math
-
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from zoo.config import Config, to_dict
+from zoo.config import Config
 from zoo.eval.metrics import IGNORE_INDEX, Tally
-from zoo.models import build_model
+from zoo.train.task import Task, accuracy_values, auxiliary_loss, lr_lambda
+
+__all__ = ["LanguageModelTask", "auxiliary_loss", "lr_lambda"]
 
 
-def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def auxiliary_loss(state) -> torch.Tensor | None:
-    """Mean of the ``aux_loss`` fields of the block states (MoM's load balance), or None when no block has one.
-
-    This is the zoo's convention for auxiliary losses: a mixer returns them in its state, never through a global.
-    """
-    terms = [s.aux_loss for s in (state or ()) if getattr(s, "aux_loss", None) is not None]
-    return torch.stack([t.float() for t in terms]).mean() if terms else None
-
-
-class LanguageModelTask(pl.LightningModule):
+class LanguageModelTask(Task):
     """Trains ``zoo.models.LanguageModel`` on aligned (input_ids, labels) batches.
 
     Logs ``train/loss``, ``train/lr``, ``train/grad_norm`` and, after validation, ``val/loss`` with ``val/bpb``
@@ -41,129 +19,26 @@ class LanguageModelTask(pl.LightningModule):
     """
 
     def __init__(self, config: Config, data=None, last_checkpoint: str | None = None):
-        super().__init__()
-        self.config = config
-        self.data = data
-        self.is_task = bool(data is not None and data.is_task)
-        self.save_hyperparameters({"config": to_dict(config), "is_task": self.is_task})
-        self.model = build_model(config)
+        super().__init__(config, data, last_checkpoint)
         token_bytes = [] if data is None or self.is_task else data.tokenizer.token_bytes()
         self.register_buffer("token_bytes", torch.tensor(token_bytes, dtype=torch.long), persistent=False)
-        self.train_loader = None
-        self._loader_state: dict | None = None
-        self.last_checkpoint = last_checkpoint
-        self._val_tally = Tally()
-        self._forward = self.model
 
-    def configure_model(self) -> None:
-        if self.config.trainer.compile and self._forward is self.model:
-            self._forward = torch.compile(self.model)
+    def training_labels(self, batch: dict) -> torch.Tensor:
+        """The labels (B, T) the training loss scores."""
+        return batch["labels"]
 
-    # ------------------------------------------------------------------------------------------------ data
-    def train_dataloader(self):
-        from zoo.data.loader import ResumableLoader
-
-        self.train_loader = ResumableLoader(self.data.train, self.config.data.batch_size, self.config.data.seed,
-                                            rank=self.global_rank, world_size=self.trainer.world_size)
-        if self._loader_state is not None:
-            self.train_loader.load_state_dict(self._loader_state)
-        return self.train_loader
-
-    def val_dataloader(self):
-        from zoo.data.loader import collate
-
-        # An explicit generator: creating an iterator must not draw from the global RNG (exact resume).
-        return torch.utils.data.DataLoader(self.data.test, batch_size=self.config.data.eval_batch_size,
-                                           shuffle=False, collate_fn=collate, generator=torch.Generator())
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.train_loader is not None:
-            checkpoint["zoo_loader"] = self.train_loader.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._loader_state = checkpoint.get("zoo_loader")
-
-    # ------------------------------------------------------------------------------------------------ steps
-    def training_step(self, batch, batch_idx):
-        logits, state = self._forward(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-        aux = auxiliary_loss(state)
-        if aux is not None:
-            self.log("train/aux_loss", aux)
-            loss = loss + aux
-        if self.train_loader is not None:
-            self.train_loader.mark_consumed()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
-
-    def on_before_backward(self, loss: torch.Tensor) -> None:
-        self._last_loss = loss.detach()
+    def task_loss(self, batch: dict):
+        logits, state = self._forward(batch["input_ids"])                             # (B, T, V)
+        labels = self.training_labels(batch)                                          # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return loss, state, {}
 
     def validation_step(self, batch, batch_idx):
         logits, _ = self._forward(batch["input_ids"])
         self._val_tally.add(logits, batch["labels"], None if self.is_task else self.token_bytes)
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_tally = Tally()
-
-    def on_validation_epoch_end(self) -> None:
-        tally = self._val_tally
-        if tally.positions == 0:
-            return
+    def validation_values(self, tally: Tally) -> dict:
         if self.is_task:
-            metrics = tally.task_metrics()
-            values = {"val/loss": metrics["loss"], "val/accuracy": metrics["accuracy"],
-                      "val/exact_match": metrics["exact_match"]}
-        else:
-            metrics = tally.language_model_metrics()
-            values = {"val/loss": metrics["loss"], "val/bpb": metrics["bpb"]}
-        for key, value in values.items():
-            self.log(key, value, sync_dist=True)
-        self.last_val = values
-        target = self.config.trainer.stop_at_accuracy
-        if target is not None and self.is_task and metrics["accuracy"] >= target and not self.trainer.sanity_checking:
-            self.trainer.should_stop = True
-
-    # ------------------------------------------------------------------------------------------------ optimizer
-    def configure_optimizers(self):
-        optim = self.config.optim
-        no_decay = self.model.no_weight_decay()
-        decay_params, plain_params = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (plain_params if name in no_decay else decay_params).append(param)
-        groups = [{"params": decay_params, "weight_decay": optim.weight_decay},
-                  {"params": plain_params, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(optim.warmup_steps, optim.decay_steps or self.config.trainer.max_steps,
-                                 optim.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Total gradient norm (before clipping), and the NaN/Inf guard: raise before weights change."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        self.log("train/grad_norm", norm)
-        self._last_grad_norm = norm.detach()
-        check_loss_only = self.config.trainer.precision == "16-mixed"
-        loss_ok = bool(torch.isfinite(self._last_loss))
-        if not loss_ok or (not check_loss_only and not bool(torch.isfinite(norm))):
-            what = "loss" if not loss_ok else "gradient norm"
-            step = self.global_step + 1
-            raise FloatingPointError(f"{what} became nan/inf at step {step}; last good checkpoint: "
-                                     f"{self.last_checkpoint_note()}")
-
-    def last_checkpoint_note(self) -> str:
-        """``runs/x/last.ckpt (step N)`` or a note that none was written yet."""
-        from pathlib import Path
-
-        path = Path(self.last_checkpoint) if self.last_checkpoint else None
-        if path is None or not path.is_file():
-            return "none yet"
-        try:
-            step = torch.load(path, map_location="cpu", weights_only=True).get("global_step")
-        except Exception:
-            step = "?"
-        return f"{path} (step {step})"
+            return accuracy_values(tally)
+        metrics = tally.language_model_metrics()
+        return {"val/loss": metrics["loss"], "val/bpb": metrics["bpb"]}

@@ -1,4 +1,4 @@
-"""Text data, tokenizer and the resumable loader (tasks.md §8, training.md §4)."""
+"""Text data, tokenizer and the resumable loader (docs/tasks.md#embedded-data, docs/training.md#exact-resume)."""
 import pytest
 import torch
 

@@ -1,51 +1,22 @@
-"""Tests of the op ``titans_linear_memory`` (specs/titans.md §3.1–3.3, §3.7 and §5)."""
+"""Tests of the op ``titans_linear_memory`` (docs/titans.md#the-linear-memory-op and #tests)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
-from zoo.kernels.titans_memory import titans_linear_memory, titans_linear_memory_reference
-
-F64 = torch.float64
-triton_runs = pytest.mark.skipif(
-    not triton_available() or not (torch.cuda.is_available() or triton_interpreted()),
-    reason="needs triton, and CUDA or TRITON_INTERPRET=1")
-
-
-def _gates(generator, *shape, dtype=F64, scale=1.0):
-    """Uniform [0, 1] with about 10 % exact 0 and 10 % exact 1, times ``scale``."""
-    gate = torch.rand(*shape, generator=generator, dtype=F64)
-    pick = torch.rand(*shape, generator=generator, dtype=F64)
-    gate = torch.where(pick < 0.1, 0.0, torch.where(pick > 0.9, 1.0, gate))
-    return (scale * gate).to(dtype)
-
-
-def make_inputs(B, T, H, K, V, dtype=F64, seed=0, state=True):
-    """q, k (unit norm), v, alpha, eta, theta and a random initial state."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, dtype=F64), dim=-1).to(dtype)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, dtype=F64), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, V, generator=gen, dtype=F64).to(dtype)
-    alpha, eta, theta = (_gates(gen, B, T, H, dtype=dtype) for _ in range(3))
-    initial = None
-    if state:
-        initial = tuple(torch.randn(B, H, K, V, generator=gen, dtype=F64).to(dtype) for _ in range(2))
-    return [q, k, v, alpha, eta, theta], initial
-
-
-def _functional(outputs, seed=123):
-    """A random linear functional of every output tensor (cotangents drawn in fp64, independent of strides)."""
-    gen = torch.Generator().manual_seed(seed)
-    return sum((x * torch.randn(x.shape, generator=gen, dtype=F64).to(x)).sum() for x in outputs)
+from tests.kernels.kit import F64, assert_finite, needs_triton, random_functional
+from tests.kernels.kit import titans_linear_inputs as make_inputs
+from zoo.kernels._common import rel_rms_error
+from zoo.kernels.titans_linear_memory import (_titans_linear_memory_torch, titans_linear_memory,
+                                              titans_linear_memory_reference)
 
 
 def _run_with_grads(inputs, initial, chunk_size, backend, dtype=None):
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     leaves = [x.detach().to(device, dtype or x.dtype).requires_grad_() for x in inputs + list(initial)]
-    o, (M, S) = titans_linear_memory(*leaves[:6], chunk_size=chunk_size, initial_state=tuple(leaves[6:]),
-                                     backend=backend)
-    grads = torch.autograd.grad(_functional([o, M, S]), leaves)
+    o, (M, S, *_) = titans_linear_memory(*leaves[:6], chunk_size=chunk_size, initial_state=tuple(leaves[6:]),
+                                         backend=backend)
+    grads = torch.autograd.grad(random_functional([o, M, S], seed=123), leaves)
     return (o, M, S), grads
 
 
@@ -63,8 +34,8 @@ def test_torch_matches_reference_fp64(shape, chunk_size):
 def test_torch_fp32_matches_fp64_reference():
     inputs, initial = make_inputs(2, 256, 2, 16, 16, seed=1)
     ref_o, (ref_M, ref_S) = titans_linear_memory_reference(*inputs, chunk_size=16, initial_state=initial)
-    o, (M, S) = titans_linear_memory(*(x.float() for x in inputs), chunk_size=16,
-                                     initial_state=tuple(s.float() for s in initial), backend="torch")
+    o, (M, S, *_) = titans_linear_memory(*(x.float() for x in inputs), chunk_size=16,
+                                         initial_state=tuple(s.float() for s in initial), backend="torch")
     assert o.dtype == M.dtype == S.dtype == torch.float32
     for got, want in ((o, ref_o), (M, ref_M), (S, ref_S)):
         assert rel_rms_error(got, want) <= 1e-5
@@ -94,8 +65,8 @@ def test_gradcheck_fp64(backend):
     tensors = [t.requires_grad_() for t in tensors]
 
     def op(q, k, v, alpha, eta, theta, M0, S0):
-        o, (M, S) = titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size=4, initial_state=(M0, S0),
-                                         backend=backend)
+        o, (M, S, *_) = titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size=4, initial_state=(M0, S0),
+                                             backend=backend)
         return o, M, S
 
     assert torch.autograd.gradcheck(op, tensors)
@@ -112,7 +83,7 @@ def test_chunk_size_one_equals_online_gradient_descent():
         S = eta[:, t, :, None, None] * S - theta[:, t, :, None, None] * grad
         M = (1 - alpha[:, t, :, None, None]) * M + S
         expected.append((q[:, t, :, None, :] @ M)[:, :, 0])
-    o, (M_out, S_out) = titans_linear_memory(*inputs, chunk_size=1, initial_state=initial, backend="torch")
+    o, (M_out, S_out, *_) = titans_linear_memory(*inputs, chunk_size=1, initial_state=initial, backend="torch")
     assert rel_rms_error(o, torch.stack(expected, dim=1)) <= 1e-12
     assert rel_rms_error(M_out, M) <= 1e-12 and rel_rms_error(S_out, S) <= 1e-12
 
@@ -131,8 +102,8 @@ def test_no_decay_no_momentum_chunk_one_is_deltanet():
     inputs, (M0, _) = make_inputs(2, 29, 2, 8, 6, seed=5)
     q, k, v, _, _, theta = inputs
     zeros = torch.zeros_like(theta)
-    o, (M, _) = titans_linear_memory(q, k, v, zeros, zeros, theta, chunk_size=1,
-                                     initial_state=(M0, torch.zeros_like(M0)))
+    o, (M, *_) = titans_linear_memory(q, k, v, zeros, zeros, theta, chunk_size=1,
+                                      initial_state=(M0, torch.zeros_like(M0)))
     o_delta, M_delta = _delta_rule(q, k, v, 2 * theta, M0)
     assert rel_rms_error(o, o_delta) <= 1e-10 and rel_rms_error(M, M_delta) <= 1e-10
     try:
@@ -147,7 +118,7 @@ def test_no_decay_no_momentum_chunk_one_is_deltanet():
 def test_full_forgetting_leaves_memory_equal_to_momentum(chunk_size):
     inputs, initial = make_inputs(1, 20, 2, 4, 4, seed=6)
     inputs[3] = torch.ones_like(inputs[3])
-    o, (M, S) = titans_linear_memory(*inputs, chunk_size=chunk_size, initial_state=initial)
+    o, (M, S) = _titans_linear_memory_torch(*inputs, chunk_size, initial)  # the state after the last token
     torch.testing.assert_close(M, S, rtol=0, atol=1e-12)
     # and the last output reads S_T
     torch.testing.assert_close(o[:, -1], torch.einsum("bhk,bhkv->bhv", inputs[0][:, -1], S), rtol=0, atol=1e-12)
@@ -167,8 +138,8 @@ def test_single_chunk_without_gates_is_one_batch_gradient_step():
     inputs, (M0, _) = make_inputs(1, 12, 2, 6, 4, seed=8)
     q, k, v, _, _, theta = inputs
     zeros = torch.zeros_like(theta)
-    _, (M, _) = titans_linear_memory(q, k, v, zeros, zeros, theta, chunk_size=16,
-                                     initial_state=(M0, torch.zeros_like(M0)))
+    _, (M, _) = _titans_linear_memory_torch(q, k, v, zeros, zeros, theta, 16,
+                                            (M0, torch.zeros_like(M0)))  # the state after the last token
     error = torch.einsum("bthk,bhkv->bthv", k, M0) - v  # (B, T, H, V)
     expected = M0 - 2 * torch.einsum("bthk,bth,bthv->bhkv", k, theta, error)
     assert rel_rms_error(M, expected) <= 1e-12
@@ -182,41 +153,69 @@ def test_stream_split_equals_full(backend, chunk_size):
     for split in range(0, 38, chunk_size):
         o1, state = titans_linear_memory(*(x[:, :split] for x in inputs), chunk_size=chunk_size,
                                          initial_state=initial, backend=backend)
-        o2, (M, S) = titans_linear_memory(*(x[:, split:] for x in inputs), chunk_size=chunk_size,
-                                          initial_state=state, backend=backend)
+        o2, (M, S, *_) = titans_linear_memory(*(x[:, split:] for x in inputs), chunk_size=chunk_size,
+                                              initial_state=state, backend=backend)
         assert rel_rms_error(torch.cat([o1, o2], dim=1), full_o) <= 1e-12, split
         assert rel_rms_error(M, full_state[0]) <= 1e-12 and rel_rms_error(S, full_state[1]) <= 1e-12, split
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_stream_split_inside_a_chunk_equals_full(backend, chunk_size):
+    """The pending tokens in the state keep chunks aligned to the sequence: a split at any t equals one call."""
+    inputs, initial = make_inputs(2, 37, 2, 6, 5, seed=9)
+    full_o, full_state = titans_linear_memory(*inputs, chunk_size=chunk_size, initial_state=initial, backend=backend)
+    for split in range(38):
+        o1, state = titans_linear_memory(*(x[:, :split] for x in inputs), chunk_size=chunk_size,
+                                         initial_state=initial, backend=backend)
+        assert state.pending_k.shape[1] == split % chunk_size
+        o2, end_state = titans_linear_memory(*(x[:, split:] for x in inputs), chunk_size=chunk_size,
+                                             initial_state=state, backend=backend)
+        assert rel_rms_error(torch.cat([o1, o2], dim=1), full_o) <= 1e-12, split
+        for got, want in zip(end_state, full_state):
+            assert rel_rms_error(got, want) <= 1e-12, split
+
+
+def test_token_by_token_equals_full():
+    inputs, initial = make_inputs(1, 11, 2, 4, 3, seed=16)
+    full_o, _ = titans_linear_memory(*inputs, chunk_size=4, initial_state=initial)
+    state, outputs = initial, []
+    for t in range(11):
+        o, state = titans_linear_memory(*(x[:, t:t + 1] for x in inputs), chunk_size=4, initial_state=state)
+        outputs.append(o)
+    assert rel_rms_error(torch.cat(outputs, dim=1), full_o) <= 1e-12
 
 
 def test_final_state_without_initial_state_starts_from_zero():
     inputs, initial = make_inputs(2, 19, 2, 4, 4, seed=10)
     zeros = tuple(torch.zeros_like(s) for s in initial)
-    o, (M, S) = titans_linear_memory(*inputs, chunk_size=4)
-    o_ref, (M_ref, S_ref) = titans_linear_memory_reference(*inputs, chunk_size=4, initial_state=zeros)
+    o, (M, S, *_) = titans_linear_memory(*inputs, chunk_size=4)
+    o_ref, (M_ref, S_ref, *_) = titans_linear_memory(*inputs, chunk_size=4, initial_state=zeros, backend="reference")
     for got, want in ((o, o_ref), (M, M_ref), (S, S_ref)):
         assert rel_rms_error(got, want) <= 1e-12
 
 
 def test_batch_and_heads_are_independent():
     inputs, initial = make_inputs(2, 21, 3, 4, 4, seed=11)
-    o, (M, S) = titans_linear_memory(*inputs, chunk_size=4, initial_state=initial)
+    o, (M, S, *_) = titans_linear_memory(*inputs, chunk_size=4, initial_state=initial)
     changed = [x.clone() for x in inputs]
     for x in changed:
         x[1] = x[1].flip(0)  # resample sample 1
-    o_changed, (M_changed, _) = titans_linear_memory(*changed, chunk_size=4, initial_state=initial)
+    o_changed, (M_changed, *_) = titans_linear_memory(*changed, chunk_size=4, initial_state=initial)
     assert torch.equal(o_changed[0], o[0]) and torch.equal(M_changed[0], M[0])
     for head in range(3):
-        o_h, (M_h, S_h) = titans_linear_memory(*(x[:, :, head:head + 1] for x in inputs), chunk_size=4,
-                                               initial_state=tuple(s[:, head:head + 1] for s in initial))
+        o_h, (M_h, S_h, *_) = titans_linear_memory(*(x[:, :, head:head + 1] for x in inputs), chunk_size=4,
+                                                   initial_state=tuple(s[:, head:head + 1] for s in initial))
         torch.testing.assert_close(o_h, o[:, :, head:head + 1], rtol=0, atol=1e-13)
         torch.testing.assert_close(M_h, M[:, head:head + 1], rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=triton_runs)])
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
 def test_outputs_and_gradients_are_finite_under_nan_poisoning(nan_poisoned_empty, backend):
     inputs, initial = make_inputs(1, 20, 1, 16, 16, dtype=torch.float32, seed=12)
     outputs, grads = _run_with_grads(inputs, initial, 16, backend)
-    assert all(torch.isfinite(x).all() for x in (*outputs, *grads))
+    assert_finite(**dict(zip(["o", "M", "S", "dq", "dk", "dv", "dalpha", "deta", "dtheta", "dM_0", "dS_0"],
+                             (*outputs, *grads))))
 
 
 @pytest.mark.parametrize("chunk_size,theta_value,length", [(1, 1.0, 512), (16, 1.0 / 16, 2048)])
@@ -233,18 +232,18 @@ def test_extreme_gates_stay_finite(alpha_value, eta_value, chunk_size, theta_val
     inputs[4] = torch.full_like(inputs[4], eta_value)
     inputs[5] = torch.full_like(inputs[5], theta_value)
     leaves = [x.requires_grad_() for x in inputs]
-    o, (M, S) = titans_linear_memory(*leaves, chunk_size=chunk_size, backend="torch")
-    grads = torch.autograd.grad(_functional([o, M, S]), leaves)
-    assert all(torch.isfinite(x).all() for x in (o, M, S, *grads))
+    o, (M, S, *_) = titans_linear_memory(*leaves, chunk_size=chunk_size, backend="torch")
+    grads = torch.autograd.grad(random_functional([o, M, S], seed=123), leaves)
+    assert_finite(**dict(zip(["o", "M", "S", "dq", "dk", "dv", "dalpha", "deta", "dtheta"], (o, M, S, *grads))))
 
 
 def test_low_precision_inputs_give_outputs_in_v_dtype_and_fp32_states():
     inputs, _ = make_inputs(1, 10, 1, 4, 4, dtype=torch.bfloat16, seed=14, state=False)
-    o, (M, S) = titans_linear_memory(*inputs, chunk_size=4)
+    o, (M, S, *_) = titans_linear_memory(*inputs, chunk_size=4)
     assert o.dtype == torch.bfloat16 and M.dtype == S.dtype == torch.float32
 
 
-@triton_runs
+@needs_triton
 @pytest.mark.parametrize("shape", [(1, 16, 1, 16, 16), (2, 45, 2, 32, 16)])
 @pytest.mark.parametrize("chunk_size", [16, 32])
 def test_triton_matches_reference(shape, chunk_size):
@@ -252,9 +251,9 @@ def test_triton_matches_reference(shape, chunk_size):
     inputs, initial = make_inputs(*shape, seed=15)
     ref_outputs, ref_grads = _run_with_grads(inputs, initial, chunk_size, "reference")
     leaves = [x.detach().float().to(device).requires_grad_() for x in inputs + list(initial)]
-    o, (M, S) = titans_linear_memory(*leaves[:6], chunk_size=chunk_size, initial_state=tuple(leaves[6:]),
-                                     backend="triton")
-    grads = torch.autograd.grad(_functional([o.cpu(), M.cpu(), S.cpu()]), leaves)
+    o, (M, S, *_) = titans_linear_memory(*leaves[:6], chunk_size=chunk_size, initial_state=tuple(leaves[6:]),
+                                         backend="triton")
+    grads = torch.autograd.grad(random_functional([o.cpu(), M.cpu(), S.cpu()], seed=123), leaves)
     for got, want in zip((o, M, S), ref_outputs):
         assert rel_rms_error(got.cpu(), want) <= 2e-3
     tolerances = [8e-3, 8e-3, 8e-3, 2e-2, 2e-2, 2e-2, 8e-3, 8e-3]  # q k v alpha eta theta M_0 S_0
@@ -263,7 +262,7 @@ def test_triton_matches_reference(shape, chunk_size):
         assert rel_rms_error(got.cpu(), want) <= tol, name
 
 
-@triton_runs
+@needs_triton
 def test_triton_rejects_chunk_size_it_cannot_tile():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs, _ = make_inputs(1, 8, 1, 4, 4, dtype=torch.float32, state=False)
@@ -302,3 +301,10 @@ def test_bad_chunk_size_state_and_backend_raise():
         titans_linear_memory(*inputs, initial_state=(initial[0][:, :1], initial[1]))
     with pytest.raises(ValueError, match="backend"):
         titans_linear_memory(*inputs, backend="cuda")
+
+
+def test_state_with_too_many_pending_tokens_raises():
+    inputs, initial = make_inputs(1, 6, 2, 4, 3)
+    _, state = titans_linear_memory(*inputs, chunk_size=8, initial_state=initial)
+    with pytest.raises(ValueError, match="p < chunk_size=4"):
+        titans_linear_memory(*inputs, chunk_size=4, initial_state=state)

@@ -1,4 +1,4 @@
-"""``titans_linear_memory``: the Titans long-term memory with a matrix (depth-1) memory (specs/titans.md §3).
+"""``titans_linear_memory``: the Titans long-term memory as a matrix (docs/titans.md#the-linear-memory-op).
 
 Per (batch, head), with row vectors, chunk size b and chunks aligned to the start of the call, token t reads and writes
 
@@ -7,21 +7,39 @@ Per (batch, head), with row vectors, chunk size b and chunks aligned to the star
 
 (Behrouz et al., "Titans: Learning to Memorize at Test Time", arXiv 2501.00663, eqs. 13–18). The file holds the four
 parts of the kernel contract: the token loop (oracle), the chunked dual form in torch, the Triton path (kernels in
-``titans_memory_triton.py``, imported lazily) and the public function.
+``titans_linear_memory_triton.py``, imported lazily) and the public function.
+
+Parts 1–3 run on a chunk grid aligned to the start of their call, from (M, S) at a chunk boundary. The public function
+carries the stream across calls as ``titans_mlp_memory`` does: its state holds (M, S) at the last completed chunk
+boundary plus the keys, values and gates of the p < b tokens after it, and a call prepends those pending tokens (zero
+queries, outputs dropped), so chunks stay aligned to the original sequence and any split equals one call.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
 
-from zoo.kernels._common import check_finite, check_floating, check_range, check_shape, resolve_backend
+from zoo.kernels._common import (check_chunk_size, check_finite, check_floating, check_range, check_shape,
+                                 compute_dtype, resolve_backend)
 
 _OP = "titans_linear_memory"
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 when any input is fp64, else fp32 (states and gate maths never run in half precision)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+class LinearMemoryState(NamedTuple):
+    """Recurrent state of :func:`titans_linear_memory`, batch-first.
+
+    memory, momentum: (B, H, K, V) M and S at the last completed chunk boundary, fp32 (fp64 for fp64 inputs).
+    pending_k: (B, p, H, K) and pending_v: (B, p, H, V), the p < chunk_size tokens since that boundary.
+    pending_gates: (B, p, H, 3) = (α, η, θ) of those tokens.
+    """
+
+    memory: torch.Tensor
+    momentum: torch.Tensor
+    pending_k: torch.Tensor
+    pending_v: torch.Tensor
+    pending_gates: torch.Tensor
 
 
 def _zero_state(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,15 +49,15 @@ def _zero_state(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Reference: the token loop of §3.1
+# 1. Reference: the token loop of docs/titans.md#the-linear-memory-op
 # ---------------------------------------------------------------------------------------------------------------------
 
 def titans_linear_memory_reference(q, k, v, alpha, eta, theta, chunk_size=16, initial_state=None):
-    """The §3.1 token loop, written from the equations; the oracle for every other backend (works in float64).
+    """The token loop of Titans v1 eqs. 13–15, the oracle for every other backend (works in float64).
 
     Shapes as in :func:`titans_linear_memory`; returns ``(o, (M, S))`` with M, S the state after the last token.
     """
-    dtype = _compute_dtype(q, k, v)
+    dtype = compute_dtype(q, k, v)
     M, S = _zero_state(q, v, dtype) if initial_state is None else (t.to(dtype) for t in initial_state)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     a, e, th = alpha.to(dtype), eta.to(dtype), theta.to(dtype)
@@ -62,7 +80,7 @@ def titans_linear_memory_reference(q, k, v, alpha, eta, theta, chunk_size=16, in
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Chunked dual form in torch (§3.2); the gate coefficients are shared with the Triton path and the deep memory
+# 2. Chunked dual form in torch; the gate coefficients are shared with the Triton path and the deep memory
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _segment_products(factors: torch.Tensor) -> torch.Tensor:
@@ -81,7 +99,7 @@ def _segment_products(factors: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_gate_coefficients(alpha, eta, chunk_size: int, dtype: torch.dtype) -> dict:
-    """Gate-only coefficients of the dual form for every chunk at once (§3.2).
+    """Gate-only coefficients of the dual form for every chunk at once (docs/titans.md#chunk-parallel-form).
 
     alpha, eta: (B, T, H). Returns, in layout (B, H, N, b, ...) with N = ceil(T / b) chunks (the last one zero-padded):
     ``G`` = A·B (b×b), ``B`` (b×b), ``beta`` (b), ``f`` (b), and the chunk-end rows ``G_end``, ``B_end`` (b) and scalars
@@ -115,8 +133,8 @@ def _to_chunks(x: torch.Tensor, chunk_size: int, pad: int, dtype: torch.dtype) -
 
 
 def _titans_linear_memory_torch(q, k, v, alpha, eta, theta, chunk_size, initial_state):
-    """Chunk-parallel dual form (§3.2): gate/q/k work for all chunks at once, a loop over the T/b chunks carries (W, S)."""
-    dtype = _compute_dtype(q, k, v)
+    """Chunk-parallel dual form: gate/q/k work for all chunks at once, a loop over the T/b chunks carries (W, S)."""
+    dtype = compute_dtype(q, k, v)
     T = q.shape[1]
     W, S = _zero_state(q, v, dtype) if initial_state is None else (t.to(dtype) for t in initial_state)
     with torch.autocast(q.device.type, enabled=False):
@@ -143,7 +161,7 @@ def _titans_linear_memory_torch(q, k, v, alpha, eta, theta, chunk_size, initial_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Triton path: kernels and the autograd.Function live in titans_memory_triton.py (imported only when used)
+# 3. Triton path: kernels and the autograd.Function live in titans_linear_memory_triton.py (imported only when used)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _triton_supports(chunk_size: int, key_dim: int) -> str | None:
@@ -156,9 +174,9 @@ def _triton_supports(chunk_size: int, key_dim: int) -> str | None:
 
 
 def _titans_linear_memory_triton(q, k, v, alpha, eta, theta, chunk_size, initial_state):
-    from zoo.kernels.titans_memory_triton import titans_linear_memory_triton
+    from zoo.kernels.titans_linear_memory_triton import titans_linear_memory_triton
 
-    dtype = _compute_dtype(q, k, v)
+    dtype = compute_dtype(q, k, v)
     M0, S0 = _zero_state(q, v, dtype) if initial_state is None else (t.to(dtype) for t in initial_state)
     T = q.shape[1]
     with torch.autocast(q.device.type, enabled=False):
@@ -177,10 +195,99 @@ def _titans_linear_memory_triton(q, k, v, alpha, eta, theta, chunk_size, initial
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 4. Public op
+# 4. Public op: validation, the pending-token stream protocol, dispatch
 # ---------------------------------------------------------------------------------------------------------------------
 
-def titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size: int = 16, initial_state=None, backend: str = "auto"):
+_RUNS = {"reference": titans_linear_memory_reference, "torch": _titans_linear_memory_torch,
+         "triton": _titans_linear_memory_triton}
+
+
+def check_values(op: str, named: dict, alpha, eta, theta) -> None:
+    """Every named tensor floating-point and finite, α and η in [0, 1], θ ≥ 0 (the checks both Titans ops share)."""
+    for name, tensor in named.items():
+        check_floating(op, name, tensor)
+        check_finite(op, name, tensor)
+    check_range(op, "alpha", alpha, 0.0, 1.0)
+    check_range(op, "eta", eta, 0.0, 1.0)
+    check_range(op, "theta", theta, 0.0, None)
+
+
+def _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, backend) -> str:
+    """One-line errors for inputs that disagree; returns the concrete backend."""
+    check_shape(_OP, "q", q, (None, None, None, None), " (B, T, H, K)")
+    B, T, H, K = q.shape
+    check_shape(_OP, "k", k, (B, T, H, K), " (the shape of q)")
+    check_shape(_OP, "v", v, (B, T, H, None), " (B, T, H, V)")
+    for name, gate in (("alpha", alpha), ("eta", eta), ("theta", theta)):
+        check_shape(_OP, name, gate, (B, T, H), " (B, T, H)")
+    check_chunk_size(_OP, chunk_size)
+    Vdim = v.shape[-1]
+    named = dict(q=q, k=k, v=v, alpha=alpha, eta=eta, theta=theta)
+    if isinstance(initial_state, LinearMemoryState):
+        for name in ("memory", "momentum"):
+            check_shape(_OP, f"initial_state.{name}", getattr(initial_state, name), (B, H, K, Vdim), " (B, H, K, V)")
+        p = initial_state.pending_k.shape[1] if initial_state.pending_k.dim() == 4 else -1
+        if not 0 <= p < chunk_size:
+            raise ValueError(f"{_OP}: initial_state.pending_k must be (B, p, H, K) with p < chunk_size={chunk_size}, "
+                             f"got shape {tuple(initial_state.pending_k.shape)}; pass the state of a call with the "
+                             f"same chunk_size")
+        check_shape(_OP, "initial_state.pending_k", initial_state.pending_k, (B, p, H, K), " (B, p, H, K)")
+        check_shape(_OP, "initial_state.pending_v", initial_state.pending_v, (B, p, H, Vdim), " (B, p, H, V)")
+        check_shape(_OP, "initial_state.pending_gates", initial_state.pending_gates, (B, p, H, 3), " (B, p, H, 3)")
+        named.update({f"initial_state.{name}": tensor for name, tensor in initial_state._asdict().items()})
+    elif initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise ValueError(f"{_OP}: initial_state must be a LinearMemoryState, a pair (M_0, S_0) or None")
+        for name, state in zip(("initial_state[0] (M_0)", "initial_state[1] (S_0)"), initial_state):
+            check_shape(_OP, name, state, (B, H, K, Vdim), " (B, H, K, V)")
+        named.update(M_0=initial_state[0], S_0=initial_state[1])
+    check_values(_OP, named, alpha, eta, theta)
+    resolved = resolve_backend(backend, q, _OP)
+    if resolved == "triton":
+        reason = _triton_supports(chunk_size, K)
+        if reason is not None:
+            if backend == "triton":
+                raise ValueError(f"{_OP}: {reason}")
+            resolved = "torch"
+    return resolved
+
+
+def _stream(run, q, k, v, alpha, eta, theta, chunk_size, initial_state):
+    """Prepend the pending tokens of ``initial_state``, run the chunk-aligned prefix (its end is the new boundary
+    state) and then the tail from it; returns (o (B, T, H, V), LinearMemoryState)."""
+    B, T, H, K = q.shape
+    dtype = compute_dtype(q, k, v)
+    gates = torch.stack([alpha, eta, theta], dim=-1)  # (B, T, H, 3)
+    if isinstance(initial_state, LinearMemoryState):
+        memory, momentum, pending_k, pending_v, pending_gates = initial_state
+        pending = pending_k.shape[1]
+        q = torch.cat([q.new_zeros(B, pending, H, K), q], dim=1)
+        k = torch.cat([pending_k.to(k.dtype), k], dim=1)
+        v = torch.cat([pending_v.to(v.dtype), v], dim=1)
+        gates = torch.cat([pending_gates.to(gates.dtype), gates], dim=1)
+    else:
+        memory, momentum = _zero_state(q, v, dtype) if initial_state is None else initial_state
+        pending = 0
+    total = pending + T
+    aligned = (total // chunk_size) * chunk_size
+    pieces, state = [], (memory, momentum)
+    for start, stop, is_prefix in ((0, aligned, True), (aligned, total, False)):
+        if stop == start:
+            continue
+        g = gates[:, start:stop]
+        o, end_state = run(q[:, start:stop], k[:, start:stop], v[:, start:stop], g[..., 0], g[..., 1], g[..., 2],
+                           chunk_size, state)
+        pieces.append(o)
+        if is_prefix:
+            state = end_state  # the boundary state after the aligned prefix
+    o = torch.cat(pieces, dim=1)[:, pending:] if pieces else v.new_zeros(v.shape)  # (B, T, H, V)
+    memory, momentum = state
+    return o, LinearMemoryState(memory.to(dtype), momentum.to(dtype), k[:, aligned:], v[:, aligned:],
+                                gates[:, aligned:].to(dtype))
+
+
+def titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size: int = 16, initial_state=None, *,
+                         backend: str = "auto"):
     """Titans neural long-term memory with a matrix memory M ∈ R^{K×V}, trained online by chunked gradient descent.
 
     Args:
@@ -190,17 +297,19 @@ def titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size: int = 16, initi
         eta: (B, T, H) momentum gate η_t ∈ [0, 1] (decay of the past surprise S).
         theta: (B, T, H) learning rate θ_t ≥ 0.
         chunk_size: b ≥ 1; every gradient of a chunk of b tokens is taken at the chunk-start weights. Chunks align to
-            the start of the call (the last one may be partial). b = 1 is plain online gradient descent.
-        initial_state: (M_0, S_0), each (B, H, K, V); None means zeros.
+            the start of the sequence (the last one may be partial). b = 1 is plain online gradient descent.
+        initial_state: a :class:`LinearMemoryState` returned by a previous call; or a pair (M_0, S_0), each
+            (B, H, K, V), the memory at the start of a chunk; None means zeros.
         backend: "auto" (Triton for CUDA tensors, torch otherwise), "reference", "torch" or "triton".
 
     Returns:
         o: (B, T, H, V) in v's dtype, o_t = q_t M_t read after absorbing token t.
-        (M, S): memory and momentum after the last token, (B, H, K, V), fp32 (fp64 for fp64 inputs).
+        state: :class:`LinearMemoryState` (M and S at the last completed chunk boundary, fp32 or fp64 for fp64
+            inputs, plus the pending tokens). Calling on x[:, :t] and then on x[:, t:] with that state equals one
+            call, for every t.
 
-    Per chunk of b tokens with start weights R, for each token t (v1 eqs. 13–14, specs/titans.md §3.1):
+    Per chunk of b tokens with start weights R, for each token t (v1 eqs. 13–14, docs/titans.md#the-linear-memory-op):
     S_t = η_t S_{t−1} − θ_t ∇‖k_t R − v_t‖², M_t = (1 − α_t) M_{t−1} + S_t.
-    Splitting a sequence at a multiple of b and passing (M, S) on gives the same result as one call.
 
     Example:
         >>> import torch
@@ -209,50 +318,12 @@ def titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size: int = 16, initi
         >>> q, k = torch.nn.functional.normalize(torch.randn(2, B, T, H, K), dim=-1)
         >>> v = torch.randn(B, T, H, V)
         >>> alpha, eta, theta = torch.rand(3, B, T, H)
-        >>> o, (M, S) = titans_linear_memory(q, k, v, alpha, eta, 0.1 * theta, chunk_size=16)
-        >>> o.shape, M.shape
-        (torch.Size([2, 40, 3, 8]), torch.Size([2, 3, 8, 8]))
+        >>> o, state = titans_linear_memory(q, k, v, alpha, eta, 0.1 * theta, chunk_size=16)
+        >>> o.shape, state.memory.shape, state.pending_k.shape
+        (torch.Size([2, 40, 3, 8]), torch.Size([2, 3, 8, 8]), torch.Size([2, 8, 3, 8]))
     """
-    check_shape(_OP, "q", q, (None, None, None, None), " (B, T, H, K)")
-    B, T, H, K = q.shape
-    check_shape(_OP, "k", k, (B, T, H, K), " (the shape of q)")
-    check_shape(_OP, "v", v, (B, T, H, None), " (B, T, H, V)")
-    for name, gate in (("alpha", alpha), ("eta", eta), ("theta", theta)):
-        check_shape(_OP, name, gate, (B, T, H), " (B, T, H)")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{_OP}: chunk_size must be an integer >= 1, got {chunk_size!r}")
-    Vdim = v.shape[-1]
-    if initial_state is not None:
-        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
-            raise ValueError(f"{_OP}: initial_state must be a pair (M_0, S_0) or None")
-        for name, state in zip(("initial_state[0] (M_0)", "initial_state[1] (S_0)"), initial_state):
-            check_shape(_OP, name, state, (B, H, K, Vdim), " (B, H, K, V)")
-    named = dict(q=q, k=k, v=v, alpha=alpha, eta=eta, theta=theta)
-    if initial_state is not None:
-        named.update(M_0=initial_state[0], S_0=initial_state[1])
-    for name, tensor in named.items():
-        check_floating(_OP, name, tensor)
-        check_finite(_OP, name, tensor)
-    check_range(_OP, "alpha", alpha, 0.0, 1.0)
-    check_range(_OP, "eta", eta, 0.0, 1.0)
-    check_range(_OP, "theta", theta, 0.0, None)
-
-    resolved = resolve_backend(backend, q, _OP)
-    if resolved == "triton":
-        reason = _triton_supports(chunk_size, K)
-        if reason is not None:
-            if backend == "triton":
-                raise ValueError(f"{_OP}: {reason}")
-            resolved = "torch"
-    if T == 0:
-        dtype = _compute_dtype(q, k, v)
-        state = _zero_state(q, v, dtype) if initial_state is None else tuple(t.to(dtype) for t in initial_state)
-        return v.new_zeros(v.shape), state
-    if resolved == "reference":
-        return titans_linear_memory_reference(q, k, v, alpha, eta, theta, chunk_size, initial_state)
-    if resolved == "triton":
-        return _titans_linear_memory_triton(q, k, v, alpha, eta, theta, chunk_size, initial_state)
-    return _titans_linear_memory_torch(q, k, v, alpha, eta, theta, chunk_size, initial_state)
+    backend = _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, backend)
+    return _stream(_RUNS[backend], q, k, v, alpha, eta, theta, chunk_size, initial_state)
 
 
-__all__ = ["titans_linear_memory", "titans_linear_memory_reference"]
+__all__ = ["LinearMemoryState", "titans_linear_memory", "titans_linear_memory_reference"]

@@ -1,4 +1,4 @@
-"""HMT: Hierarchical Memory Transformer, a segment-recurrent wrapper around any zoo decoder LM (specs/hmt.md).
+"""HMT: Hierarchical Memory Transformer, a segment-recurrent wrapper around any zoo decoder LM (docs/hmt.md).
 
 Paper: He et al., "HMT: Hierarchical Memory Transformer for Efficient Long Context Language Processing",
 arXiv 2405.06067 (v3, NAACL 2025).
@@ -12,7 +12,7 @@ own state never crosses a segment boundary: only these memories carry informatio
 
     import torch
     from zoo.config import ModelConfig
-    from zoo.layers.hmt import HMT
+    from zoo.models.hmt import HMT
     from zoo.models import LanguageModel
     backbone = LanguageModel(ModelConfig(dim=64, depth=2))
     hmt = HMT(backbone, segment_len=16, sensory_len=4, cache_size=4)
@@ -22,12 +22,14 @@ own state never crosses a segment boundary: only these memories carry informatio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from zoo.layers.base import Mixer
 
 __all__ = ["HMT", "HMTState"]
 
@@ -46,6 +48,11 @@ def _detach_tree(value):
     return value
 
 
+def _collect_aux_losses(terms: list, backbone_state) -> None:
+    """Append the ``aux_loss`` of each block state of one backbone call to ``terms``."""
+    terms.extend(s.aux_loss for s in backbone_state if getattr(s, "aux_loss", None) is not None)
+
+
 @dataclass
 class HMTState:
     """Streaming state of :class:`HMT`, batch-first; all rows share the segment bookkeeping.
@@ -57,6 +64,8 @@ class HMTState:
     mem: (B, D), P_n of the open segment (valid when offset > 0).
     backbone_state: the backbone's state after [P_n; sensory; cur_ids[:offset]] ("previous" mode), else None.
     n_done: completed segments so far. offset: tokens already in the open segment, 0 <= offset < L.
+    aux_loss: mean of the ``aux_loss`` fields of the backbone's block states over the backbone calls of the last
+        forward (MoM's load balance; training adds it to the loss), or None when no block returns one.
     """
 
     cache: torch.Tensor
@@ -66,6 +75,7 @@ class HMTState:
     backbone_state: Any = None
     n_done: int = 0
     offset: int = 0
+    aux_loss: torch.Tensor | None = None
 
     def detach(self) -> "HMTState":
         """A copy with every tensor detached: truncated BPTT across consecutive windows of one document."""
@@ -74,11 +84,8 @@ class HMTState:
 
 
 def _noncausal_mixers(backbone: nn.Module) -> list[str]:
-    """Names of sub-modules that see the future: bidirectional attention or BiMamba."""
-    from zoo.layers.mamba import BiMamba
-
-    return [name for name, module in backbone.named_modules()
-            if isinstance(module, BiMamba) or getattr(module, "causal", True) is False]
+    """Names of the mixers that declare ``causal = False`` and so see the future (bidirectional attention, BiMamba)."""
+    return [name for name, module in backbone.named_modules() if isinstance(module, Mixer) and not module.causal]
 
 
 class HMT(nn.Module):
@@ -86,7 +93,7 @@ class HMT(nn.Module):
 
     Returns ``(logits (B, T, V), HMTState)``; ``logits[:, t]`` predicts ``input_ids[:, t+1]``.
 
-    Args (specs/hmt.md §2-§3): ``segment_len`` L text tokens per segment; ``sensory_len`` k tokens of the previous
+    Args (docs/hmt.md#api): ``segment_len`` L text tokens per segment; ``sensory_len`` k tokens of the previous
     segment re-read (0 disables); ``cache_size`` N memories in the FIFO cache; ``summary_fraction`` gives the
     j = max(1, floor(fraction * L)) summary tokens; ``recall_dim`` d_h of the recall query/key projections (None = D);
     ``summary_source`` "previous" (the recall query reads the last j tokens of segment n-1: strictly causal, streams
@@ -116,15 +123,11 @@ class HMT(nn.Module):
         self.recall_dim = recall_dim or D
         self.summary_source, self.recall, self.checkpoint_segments = summary_source, recall, checkpoint_segments
         factory = {"dtype": weight.dtype, "device": weight.device}
-        rng_at_start = torch.get_rng_state()
         self.m0 = nn.Parameter(torch.empty(D, **factory))
         self.summary_prompt = nn.Parameter(torch.empty(D, **factory))
         self.w_q = nn.Linear(D, self.recall_dim, bias=False, **factory)
         self.w_k = nn.Linear(D, self.recall_dim, bias=False, **factory)
-        # Draw from the RNG state at entry (nn.Linear drew in its constructor), so that a meta-device build +
-        # to_empty + reset_parameters() under one seed equals this build. The given backbone keeps its weights.
-        torch.set_rng_state(rng_at_start)
-        self.reset_memory_parameters()
+        self.reset_memory_parameters()  # the given backbone keeps its weights
         if not recall:  # stage 1: never used, so they must not wait for a gradient (DDP unused-parameter error)
             for param in (self.summary_prompt, self.w_q.weight, self.w_k.weight):
                 param.requires_grad_(False)
@@ -170,7 +173,7 @@ class HMT(nn.Module):
                    recall=options.recall, checkpoint_segments=options.checkpoint_segments)
 
     def reset_parameters(self) -> None:
-        """Initialise every parameter, the backbone's first (meta build + ``to_empty`` + this = a normal build).
+        """Initialise every parameter once, the backbone's first (after a meta build + ``to_empty``, under a seed).
 
         This re-initialises a trained backbone too; ``reset_memory_parameters`` re-draws only HMT's own.
         """
@@ -178,7 +181,7 @@ class HMT(nn.Module):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """m0 and T ~ randn(D) * std(backbone embedding); Wq, Wk get PyTorch's default init (spec §6)."""
+        """m0 and T ~ randn(D) * std(backbone embedding); Wq, Wk get PyTorch's default init (docs/hmt.md#parameters)."""
         with torch.no_grad():
             scale = self.backbone.embed.weight.float().std().to(self.m0.dtype)
             self.m0.normal_().mul_(scale)
@@ -231,7 +234,7 @@ class HMT(nn.Module):
         slot = n % self.cache_size
         return torch.cat([cache[:, :slot], memory[:, None], cache[:, slot + 1:]], dim=1)  # (B, N, D)
 
-    def _summaries(self, sources: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    def _summaries(self, sources: list[torch.Tensor | None], aux: list) -> list[torch.Tensor | None]:
         """S for each summary-token embedding (B, j', D) in ``sources`` (None = not needed).
 
         Sources of equal length share one backbone call of batch B * count: S = F([T; E(src); T])[:, -1].
@@ -241,7 +244,8 @@ class HMT(nn.Module):
             members = [i for i, s in enumerate(sources) if s is not None and s.shape[1] == length]
             stacked = torch.cat([sources[i] for i in members], dim=0)              # (B * count, j', D)
             prompt = self.summary_prompt.to(stacked.dtype).expand(stacked.shape[0], 1, -1)  # (B * count, 1, D)
-            hidden, _ = self.backbone.forward_embeds(torch.cat([prompt, stacked, prompt], dim=1))  # (B*count, j'+2, D)
+            hidden, backbone_state = self.backbone.forward_embeds(torch.cat([prompt, stacked, prompt], dim=1))
+            _collect_aux_losses(aux, backbone_state)                                # hidden (B*count, j'+2, D)
             for i, summary in zip(members, hidden[:, -1].chunk(len(members), dim=0)):
                 out[i] = summary                                                    # (B, D)
         return out
@@ -254,7 +258,7 @@ class HMT(nn.Module):
         return self.backbone.forward_embeds(embeds)
 
     def _decode_segment(self, ids: torch.Tensor, embeds: torch.Tensor, sensory: torch.Tensor | None,
-                        memory: torch.Tensor, state: HMTState):
+                        memory: torch.Tensor, state: HMTState, aux: list):
         """Decode one segment from its start: ids (B, l) with embeddings (B, l, D), l <= L; memory P_n (B, D).
 
         A full segment (l = L) also runs the trailing P_n, writes M_n into the cache and closes; a partial one stays
@@ -267,6 +271,7 @@ class HMT(nn.Module):
         first = 1 + (0 if sensory is None else sensory.shape[1])                   # index of the first text position
         tail = [memory[:, None]] if closes else []
         hidden, backbone_state = self._main_pass(torch.cat(lead + [embeds] + tail, dim=1))  # (B, first+l(+1), D)
+        _collect_aux_losses(aux, backbone_state)
         logits = self.backbone.head(hidden[:, first:first + length])               # (B, l, V)
         if closes:
             cache = self._write_cache(state.cache, state.n_done, hidden[:, -1])      # M_n = output at trailing P_n
@@ -275,19 +280,21 @@ class HMT(nn.Module):
         keep = backbone_state if self.summary_source == "previous" else None
         return logits, HMTState(state.cache, state.prev_ids, cur_ids, memory, keep, state.n_done, length)
 
-    def _continue_segment(self, ids: torch.Tensor, state: HMTState):
+    def _continue_segment(self, ids: torch.Tensor, state: HMTState, aux: list):
         """Strict mode: feed ids (B, r), r <= L - offset, to the open segment through the backbone state.
 
         When the segment fills up, the trailing P_n is one more backbone step; its output M_n goes into the cache.
         """
         hidden, backbone_state = self.backbone.forward_embeds(self.backbone.embed(ids), state.backbone_state)
+        _collect_aux_losses(aux, backbone_state)
         logits = self.backbone.head(hidden)                                        # (B, r, V)
         offset = state.offset + ids.shape[1]
         cur_ids = torch.cat([state.cur_ids[:, :state.offset], ids, state.cur_ids[:, offset:]], dim=1)  # (B, L)
         if offset < self.segment_len:
             return logits, HMTState(state.cache, state.prev_ids, cur_ids, state.mem, backbone_state, state.n_done,
                                     offset)
-        trailing, _ = self.backbone.forward_embeds(state.mem[:, None], backbone_state)  # (B, 1, D)
+        trailing, backbone_state = self.backbone.forward_embeds(state.mem[:, None], backbone_state)  # (B, 1, D)
+        _collect_aux_losses(aux, backbone_state)
         cache = self._write_cache(state.cache, state.n_done, trailing[:, -1])
         return logits, HMTState(cache, cur_ids, cur_ids, state.mem, None, state.n_done + 1, 0)
 
@@ -311,13 +318,13 @@ class HMT(nn.Module):
                 sources.append(embeds[:, start - j:start])
         return sources
 
-    def _new_segments(self, input_ids: torch.Tensor, state: HMTState):
+    def _new_segments(self, input_ids: torch.Tensor, state: HMTState, aux: list):
         """Decode input_ids (B, T) from a segment boundary (state.offset == 0): full segments, then a partial one."""
         L, k, T = self.segment_len, self.sensory_len, input_ids.shape[1]
         embeds = self.backbone.embed(input_ids)                                    # (B, T, D)
         previous = self.backbone.embed(state.prev_ids) if state.n_done else None  # (B, L, D) E(x_{n-1})
         starts = list(range(0, T, L))
-        summaries = self._summaries(self._summary_sources(embeds, starts, state, previous))
+        summaries = self._summaries(self._summary_sources(embeds, starts, state, previous), aux)
         pieces = []
         for start, summary in zip(starts, summaries):
             stop = min(start + L, T)
@@ -329,7 +336,7 @@ class HMT(nn.Module):
             else:
                 sensory = embeds[:, start - k:start]
             logits, state = self._decode_segment(input_ids[:, start:stop], embeds[:, start:stop], sensory, memory,
-                                                 state)
+                                                 state, aux)
             pieces.append(logits)
         return torch.cat(pieces, dim=1), state
 
@@ -342,25 +349,32 @@ class HMT(nn.Module):
         elif state.cache.shape[0] != input_ids.shape[0]:
             raise ValueError(f"HMT: the state holds {state.cache.shape[0]} rows, input_ids {input_ids.shape[0]}; "
                              f"pass the state of this batch (or state=None for a new stream)")
+        aux: list[torch.Tensor] = []
         if state.offset and self.summary_source == "current":
-            return self._reopen_segment(input_ids, state)
+            logits, state = self._reopen_segment(input_ids, state, aux)
+        else:
+            logits, state = self._decode(input_ids, state, aux)
+        return logits, replace(state, aux_loss=torch.stack([t.float() for t in aux]).mean() if aux else None)
+
+    def _decode(self, input_ids: torch.Tensor, state: HMTState, aux: list):
+        """Strict-mode continuation of an open segment, then new segments: (logits (B, T, V), new state)."""
         pieces = []
         if state.offset:
             take = min(input_ids.shape[1], self.segment_len - state.offset)
-            logits, state = self._continue_segment(input_ids[:, :take], state)
+            logits, state = self._continue_segment(input_ids[:, :take], state, aux)
             pieces.append(logits)
             input_ids = input_ids[:, take:]
         if input_ids.shape[1]:
-            logits, state = self._new_segments(input_ids, state)
+            logits, state = self._new_segments(input_ids, state, aux)
             pieces.append(logits)
         return (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]), state
 
-    def _reopen_segment(self, input_ids: torch.Tensor, state: HMTState):
+    def _reopen_segment(self, input_ids: torch.Tensor, state: HMTState, aux: list):
         """Paper mode mid-segment: recompute the open segment from cur_ids plus the new tokens; new logits only."""
         offset = state.offset
         ids = torch.cat([state.cur_ids[:, :offset], input_ids], dim=1)            # (B, offset + T)
         reopened = HMTState(state.cache, state.prev_ids, state.cur_ids, state.mem, None, state.n_done, 0)
-        logits, state = self._new_segments(ids, reopened)
+        logits, state = self._new_segments(ids, reopened, aux)
         return logits[:, offset:], state
 
     @torch.no_grad()

@@ -1,13 +1,13 @@
-"""``titans_mlp_memory``: the Titans long-term memory with a deep (L ≥ 2) MLP memory (specs/titans.md §2.3, §3.4, §3.5).
+"""``titans_mlp_memory``: the Titans long-term memory with a deep (L ≥ 2) MLP memory (docs/titans.md#deep-memory).
 
 The memory network, per (batch, head), with fast weights W^1 (d×E), W^2..W^{L−1} (E×E), W^L (E×d):
 
     h_0 = z;  h_ℓ = GELU(h_{ℓ−1} W^ℓ) for ℓ < L;  M_W(z) = z + LN(h_{L−1} W^L)     (exact GELU, LN without affine)
 
 is trained online on ℓ_t(W) = ‖M_W(k_t) − v_t‖² with momentum and decay, every gradient of a chunk taken at the chunk-start
-weights, and read after each token: y_t = M_{W_t}(q_t) (Behrouz et al., arXiv 2501.00663, eqs. 13–15; NeurIPS §3.3).
+weights, and read after each token: y_t = M_{W_t}(q_t) (Behrouz et al., arXiv 2501.00663, eqs. 13–15; NeurIPS Sec. 3.3).
 
-State across calls (§3.5): the weights and momenta at the last completed chunk boundary plus the keys, values and gates of
+State across calls: the weights and momenta at the last completed chunk boundary plus the keys, values and gates of
 the p < b tokens after it. A call prepends those pending tokens (with zero queries, outputs dropped), so chunks stay
 aligned to the original sequence and any split — inside a chunk or not — gives the same outputs as one call.
 There is no Triton path: backends are "reference" (token loop with autograd gradients) and "torch" (chunk dual form).
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from zoo.kernels._common import check_finite, check_floating, check_range, check_shape, resolve_backend
-from zoo.kernels.titans_memory import _chunk_gate_coefficients, _compute_dtype, _to_chunks
+from zoo.kernels._common import check_chunk_size, check_shape, compute_dtype, resolve_backend
+from zoo.kernels.titans_linear_memory import _chunk_gate_coefficients, _to_chunks, check_values
 
 _OP = "titans_mlp_memory"
 _LN_EPS = 1e-5
@@ -66,7 +66,7 @@ def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
 
 def _start(q, k, v, alpha, eta, theta, weights, initial_state):
     """Prepend the pending tokens of ``initial_state``; return the full-length streams and the boundary state."""
-    dtype = _compute_dtype(q, k, v)
+    dtype = compute_dtype(q, k, v)
     B, _, H, d = q.shape
     L = len(weights)
     gates = torch.cat([alpha[..., None], eta[..., None], theta], dim=-1).to(dtype)  # (B, T, H, 2 + L)
@@ -96,7 +96,7 @@ def _finish(o, k, v, gates, pending, chunk_size, boundary_weights, boundary_mome
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Reference: the token loop with autograd gradients at the chunk-start weights (§3.4, last paragraph)
+# 1. Reference: the token loop with autograd gradients at the chunk-start weights (docs/titans.md#deep-memory)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def titans_mlp_memory_reference(q, k, v, alpha, eta, theta, weights, chunk_size=16, initial_state=None):
@@ -131,7 +131,7 @@ def titans_mlp_memory_reference(q, k, v, alpha, eta, theta, weights, chunk_size=
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Chunk-parallel torch path (§3.4): batched store pass, manual backward, dual-form readout, closed-form chunk end
+# 2. Chunk-parallel torch path: batched store pass, manual backward, dual-form readout, closed-form chunk end
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _chunk_store_pass(K, V, W):
@@ -235,10 +235,16 @@ def _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, in
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Public op
+# 3. Triton path: none; the deep memory runs on the torch path on every device (backend="triton" says so)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state):
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Public op
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state, backend) -> str:
+    """One-line errors for inputs that disagree; returns the concrete backend."""
     check_shape(_OP, "q", q, (None, None, None, None), " (B, T, H, d)")
     B, T, H, d = q.shape
     check_shape(_OP, "k", k, (B, T, H, d), " (the shape of q)")
@@ -255,8 +261,7 @@ def _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state):
     for name, gate in (("alpha", alpha), ("eta", eta)):
         check_shape(_OP, name, gate, (B, T, H), " (B, T, H)")
     check_shape(_OP, "theta", theta, (B, T, H, L), " (B, T, H, L): one learning rate per memory layer")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{_OP}: chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_chunk_size(_OP, chunk_size)
     named = dict(q=q, k=k, v=v, alpha=alpha, eta=eta, theta=theta)
     named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     if initial_state is not None:
@@ -278,15 +283,13 @@ def _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state):
         check_shape(_OP, "initial_state.pending_v", initial_state.pending_v, (B, p, H, d), " (B, p, H, d)")
         check_shape(_OP, "initial_state.pending_gates", initial_state.pending_gates, (B, p, H, 2 + L),
                     " (B, p, H, 2 + L)")
-    for name, tensor in named.items():
-        check_floating(_OP, name, tensor)
-        check_finite(_OP, name, tensor)
-    check_range(_OP, "alpha", alpha, 0.0, 1.0)
-    check_range(_OP, "eta", eta, 0.0, 1.0)
-    check_range(_OP, "theta", theta, 0.0, None)
+    check_values(_OP, named, alpha, eta, theta)
+    if backend == "triton":
+        raise ValueError(f"{_OP}: there is no Triton path for the deep memory; use backend='torch' or 'reference'")
+    return resolve_backend(backend, q, _OP)
 
 
-def titans_mlp_memory(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16, initial_state=None,
+def titans_mlp_memory(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16, initial_state=None, *,
                       backend: str = "auto"):
     """Titans neural long-term memory with a deep MLP memory (L ≥ 2 layers), trained online by chunked GD.
 
@@ -305,12 +308,12 @@ def titans_mlp_memory(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16,
         state: :class:`MLPMemoryState` (weights and momenta at the last completed chunk boundary, plus the pending
             tokens). Calling on x[:, :t] and then on x[:, t:] with that state equals one call, for every t.
 
-    Per token t of a chunk with start weights W_c (specs/titans.md §2.2, §3.4): u_t = ∇_W ‖M_W(k_t) − v_t‖² at W_c,
+    Per token t of a chunk with start weights W_c (docs/titans.md#deep-memory): u_t = ∇_W ‖M_W(k_t) − v_t‖² at W_c,
     S_t = η_t S_{t−1} − θ_t u_t (θ^ℓ for layer ℓ), W_t = (1 − α_t) W_{t−1} + S_t.
 
     Example:
         >>> import torch
-        >>> from zoo.kernels.titans_deep_memory import titans_mlp_memory
+        >>> from zoo.kernels.titans_mlp_memory import titans_mlp_memory
         >>> B, T, H, d, E = 2, 20, 2, 8, 32
         >>> q, k = torch.nn.functional.normalize(torch.randn(2, B, T, H, d), dim=-1)
         >>> v = torch.randn(B, T, H, d)
@@ -323,10 +326,7 @@ def titans_mlp_memory(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16,
         >>> o2.shape, state.pending_k.shape
         (torch.Size([2, 13, 2, 8]), torch.Size([2, 4, 2, 8]))
     """
-    _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state)
-    if backend == "triton":
-        raise ValueError(f"{_OP}: there is no Triton path for the deep memory; use backend='torch' or 'reference'")
-    resolved = resolve_backend(backend, q, _OP)
+    resolved = _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state, backend)
     if resolved == "reference":
         return titans_mlp_memory_reference(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state)
     return _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state)

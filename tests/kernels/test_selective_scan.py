@@ -1,4 +1,4 @@
-"""Properties of the Mamba-1 selective scan op (spec mamba.md §2, §7)."""
+"""Properties of the Mamba-1 selective scan op (docs/mamba.md#selective-scan and #tests)."""
 from __future__ import annotations
 
 import statistics
@@ -7,57 +7,15 @@ import time
 import pytest
 import torch
 
-from tests.helpers import outputs_and_grads
-from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
+from tests.kernels.kit import (SELECTIVE_SCAN_OPTIONS, TRITON_DEVICE, assert_close_to, needs_triton,
+                               outputs_and_grads)
+from tests.kernels.kit import selective_scan_inputs as make_inputs
+from zoo.kernels._common import rel_rms_error
 from zoo.kernels.selective_scan import _selective_scan_chunked, selective_scan, selective_scan_reference
 
-OPTIONS = ("D", "z", "delta_bias", "delta_softplus", "initial_state")
 # all on, all off, and each option off in turn
-OPTION_SETS = [set(OPTIONS), set()] + [set(OPTIONS) - {name} for name in OPTIONS]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not triton_available() or not (torch.cuda.is_available() or triton_interpreted()),
-    reason="needs triton and a GPU or TRITON_INTERPRET=1")
-
-
-def make_inputs(batch=2, T=37, Dm=8, N=4, G=1, dtype=torch.float64, options=OPTIONS, seed=0, device="cpu"):
-    """Random inputs as a dict of selective_scan keyword arguments, leaves requiring grad."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype).to(device)
-
-    bc_shape = (batch, T, N) if G == 1 else (batch, T, G, N)
-    kwargs = dict(u=rand(batch, T, Dm), delta=rand(batch, T, Dm, scale=0.5, shift=-0.5),
-                  A=-(torch.rand(Dm, N, generator=gen, dtype=torch.float64) * 2 + 0.3).to(dtype).to(device),
-                  B=rand(*bc_shape), C=rand(*bc_shape))
-    if "delta_softplus" not in options:  # keep Δ positive without softplus
-        kwargs["delta"] = (torch.rand(batch, T, Dm, generator=gen, dtype=torch.float64) * 0.5 + 0.05).to(
-            dtype).to(device)
-    if "D" in options:
-        kwargs["D"] = rand(Dm)
-    if "z" in options:
-        kwargs["z"] = rand(batch, T, Dm)
-    if "delta_bias" in options:
-        kwargs["delta_bias"] = rand(Dm, scale=0.2) if "delta_softplus" in options else rand(Dm, scale=0.01).abs()
-    if "initial_state" in options:
-        kwargs["initial_state"] = rand(batch, Dm, N)
-    kwargs["delta_softplus"] = "delta_softplus" in options
-    for value in kwargs.values():
-        if isinstance(value, torch.Tensor):
-            value.requires_grad_(True)
-    return kwargs
-
-
-def assert_close_to(out, ref, out_tol, grad_tol):
-    y, final, grads = out
-    y_ref, final_ref, grads_ref = ref
-    assert rel_rms_error(y, y_ref) < out_tol, f"y: {rel_rms_error(y, y_ref):.2e}"
-    assert rel_rms_error(final, final_ref) < out_tol, f"final_state: {rel_rms_error(final, final_ref):.2e}"
-    for name, g_ref in grads_ref.items():
-        assert grads[name] is not None and g_ref is not None, f"{name} got no gradient"
-        assert torch.isfinite(grads[name]).all(), name
-        assert rel_rms_error(grads[name], g_ref) < grad_tol, f"grad {name}: {rel_rms_error(grads[name], g_ref):.2e}"
+OPTION_SETS = [set(SELECTIVE_SCAN_OPTIONS), set()] + [set(SELECTIVE_SCAN_OPTIONS) - {name}
+                                                     for name in SELECTIVE_SCAN_OPTIONS]
 
 
 def torch_path(**kw):
@@ -72,11 +30,12 @@ def test_selective_scan_matches_reference(T, G, options):
         kwargs = make_inputs(T=T, G=G, dtype=dtype, options=options)
         ref = outputs_and_grads(selective_scan_reference, make_inputs(T=T, G=G, dtype=torch.float64, options=options))
         out = outputs_and_grads(torch_path, kwargs)
-        assert out[0].dtype == dtype and out[1].dtype == dtype
+        y, final = out.outputs
+        assert y.dtype == dtype and final.dtype == dtype
         if T == 0:
-            assert out[0].shape == (2, 0, 8)
+            assert y.shape == (2, 0, 8)
             expected = kwargs.get("initial_state", torch.zeros(2, 8, 4, dtype=dtype))
-            assert torch.equal(out[1].detach(), expected.detach())
+            assert torch.equal(final.detach(), expected.detach())
             continue
         assert_close_to(out, ref, out_tol, grad_tol)
 
@@ -196,18 +155,18 @@ def test_triton_interpreter_matches_reference(dtype):
 
     tolerances = {torch.float32: (2e-3, 1e-2), torch.float64: (1e-10, 1e-10)}
     dtypes = [(dtype, *tolerances[dtype])]
-    if DEVICE == "cuda" and dtype == torch.float32:
+    if TRITON_DEVICE == "cuda" and dtype == torch.float32:
         dtypes.append((torch.bfloat16, 3e-2, 5e-2))
     ref = outputs_and_grads(selective_scan_reference, make_inputs(batch=1, T=37, Dm=8, N=4, G=2))
     for dtype, out_tol, grad_tol in dtypes:
-        kwargs = make_inputs(batch=1, T=37, Dm=8, N=4, G=2, dtype=dtype, device=DEVICE)
+        kwargs = make_inputs(batch=1, T=37, Dm=8, N=4, G=2, dtype=dtype, device=TRITON_DEVICE)
         out = outputs_and_grads(lambda **kw: selective_scan_triton(**kw, checkpoint_steps=16), kwargs)
         assert_close_to(out, ref, out_tol, grad_tol)
     # the public entry point, without optional inputs
     options = {"delta_softplus"}
     ref = outputs_and_grads(selective_scan_reference, make_inputs(batch=1, T=9, G=1, options=options))
-    out = outputs_and_grads(lambda **kw: selective_scan(**kw, backend="triton"),
-                            make_inputs(batch=1, T=9, G=1, dtype=torch.float32, options=options, device=DEVICE))
+    kwargs = make_inputs(batch=1, T=9, G=1, dtype=torch.float32, options=options, device=TRITON_DEVICE)
+    out = outputs_and_grads(lambda **kw: selective_scan(**kw, backend="triton"), kwargs)
     assert_close_to(out, ref, 2e-3, 1e-2)
 
 

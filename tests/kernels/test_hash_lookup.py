@@ -1,32 +1,19 @@
-"""The op ``hash_lookup`` (MemoryFormer's Memory Layer) against a dense one-hot oracle (specs/memoryformer.md §12)."""
+"""The op ``hash_lookup`` (MemoryFormer's Memory Layer) against a dense one-hot oracle (docs/memoryformer.md#tests)."""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
+from tests.kernels.kit import (TRITON_DEVICE, TRITON_RUNNABLE, needs_cuda, needs_triton, outputs_and_grads,
+                               rel_errors, run_without_triton)
+from tests.kernels.kit import hash_lookup_inputs as make_inputs
+from zoo.kernels._common import rel_rms_error
 from zoo.kernels.hash_lookup import hash_codes, hash_lookup
 
-TRITON_RUNNABLE = triton_available() and (torch.cuda.is_available() or triton_interpreted())
-needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs triton with CUDA or TRITON_INTERPRET=1")
-needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU")
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALL_BACKENDS = ["reference", "torch", pytest.param("triton", marks=needs_triton)]
-
-
-def make_inputs(N=37, K=3, tau=4, d_out=40, dtype=torch.float64, seed=0, min_abs=1e-3, device="cpu"):
-    """x (N, K·τ) with every |x| > min_abs, tables (K, 2^τ, d_out), bias (d_out,), all requiring grad."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, K * tau, generator=generator, dtype=torch.float64)
-    x = torch.where(x.abs() < min_abs, torch.full_like(x, 2 * min_abs), x)
-    tables = torch.randn(K, 2 ** tau, d_out, generator=generator, dtype=torch.float64)
-    bias = torch.randn(d_out, generator=generator, dtype=torch.float64)
-    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, tables, bias)]
+RESULT_NAMES = ("y", "dx", "dtables", "dbias")
 
 
 def dense_onehot(x, tables, tau, bias, score):
@@ -42,16 +29,10 @@ def dense_onehot(x, tables, tau, bias, score):
     return y
 
 
-def outputs_and_gradients(fn, inputs, seed=1):
-    """y and the gradients of x, tables and bias through a random linear functional of y."""
-    y = fn(*inputs)
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y)
-    return [y, *torch.autograd.grad((y * weight).sum(), inputs)]
-
-
-def errors_between(results, expected):
-    return {name: rel_rms_error(a, b) for name, a, b in zip(("y", "dx", "dtables", "dbias"), results, expected)}
+def outputs_and_gradients(fn, inputs):
+    """[y, the gradients of x, tables and bias] through a random linear functional of y."""
+    results = outputs_and_grads(lambda **kw: fn(*kw.values()), dict(zip(("x", "tables", "bias"), inputs)))
+    return [*results.outputs, *results.grads.values()]
 
 
 # ------------------------------------------------------------------------------------------------------ correctness
@@ -63,7 +44,7 @@ def test_lookup_equals_dense_onehot_reference_float64(score):
     for backend in ("reference", "torch"):
         results = outputs_and_gradients(lambda x, t, b: hash_lookup(x, t, tau, b, score=score, backend=backend),
                                         inputs)
-        errors = errors_between(results, expected)
+        errors = rel_errors(results, expected, RESULT_NAMES)
         assert max(errors.values()) < 1e-12, (backend, errors)
 
 
@@ -74,7 +55,7 @@ def test_lookup_float32_matches_float64_reference(score):
     results = outputs_and_gradients(lambda x, t, b: hash_lookup(x, t, 4, b, score=score, backend="torch"),
                                     make_inputs(dtype=torch.float32))
     assert results[0].dtype == torch.float32
-    errors = errors_between(results, expected)
+    errors = rel_errors(results, expected, RESULT_NAMES)
     assert errors["y"] < 2e-3 and max(errors.values()) < 1e-2, errors
 
 
@@ -98,7 +79,7 @@ def test_triton_matches_reference(score, dtype):
     inputs = [t.detach().to(device=TRITON_DEVICE, dtype=dtype).requires_grad_() for t in inputs64]
     results = outputs_and_gradients(lambda x, t, b: hash_lookup(x, t, tau, b, score=score, backend="triton"), inputs)
     assert results[0].dtype == dtype and results[2].dtype == dtype
-    for name, got, want in zip(("y", "dx", "dtables", "dbias"), results, expected):
+    for name, got, want in zip(RESULT_NAMES, results, expected):
         got = got.detach().cpu().double()
         if dtype == torch.float32:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
@@ -131,7 +112,7 @@ def test_triton_on_cuda_matches_reference_at_larger_sizes():
     expected = outputs_and_gradients(lambda x, t, b: hash_lookup(x, t, 8, b, backend="reference"), inputs64)
     inputs = [t.detach().cuda().float().requires_grad_() for t in inputs64]
     results = outputs_and_gradients(lambda x, t, b: hash_lookup(x, t, 8, b, backend="triton"), inputs)
-    errors = errors_between([r.cpu() for r in results], expected)
+    errors = rel_errors([r.cpu() for r in results], expected, RESULT_NAMES)
     assert max(errors.values()) < 1e-5, errors
 
 
@@ -268,13 +249,9 @@ def test_triton_backend_unavailable_says_so():
 
 
 def test_torch_path_and_layers_work_without_triton():
-    script = ("import sys; sys.modules['triton'] = None\n"
-              "import torch\n"
-              "from zoo.kernels.hash_lookup import hash_lookup\n"
-              "from zoo.layers.memoryformer import MemoryAttention\n"
-              "y = hash_lookup(torch.randn(3, 8), torch.randn(2, 16, 5), 4)\n"
-              "out, state = MemoryAttention(16, 2, 4)(torch.randn(1, 3, 16))\n"
-              "assert y.shape == (3, 5) and out.shape == (1, 3, 16)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, "-c", script], check=True, env=environment, cwd=root)
+    run_without_triton("import torch\n"
+                       "from zoo.kernels.hash_lookup import hash_lookup\n"
+                       "from zoo.layers.memoryformer import MemoryAttention\n"
+                       "y = hash_lookup(torch.randn(3, 8), torch.randn(2, 16, 5), 4)\n"
+                       "out, state = MemoryAttention(16, 2, 4)(torch.randn(1, 3, 16))\n"
+                       "assert y.shape == (3, 5) and out.shape == (1, 3, 16)\n")

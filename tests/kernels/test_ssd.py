@@ -1,4 +1,4 @@
-"""Properties of the Mamba-2 SSD op (spec mamba.md §3, §7)."""
+"""Properties of the Mamba-2 SSD op (docs/mamba.md#ssd and #tests)."""
 from __future__ import annotations
 
 import statistics
@@ -7,54 +7,13 @@ import time
 import pytest
 import torch
 
-from tests.helpers import outputs_and_grads
-from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
+from tests.kernels.kit import SSD_OPTIONS, TRITON_DEVICE, assert_close_to, needs_triton, outputs_and_grads
+from tests.kernels.kit import ssd_inputs as make_inputs
+from zoo.kernels._common import rel_rms_error
 from zoo.kernels.ssd import ssd, ssd_reference
 
-OPTIONS = ("D", "dt_bias", "dt_softplus", "initial_state")
-OPTION_SETS = [set(OPTIONS), set()] + [set(OPTIONS) - {name} for name in OPTIONS]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not triton_available() or not (torch.cuda.is_available() or triton_interpreted()),
-    reason="needs triton and a GPU or TRITON_INTERPRET=1")
+OPTION_SETS = [set(SSD_OPTIONS), set()] + [set(SSD_OPTIONS) - {name} for name in SSD_OPTIONS]
 TIME_INPUTS = ("x", "dt", "B", "C")
-
-
-def make_inputs(batch=2, T=37, H=4, P=8, G=2, N=8, dtype=torch.float64, options=OPTIONS, n_states=None, seed=0,
-                device="cpu"):
-    """Random inputs as a dict of ssd keyword arguments, leaves requiring grad."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype).to(device)
-
-    kwargs = dict(x=rand(batch, T, H, P), dt=rand(batch, T, H, scale=0.5, shift=-1.0),
-                  A=-(torch.rand(H, generator=gen, dtype=torch.float64) * 2 + 0.3).to(dtype).to(device),
-                  B=rand(batch, T, G, N), C=rand(batch, T, G, N))
-    if "dt_softplus" not in options:  # keep Δ positive without softplus
-        kwargs["dt"] = (torch.rand(batch, T, H, generator=gen, dtype=torch.float64) * 0.5 + 0.05).to(dtype).to(device)
-    if "D" in options:
-        kwargs["D"] = rand(H)
-    if "dt_bias" in options:
-        kwargs["dt_bias"] = rand(H, scale=0.2) if "dt_softplus" in options else rand(H, scale=0.01).abs()
-    if "initial_state" in options:
-        kwargs["initial_state"] = rand(n_states or batch, H, P, N)
-    kwargs["dt_softplus"] = "dt_softplus" in options
-    for value in kwargs.values():
-        if isinstance(value, torch.Tensor):
-            value.requires_grad_(True)
-    return kwargs
-
-
-def assert_close_to(out, ref, out_tol, grad_tol):
-    y, final, grads = out
-    y_ref, final_ref, grads_ref = ref
-    assert rel_rms_error(y, y_ref) < out_tol, f"y: {rel_rms_error(y, y_ref):.2e}"
-    assert rel_rms_error(final, final_ref) < out_tol, f"final_state: {rel_rms_error(final, final_ref):.2e}"
-    for name, g_ref in grads_ref.items():
-        assert grads[name] is not None and g_ref is not None, f"{name} got no gradient"
-        assert torch.isfinite(grads[name]).all(), name
-        assert rel_rms_error(grads[name], g_ref) < grad_tol, f"grad {name}: {rel_rms_error(grads[name], g_ref):.2e}"
 
 
 def with_backend(backend, **fixed):
@@ -70,7 +29,7 @@ def test_ssd_matches_reference(chunk_size, T, G, options):
     for dtype, out_tol, grad_tol in ((torch.float64, 1e-10, 1e-10), (torch.float32, 2e-3, 1e-2)):
         out = outputs_and_grads(with_backend("torch", chunk_size=chunk_size),
                                 make_inputs(T=T, G=G, dtype=dtype, options=options))
-        assert out[0].dtype == dtype and out[1].dtype == dtype
+        assert out.outputs[0].dtype == dtype and out.outputs[1].dtype == dtype
         assert_close_to(out, ref, out_tol, grad_tol)
 
 
@@ -221,7 +180,7 @@ def test_long_sequence_is_finite():
 
 
 def test_intra_chunk_decay_does_not_cancel():
-    """Spec §3 step 2: L must come from the stable segment sum. The first token of each chunk decays by a = −4·10⁴,
+    """Chunked SSD step 2: L must come from the stable segment sum. The first token of each chunk decays by a = −4·10⁴,
     the others by −0.01, so the in-chunk cumulative sum Λ is about −4·10⁴ and Λ_i − Λ_j loses about 1 % of the small
     decays to float32 rounding; the segment sum keeps float32 accuracy."""
     T, chunk = 64, 16
@@ -245,15 +204,15 @@ def test_triton_interpreter_matches_reference(dtype):
     varlen, NaN-poisoned outputs."""
     tolerances = {torch.float32: (2e-3, 1e-2), torch.float64: (1e-10, 1e-10)}
     dtypes = [(dtype, *tolerances[dtype])]
-    if DEVICE == "cuda" and dtype == torch.float32:
+    if TRITON_DEVICE == "cuda" and dtype == torch.float32:
         dtypes.append((torch.bfloat16, 3e-2, 5e-2))
     shape = dict(batch=2, T=37, H=4, P=16, G=2, N=16)
     ref = outputs_and_grads(ssd_reference, make_inputs(**shape))
     for dt_, out_tol, grad_tol in dtypes:
         out = outputs_and_grads(with_backend("triton", chunk_size=16),
-                                make_inputs(**shape, dtype=dt_, device=DEVICE))
+                                make_inputs(**shape, dtype=dt_, device=TRITON_DEVICE))
         assert_close_to(out, ref, out_tol, grad_tol)
-    _varlen_vs_separate("triton", [1, 5, 16, 15], dtype, tolerances[dtype][0], device=DEVICE)
+    _varlen_vs_separate("triton", [1, 5, 16, 15], dtype, tolerances[dtype][0], device=TRITON_DEVICE)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,4 +1,4 @@
-"""HMT (zoo.layers.hmt) against its algebra, streaming, causality and training contracts (specs/hmt.md §10)."""
+"""HMT (zoo.models.hmt) against its algebra, streaming, causality and training contracts (docs/hmt.md#tests)."""
 from __future__ import annotations
 
 import math
@@ -11,12 +11,12 @@ from tests.helpers import KJV_FIXTURE, run_zoo, train_losses
 from zoo.checkpoint import export_model, load_export
 from zoo.config import AttentionConfig, Config, HMTConfig, ModelConfig
 from zoo.eval.metrics import IGNORE_INDEX
-from zoo.layers.hmt import HMT, HMTState
+from zoo.models.hmt import HMT, HMTState
 from zoo.models import build_model
 from zoo.models.lm import LanguageModel
 from zoo.train.hmt import HMTTask, last_segments_labels
 
-L, K, J, N, D = 16, 4, 8, 4, 64                       # the CPU tiny fixture (spec §9)
+L, K, J, N, D = 16, 4, 8, 4, 64                       # the CPU tiny fixture (docs/hmt.md#configs)
 
 
 def make_backbone(seed=0, dtype=torch.float32, **model_options):
@@ -443,7 +443,7 @@ def test_parameters_init_and_weight_decay_groups():
     assert sorted(own) == ["m0", "summary_prompt", "w_k.weight", "w_q.weight"]
     assert sum(p.numel() for p in own.values()) == 2 * D * D + 2 * D
     wide = HMT(LanguageModel(ModelConfig(dim=128, depth=1)), 64)
-    assert sum(p.numel() for n, p in wide.named_parameters() if not n.startswith("backbone.")) == 33_024  # spec §6
+    assert sum(p.numel() for n, p in wide.named_parameters() if not n.startswith("backbone.")) == 33_024  # 2·D·d_h + 2D
     assert hmt.no_weight_decay() == {f"backbone.{n}" for n in backbone.no_weight_decay()} | {"m0", "summary_prompt"}
     torch.manual_seed(5)
     hmt.reset_memory_parameters()

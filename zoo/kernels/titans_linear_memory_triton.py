@@ -1,6 +1,6 @@
-"""Triton forward and backward kernels of ``titans_linear_memory`` (specs/titans.md §3.2, §3.3, §3.7).
+"""Triton forward and backward kernels of ``titans_linear_memory`` (docs/titans.md#backends).
 
-Imported lazily by ``zoo.kernels.titans_memory`` when ``backend="triton"``; importing this module needs triton.
+Imported lazily by ``zoo.kernels.titans_linear_memory`` when ``backend="triton"``; importing this module needs triton.
 
 The gate-only coefficients of the dual form (Γ = G ⊙ 1θᵀ, β, f, the chunk-end rows c = G_{n,:}⊙θ, e = B_{n,:}⊙θ and the
 scalars β_n, f_n, m_n) are computed in torch, where autograd differentiates them back to α, η, θ exactly. The kernels do
@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from zoo.kernels._common import nan_filled
 
 
 @triton.jit
@@ -157,12 +159,8 @@ def _block_sizes(key_dim: int, value_dim: int) -> tuple[int, int]:
     return block_k, block_v
 
 
-def _poisoned(*shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-
-
 class _TitansLinearMemoryTriton(torch.autograd.Function):
-    """Chunked dual form of §3.2 with the hand-written chunk backward of §3.3 (per-coefficient adjoints)."""
+    """Chunked dual form with the hand-written chunk backward of docs/titans.md#backward-of-one-chunk."""
 
     @staticmethod
     def forward(ctx, q, k, v, gamma, beta, f, c, e, ends, m0, s0, chunk_size):
@@ -172,11 +170,11 @@ class _TitansLinearMemoryTriton(torch.autograd.Function):
         VD = v.shape[-1]
         num_chunks = T // chunk_size
         block_k, block_v = _block_sizes(KD, VD)
-        o = _poisoned(B, H, T, VD, like=v)
-        states_w = _poisoned(B, H, num_chunks, KD, VD, like=m0)
-        states_s = _poisoned(B, H, num_chunks, KD, VD, like=m0)
-        m_final = _poisoned(B, H, KD, VD, like=m0)
-        s_final = _poisoned(B, H, KD, VD, like=m0)
+        o = nan_filled((B, H, T, VD), v.dtype, v.device)
+        states_w = nan_filled((B, H, num_chunks, KD, VD), m0.dtype, m0.device)
+        states_s = nan_filled((B, H, num_chunks, KD, VD), m0.dtype, m0.device)
+        m_final = nan_filled((B, H, KD, VD), m0.dtype, m0.device)
+        s_final = nan_filled((B, H, KD, VD), m0.dtype, m0.device)
         grid = (triton.cdiv(VD, block_v), B * H)
         _titans_fwd_kernel[grid](q, k, v, gamma, beta, f, c, e, ends, m0, s0, o, states_w, states_s, m_final, s_final,
                                  num_chunks, KD, VD, CHUNK=chunk_size, BK=block_k, BV=block_v)
@@ -197,14 +195,14 @@ class _TitansLinearMemoryTriton(torch.autograd.Function):
         d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
         d_m = zeros_state if d_m is None else d_m.contiguous()
         d_s = zeros_state if d_s is None else d_s.contiguous()
-        dq = _poisoned(num_v_blocks, B, H, T, KD, like=q)
-        dk = _poisoned(num_v_blocks, B, H, T, KD, like=q)
-        dv = _poisoned(B, H, T, VD, like=v)
-        dgamma = _poisoned(num_v_blocks, *gamma.shape, like=gamma)
-        dbeta, df, dc, de = (_poisoned(num_v_blocks, *beta.shape, like=beta) for _ in range(4))
-        dends = _poisoned(num_v_blocks, *ends.shape, like=ends)
-        dm0 = _poisoned(B, H, KD, VD, like=states_w)
-        ds0 = _poisoned(B, H, KD, VD, like=states_w)
+        dq = nan_filled((num_v_blocks, B, H, T, KD), q.dtype, q.device)
+        dk = nan_filled((num_v_blocks, B, H, T, KD), q.dtype, q.device)
+        dv = nan_filled((B, H, T, VD), v.dtype, v.device)
+        dgamma = nan_filled((num_v_blocks, *gamma.shape), gamma.dtype, gamma.device)
+        dbeta, df, dc, de = (nan_filled((num_v_blocks, *beta.shape), beta.dtype, beta.device) for _ in range(4))
+        dends = nan_filled((num_v_blocks, *ends.shape), ends.dtype, ends.device)
+        dm0 = nan_filled((B, H, KD, VD), states_w.dtype, states_w.device)
+        ds0 = nan_filled((B, H, KD, VD), states_w.dtype, states_w.device)
         grid = (num_v_blocks, B * H)
         _titans_bwd_kernel[grid](q, k, v, gamma, beta, f, c, e, ends, states_w, states_s, d_o, d_m, d_s,
                                  dq, dk, dv, dgamma, dbeta, df, dc, de, dends, dm0, ds0,

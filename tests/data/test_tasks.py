@@ -1,4 +1,4 @@
-"""Synthetic memory tasks (tasks.md §1-5): layouts, seeding, scoring."""
+"""Synthetic memory tasks (docs/tasks.md#conventions): layouts, seeding, scoring."""
 import re
 
 import pytest
@@ -88,3 +88,12 @@ def test_niah_answer_is_scored_under_teacher_forcing():
 def test_invalid_task_parameters_name_the_bound(task, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         task.validate()
+
+
+def test_saved_config_with_the_removed_induction_eval_lengths_still_loads():
+    from zoo.config import Config, from_dict, to_dict
+
+    saved = to_dict(Config())
+    saved["data"]["induction"]["eval_lengths"] = [64, 128]
+    assert to_dict(from_dict(saved)) == to_dict(Config())
+    assert saved["data"]["induction"]["eval_lengths"] == [64, 128]  # the caller's dict is left as it was

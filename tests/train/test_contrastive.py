@@ -1,5 +1,5 @@
-"""ContrastiveLoss, retrieval metrics, the ict/needle data and contrastive training through the CLI (spec
-latent-pooling §6-7, §10 tests 9-11)."""
+"""ContrastiveLoss, retrieval metrics, the ict/needle data and contrastive training through the CLI
+(docs/latent-pooling.md#contrastive-training, #retrieval-metrics)."""
 from __future__ import annotations
 
 import json
@@ -44,7 +44,7 @@ def test_identical_embeddings_give_log_of_candidate_count(in_batch, expected):
 
 
 def reference_loss(q, pos, neg, temperature, in_batch):
-    """Float64 InfoNCE written row by row from the spec."""
+    """Float64 InfoNCE written row by row (docs/latent-pooling.md#contrastive-training)."""
     q, pos, neg = F.normalize(q, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
     B, total = q.shape[0], 0.0
     for i in range(B):
@@ -214,7 +214,7 @@ def small_kjv(tmp_path):
     """Genesis 1-3 (train, 81 verses) and Ruth 1 (held out, 22 verses) from the committed fixture.
 
     Byte-level inverse cloze generalises slowly; 20 steps of 8 over this corpus are about three epochs, enough for
-    the training loss to fall clearly (spec test 11 checks that the task optimises, not what it generalises to).
+    the training loss to fall clearly (the smoke test checks that the task optimises, not what it generalises to).
     """
     records = [json.loads(line) for line in KJV_FIXTURE.read_text().splitlines()]
     keep = [r for r in records if (r["book"], r["chapter"]) in {("Genesis", 1), ("Genesis", 2), ("Genesis", 3),

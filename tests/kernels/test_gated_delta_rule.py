@@ -1,55 +1,24 @@
-"""The op ``gated_delta_rule`` against its sequential reference (specs/mom.md §5, items 1–7)."""
+"""The op ``gated_delta_rule`` against its sequential reference (docs/mom.md#tests, items 1–7)."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import zoo.kernels.gated_delta as gated_delta
+from tests.kernels.kit import (TRITON_DEVICE, TRITON_RUNNABLE, assert_errors_below, assert_finite, needs_triton,
+                               outputs_and_grads, random_functional, rel_errors, run_without_triton)
+from tests.kernels.kit import gated_delta_inputs as make_inputs
 from zoo.kernels import gated_delta_rule
-from zoo.kernels._common import rel_rms_error, triton_available, triton_interpreted
+from zoo.kernels._common import rel_rms_error
 
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
-TRITON_RUNNABLE = triton_available() and (torch.cuda.is_available() or triton_interpreted())
-needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs triton with CUDA or TRITON_INTERPRET=1")
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RESULT_NAMES = ("o", "final_state") + tuple("d" + n for n in NAMES)
 
 
-def make_inputs(B, T, H, K, V, dtype=torch.float64, normalize_k=True, num_states=None, seed=0, device="cpu"):
-    """Random inputs: g in [−3, 0] with some exact 0 and some −30 entries; β in [0, 1]; unit keys."""
-    generator = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
-    randn = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
-    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)  # (B, T, H, ·)
-    if normalize_k:
-        k = torch.nn.functional.normalize(k, dim=-1)
-    g = -3 * rand(B, T, H)  # (B, T, H)
-    draw = rand(B, T, H)
-    g = torch.where(draw < 0.1, torch.zeros_like(g), g)
-    g = torch.where(draw > 0.95, torch.full_like(g, -30.0), g)
-    beta = rand(B, T, H)  # (B, T, H)
-    initial_state = randn(num_states or B, H, K, V)  # (N, H, K, V)
-    return [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v, g, beta, initial_state)]
-
-
-def outputs_and_gradients(inputs, backend, seed=1, **options):
-    """o, final_state and the gradients of all six inputs through a random linear functional of (o, final_state)."""
-    o, final_state = gated_delta_rule(*inputs, backend=backend, **options)
-    generator = torch.Generator().manual_seed(seed)
-    weight_o = torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)
-    weight_s = torch.randn(final_state.shape, generator=generator, dtype=torch.float64).to(final_state)
-    loss = (o * weight_o).sum() + (final_state * weight_s).sum()
-    gradients = torch.autograd.grad(loss, inputs)
-    return [o, final_state, *gradients]
-
-
-def assert_close(results, expected, tolerance, names=("o", "final_state") + tuple("d" + n for n in NAMES)):
-    errors = {name: rel_rms_error(a, b) for name, a, b in zip(names, results, expected)}
-    bad = {name: error for name, error in errors.items() if not error <= tolerance.get(name, tolerance["default"])}
-    assert not bad, f"relative RMS errors above tolerance: {bad} (all: {errors})"
+def outputs_and_gradients(inputs, backend, **options):
+    """[o, final_state, the gradients of all six inputs] through a random linear functional of (o, final_state)."""
+    results = outputs_and_grads(lambda **kw: gated_delta_rule(**kw, backend=backend, **options),
+                                dict(zip(NAMES, inputs)))
+    return [*results.outputs, *results.grads.values()]
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 8, 8), (2, 65, 2, 16, 32), (1, 130, 1, 64, 64)])
@@ -81,17 +50,17 @@ def test_chunked_gradients_match_reference(use_qk_l2norm):
     inputs64 = make_inputs(2, 65, 2, 16, 32, normalize_k=not use_qk_l2norm)
     expected = outputs_and_gradients(inputs64, "reference", use_qk_l2norm=use_qk_l2norm)
     results64 = outputs_and_gradients(inputs64, "torch", use_qk_l2norm=use_qk_l2norm)
-    assert_close(results64, expected, {"default": 1e-9})
+    assert_errors_below(rel_errors(results64, expected, RESULT_NAMES), {"default": 1e-9})
     inputs32 = [x.detach().float().requires_grad_() for x in inputs64]
     results32 = outputs_and_gradients(inputs32, "torch", use_qk_l2norm=use_qk_l2norm)
-    assert_close(results32, expected, {"default": 5e-4})
+    assert_errors_below(rel_errors(results32, expected, RESULT_NAMES), {"default": 5e-4})
 
 
-def test_chunked_gradcheck_with_small_chunks(monkeypatch):
-    monkeypatch.setattr(gated_delta, "CHUNK_SIZE", 4)
+def test_chunked_gradcheck_with_small_chunks():
     inputs = make_inputs(1, 9, 1, 3, 2, normalize_k=False)
     inputs[3] = (inputs[3].detach() - 0.1).requires_grad_()  # keep g < 0 under the finite-difference steps
-    function = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm=True, scale=0.7, backend="torch")  # noqa: E731
+    function = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm=True, scale=0.7, chunk_size=4,  # noqa: E731
+                                            backend="torch")
     assert torch.autograd.gradcheck(function, inputs)
 
 
@@ -117,18 +86,15 @@ def per_sequence_results(inputs, cu_seqlens, backend):
         outputs.append(o)
         finals.append(final)
     o, final = torch.cat(outputs, dim=1), torch.cat(finals, dim=0)
-    generator = torch.Generator().manual_seed(1)
-    weight_o = torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)
-    weight_s = torch.randn(final.shape, generator=generator, dtype=torch.float64).to(final)
-    gradients = torch.autograd.grad((o * weight_o).sum() + (final * weight_s).sum(), leaves)
-    return [o, final, *gradients]
+    return [o, final, *torch.autograd.grad(random_functional([o, final]), leaves)]
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_varlen_equals_per_sequence_calls(backend):
     inputs, cu_seqlens = varlen_inputs([0, 5, 70, 0, 64, 63])
     packed = outputs_and_gradients(inputs, backend, cu_seqlens=cu_seqlens)
-    assert_close(packed, per_sequence_results(inputs, cu_seqlens, backend), {"default": 1e-12})
+    separate = per_sequence_results(inputs, cu_seqlens, backend)
+    assert_errors_below(rel_errors(packed, separate, RESULT_NAMES), {"default": 1e-12})
 
 
 def test_empty_sequence_keeps_initial_state():
@@ -159,7 +125,8 @@ TRITON_TOLERANCE = {"o": 5e-3, "final_state": 5e-3, "dq": 8e-3, "dk": 8e-3, "dv"
 def test_triton_matches_reference(shape):
     inputs = make_inputs(*shape, dtype=torch.float32, device=TRITON_DEVICE)
     expected = outputs_and_gradients(inputs, "reference")
-    assert_close(outputs_and_gradients(inputs, "triton"), expected, TRITON_TOLERANCE)
+    results = outputs_and_gradients(inputs, "triton")
+    assert_errors_below(rel_errors(results, expected, RESULT_NAMES), TRITON_TOLERANCE)
 
 
 @needs_triton
@@ -167,7 +134,7 @@ def test_triton_varlen_matches_reference():
     inputs, cu_seqlens = varlen_inputs([37, 0, 50], dtype=torch.float32, device=TRITON_DEVICE)
     expected = outputs_and_gradients(inputs, "reference", cu_seqlens=cu_seqlens, use_qk_l2norm=True)
     results = outputs_and_gradients(inputs, "triton", cu_seqlens=cu_seqlens, use_qk_l2norm=True)
-    assert_close(results, expected, TRITON_TOLERANCE)
+    assert_errors_below(rel_errors(results, expected, RESULT_NAMES), TRITON_TOLERANCE)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
@@ -185,8 +152,7 @@ def test_output_in_value_dtype_and_state_in_float32(backend):
 def test_outputs_and_gradients_finite_with_nan_poisoned_empty(backend, nan_poisoned_empty):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     inputs, cu_seqlens = varlen_inputs([20, 0, 45], dtype=torch.float32, device=device)
-    for result in outputs_and_gradients(inputs, backend, cu_seqlens=cu_seqlens):
-        assert torch.isfinite(result).all()
+    assert_finite(**dict(zip(RESULT_NAMES, outputs_and_gradients(inputs, backend, cu_seqlens=cu_seqlens))))
 
 
 def test_bad_inputs_raise_one_line_errors():
@@ -215,8 +181,7 @@ def test_bad_inputs_raise_one_line_errors():
             gated_delta_rule(**packed, cu_seqlens=bad_cu)
 
 
-@pytest.mark.skipif(triton_available() and (torch.cuda.is_available() or triton_interpreted()),
-                    reason="the Triton backend is runnable here")
+@pytest.mark.skipif(TRITON_RUNNABLE, reason="the Triton backend is runnable here")
 def test_triton_backend_unavailable_says_so():
     q, k, v, g, beta, _ = (x.detach() for x in make_inputs(1, 4, 1, 4, 4))
     with pytest.raises(RuntimeError, match="triton"):
@@ -224,12 +189,8 @@ def test_triton_backend_unavailable_says_so():
 
 
 def test_torch_path_works_without_triton():
-    script = ("import sys; sys.modules['triton'] = None\n"
-              "import torch\n"
-              "from zoo.kernels import gated_delta_rule\n"
-              "o, s = gated_delta_rule(*(torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4)),"
-              " -torch.rand(1, 5, 1), torch.rand(1, 5, 1))\n"
-              "assert 'triton' not in sys.modules or sys.modules['triton'] is None\n")
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, "-c", script], check=True, env=environment, cwd=os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+    run_without_triton("import torch\n"
+                       "from zoo.kernels import gated_delta_rule\n"
+                       "o, s = gated_delta_rule(*(torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4), "
+                       "torch.randn(1, 5, 1, 4)), -torch.rand(1, 5, 1), torch.rand(1, 5, 1))\n"
+                       "assert 'triton' not in sys.modules or sys.modules['triton'] is None\n")

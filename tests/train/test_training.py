@@ -1,4 +1,4 @@
-"""Training, resume, checkpoints, export and evaluation through the CLI (training.md §2-8, §11)."""
+"""Training, resume, checkpoints, export and evaluation through the CLI (docs/training.md)."""
 import json
 import os
 import stat

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
+from tests.layers.test_conv import reference_conv_silu
 from zoo.config import Mamba2Config, MambaConfig, ModelConfig
-from zoo.layers.mamba import BiMamba, Mamba, Mamba2, Mamba2State
+from zoo.layers.mamba import BiMamba, Mamba
+from zoo.layers.mamba2 import Mamba2, Mamba2State
 from zoo.models.lm import LanguageModel
 
 SPLITS = [0, 1, 5, 63, 64, 65, 130]
@@ -170,7 +172,6 @@ def test_init_survives_model_init(pattern):
         else:
             A = torch.exp(mixer.A_log.detach())
             assert A.min() >= 1 and A.max() <= 16
-        assert getattr(mixer.A_log, "_no_weight_decay", False) and getattr(bias, "_no_reinit", False)
     names = model.no_weight_decay()
     assert "blocks.0.mixer.A_log" in names and "blocks.0.mixer.D" in names
 
@@ -180,7 +181,7 @@ def test_meta_init_equals_normal_init(pattern):
     cfg = _lm(pattern)
     normal = LanguageModel(cfg)
     torch.manual_seed(3)
-    normal.reset_parameters()
+    normal.reset_parameters()  # construction draws from the RNG too: a normal build is reset under the seed
     with torch.device("meta"):
         meta = LanguageModel(cfg)
     meta = meta.to_empty(device="cpu")
@@ -188,9 +189,10 @@ def test_meta_init_equals_normal_init(pattern):
     meta.reset_parameters()
     for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
         assert torch.equal(a, b), name
-    # a mixer alone, too
-    torch.manual_seed(5)
+    # a mixer alone, too: built normally then reset under the seed (construction draws from the RNG too)
     alone = Mamba(16, d_state=4)
+    torch.manual_seed(5)
+    alone.reset_parameters()
     with torch.device("meta"):
         meta_alone = Mamba(16, d_state=4)
     meta_alone = meta_alone.to_empty(device="cpu")
@@ -208,7 +210,7 @@ def test_fp32_parameters_kept_under_bfloat16(cls):
     assert mixer.in_proj.weight.dtype == torch.bfloat16
     assert mixer.A_log.dtype == mixer.D.dtype == torch.float32 and torch.equal(mixer.A_log, A_before)
     bias = mixer.dt_bias if cls is Mamba2 else mixer.dt_proj.bias
-    assert bias.dtype == torch.float32 and getattr(bias, "_no_reinit", False)
+    assert bias.dtype == torch.float32
     y, _ = mixer(torch.randn(2, 9, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
 
@@ -245,60 +247,13 @@ def test_mamba2_long_input_in_segments_equals_one_pass():
         assert rel_err(grad, grad_ref) < 1e-11
 
 
-def _reference_conv_silu(conv: torch.nn.Conv1d, x: torch.Tensor, state: torch.Tensor | None = None):
-    """silu(causal depthwise F.conv1d) of x (B, T, C) after ``state`` (B, K-1, C) (zeros if None).
-
-    Returns (output (B, T, C), the last K-1 rows of [state | x])."""
-    K = conv.kernel_size[0]
-    if state is None:
-        state = x.new_zeros(x.shape[0], K - 1, x.shape[2])
-    padded = torch.cat([state, x], 1)                                                 # (B, K-1+T, C)
-    out = F.conv1d(padded.transpose(1, 2), conv.weight, conv.bias, groups=x.shape[-1])
-    return F.silu(out.transpose(1, 2)), padded[:, padded.shape[1] - (K - 1):]
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("T", [1, 2, 9])
-def test_conv_silu_matches_conv1d_with_gradients(T, with_bias):
-    """The fused causal conv + SiLU (hand-written backward) against F.conv1d over [state | x] in float64: outputs,
-    the carried state, and the gradients of x, state, weight and bias, including through the returned state."""
-    from zoo.layers.mamba import _conv_silu
-
-    torch.manual_seed(0)
-    C, K = 5, 4
-    conv = torch.nn.Conv1d(C, C, K, groups=C, bias=with_bias).double()
-    x = torch.randn(2, T, C, dtype=torch.float64, requires_grad=True)
-    state = torch.randn(2, K - 1, C, dtype=torch.float64, requires_grad=True)
-    g_out, g_state = torch.randn(2, T, C, dtype=torch.float64), torch.randn(2, K - 1, C, dtype=torch.float64)
-
-    results = []
-    for fn in (lambda: _conv_silu(conv, x, state), lambda: _reference_conv_silu(conv, x, state)):
-        out, new_state = fn()
-        params = [x, state, conv.weight] + ([conv.bias] if with_bias else [])
-        grads = torch.autograd.grad((out * g_out).sum() + (new_state * g_state).sum(), params)
-        results.append((out, new_state, grads))
-    (out, new_state, grads), (out_ref, state_ref, grads_ref) = results
-    assert rel_err(out, out_ref) < 1e-12 and rel_err(new_state, state_ref) < 1e-12
-    for name, g, g_ref in zip(["x", "state", "weight", "bias"], grads, grads_ref):
-        assert rel_err(g, g_ref) < 1e-12, name
-
-    # split output (as Mamba2 uses it) with one piece and the state unused: their gradients are zero
-    first, rest, _ = _conv_silu(conv, x, state, sizes=(2, 3))
-    assert torch.equal(torch.cat([first, rest], -1), out)
-    grads = torch.autograd.grad((rest * g_out[..., 2:]).sum(), [x, state])
-    out_ref = _reference_conv_silu(conv, x, state)[0]
-    grads_ref = torch.autograd.grad((out_ref[..., 2:] * g_out[..., 2:]).sum(), [x, state])
-    for name, g, g_ref in zip(["x", "state"], grads, grads_ref):
-        assert rel_err(g, g_ref) < 1e-12, name
-
-
 def _reference_mamba2(mixer: Mamba2, x: torch.Tensor) -> torch.Tensor:
     """Mamba-2 from its equations: in_proj, conv, the sequential SSD loop, gate-then-normalise per group, out_proj."""
     from zoo.kernels.ssd import ssd_reference
 
     E, H, G, N, P = mixer.d_inner, mixer.nheads, mixer.ngroups, mixer.d_state, mixer.headdim
     z, xBC, dt = torch.split(mixer.in_proj(x), [E, E + 2 * G * N, H], dim=-1)
-    x_c, B, C = torch.split(_reference_conv_silu(mixer.conv1d, xBC)[0], [E, G * N, G * N], dim=-1)
+    x_c, B, C = torch.split(reference_conv_silu(mixer.conv1d, xBC)[0], [E, G * N, G * N], dim=-1)
     y, _ = ssd_reference(x_c.unflatten(-1, (H, P)), dt, -torch.exp(mixer.A_log), B.unflatten(-1, (G, N)),
                          C.unflatten(-1, (G, N)), D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True)
     return mixer.out_proj(_reference_gated_norm(mixer.norm, y.flatten(-2), z))
@@ -315,7 +270,7 @@ def _reference_gated_norm(norm, y: torch.Tensor, z: torch.Tensor) -> torch.Tenso
 def test_gated_norm_matches_equation_with_gradients(groups):
     """The fused gated RMSNorm (hand-written backward) against its equation in float64: output and the gradients of
     y, z (a strided view, as the mixer passes it) and the weight."""
-    from zoo.layers.mamba import GroupedGatedRMSNorm
+    from zoo.layers.mamba2 import GroupedGatedRMSNorm
 
     torch.manual_seed(0)
     norm = GroupedGatedRMSNorm(12, groups).double()
@@ -341,7 +296,7 @@ def _reference_mamba(mixer: Mamba, x: torch.Tensor) -> torch.Tensor:
     from zoo.kernels.selective_scan import selective_scan_reference
 
     x_in, z = mixer.in_proj(x).chunk(2, dim=-1)
-    x_c = _reference_conv_silu(mixer.conv1d, x_in)[0]
+    x_c = reference_conv_silu(mixer.conv1d, x_in)[0]
     dt_low, B, C = torch.split(mixer.x_proj(x_c), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
     y, _ = selective_scan_reference(x_c, dt_low @ mixer.dt_proj.weight.T, -torch.exp(mixer.A_log), B, C, mixer.D, z,
                                     mixer.dt_proj.bias, True)

@@ -1,46 +1,15 @@
-"""Tests of the deep (L ≥ 2) Titans memory op ``titans_mlp_memory`` (specs/titans.md §2.3, §3.4, §3.5 and §5)."""
+"""Tests of the deep (L ≥ 2) Titans memory op ``titans_mlp_memory`` (docs/titans.md#deep-memory and #tests)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.kernels.kit import F64, assert_finite, random_functional
+from tests.kernels.kit import titans_mlp_inputs as make_inputs
 from zoo.kernels._common import rel_rms_error
-from zoo.kernels.titans_deep_memory import (MLPMemoryState, _chunk_readout, _chunk_store_pass, _memory_mlp,
-                                            titans_mlp_memory, titans_mlp_memory_reference)
-from zoo.kernels.titans_memory import _chunk_gate_coefficients
-
-F64 = torch.float64
-
-
-def _gates(generator, *shape, scale=1.0):
-    """Uniform [0, 1] with about 10 % exact 0 and 10 % exact 1, times ``scale``."""
-    gate = torch.rand(*shape, generator=generator, dtype=F64)
-    pick = torch.rand(*shape, generator=generator, dtype=F64)
-    return scale * torch.where(pick < 0.1, 0.0, torch.where(pick > 0.9, 1.0, gate))
-
-
-def make_inputs(B=2, T=37, H=2, d=8, E=16, L=2, dtype=F64, seed=0):
-    """q, k (unit norm), v, gates and per-head initial weights.
-
-    α ≤ 0.1 and θ ≤ 0.1 (the layer's init is α ≈ 0.01, θ ≈ 0.1): with α near 1 the deep weights collapse towards the
-    momentum, LayerNorm then divides by a tiny σ and the fp64 comparison becomes ill-conditioned (a 1e-14 change in k
-    moves the outputs by 1e-7), which says nothing about the op.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, T, H, d, generator=gen, dtype=F64), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, d, generator=gen, dtype=F64), dim=-1)
-    v = torch.randn(B, T, H, d, generator=gen, dtype=F64)
-    alpha, eta = _gates(gen, B, T, H, scale=0.1), _gates(gen, B, T, H)
-    theta = _gates(gen, B, T, H, L, scale=0.1)
-    sizes = [d] + [E] * (L - 1) + [d]
-    weights = [torch.randn(H, n_in, n_out, generator=gen, dtype=F64) / n_in ** 0.5
-               for n_in, n_out in zip(sizes[:-1], sizes[1:])]
-    return [x.to(dtype) for x in (q, k, v, alpha, eta, theta)], [w.to(dtype) for w in weights]
-
-
-def _functional(tensors, seed=321):
-    gen = torch.Generator().manual_seed(seed)
-    return sum((x * torch.randn(x.shape, generator=gen, dtype=F64).to(x.dtype)).sum() for x in tensors)
+from zoo.kernels.titans_linear_memory import _chunk_gate_coefficients
+from zoo.kernels.titans_mlp_memory import (MLPMemoryState, _chunk_readout, _chunk_store_pass, _memory_mlp,
+                                           titans_mlp_memory, titans_mlp_memory_reference)
 
 
 def _outputs(o, state):
@@ -56,7 +25,7 @@ def test_torch_matches_reference_fp64_with_gradients(layers, chunk_size):
         leaves = [x.clone().requires_grad_() for x in inputs + weights]
         o, state = titans_mlp_memory(*leaves[:6], leaves[6:], chunk_size=chunk_size, backend=backend)
         outputs = _outputs(o, state)
-        results[backend] = outputs + list(torch.autograd.grad(_functional(outputs), leaves))
+        results[backend] = outputs + list(torch.autograd.grad(random_functional(outputs, seed=321), leaves))
     names = ["o"] + [f"W{i}" for i in range(layers)] + [f"S{i}" for i in range(layers)]
     names += ["dq", "dk", "dv", "dalpha", "deta", "dtheta"] + [f"dW0_{i}" for i in range(layers)]
     for name, got, want in zip(names, results["torch"], results["reference"]):
@@ -218,8 +187,8 @@ def test_outputs_and_gradients_are_finite_under_nan_poisoning(nan_poisoned_empty
     inputs, weights = make_inputs(T=20, L=2, dtype=torch.float32, seed=16)
     leaves = [x.requires_grad_() for x in inputs + weights]
     o, state = titans_mlp_memory(*leaves[:6], leaves[6:], chunk_size=8, backend=backend)
-    grads = torch.autograd.grad(_functional(_outputs(o, state)), leaves)
-    assert all(torch.isfinite(x).all() for x in (o, *grads))
+    grads = torch.autograd.grad(random_functional(_outputs(o, state), seed=321), leaves)
+    assert_finite(o=o, **{f"grad {index}": grad for index, grad in enumerate(grads)})
 
 
 @pytest.mark.parametrize("edit,match", [
