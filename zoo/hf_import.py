@@ -210,7 +210,7 @@ def _map_keys(state: dict, tied: bool) -> dict:
 
 def load_foreign(path: str | Path, device: str | torch.device = "cpu"):
     """Load a Hugging Face Mamba/Mamba2 or mamba_ssm directory as a zoo ``LanguageModel`` (fp32, eval mode)."""
-    from zoo.models.lm import LanguageModel
+    from zoo.models import build_model
 
     path = Path(path)
     config_file = path / "config.json"
@@ -227,12 +227,9 @@ def load_foreign(path: str | Path, device: str | torch.device = "cpu"):
     tied = model_config.tie_embeddings
     if not tied and "lm_head.weight" not in state:
         raise CheckpointError(f"{path}: the config says untied embeddings but the weights have no lm_head.weight")
-    with torch.device("meta"):
-        model = LanguageModel(model_config)
-    model = model.to_empty(device="cpu")
     if mixer == "mamba2":
-        for block in model.blocks:
-            block.mixer.norm.eps = eps
+        model_config.mamba2.norm_eps = eps
+    model = build_model(model_config)
     load_state_checked(model, _map_keys(state, tied), str(path))
     model.eval()
     return model.to(device)
