@@ -454,7 +454,7 @@ def segment_cache(rows: torch.Tensor, cache: torch.Tensor, cu_seqlens: torch.Ten
 
 # ------------------------------------------------------------------------------------- gated delta rule per segment
 def segment_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                       initial_state: torch.Tensor, segment: torch.Tensor, cu_seqlens: torch.Tensor, length: int,
+                       initial_state: torch.Tensor, segment: torch.Tensor, cu_seqlens: torch.Tensor, length: int, *,
                        dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule (ℓ2-normalised q, k) over packed segments (docs/mom.md#routing-and-packing).
 
@@ -466,8 +466,8 @@ def segment_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     ``dense=True``: static shapes and no host read, for torch.compile. Row r of segment s goes to slot
     s·length + (r − cu_seqlens[s]) of a dense (S, length) batch; the empty slots after a segment's rows have
     q = k = v = 0 and β = g = 0, where the update is exactly the identity, so each final state is the state after its
-    segment's last row. The chunks start at the same rows as in the varlen call: both give the same numbers, and the
-    dense call costs length / (longest segment) times the op work of the varlen one.
+    segment's last row. Its chunks start at the same rows as the varlen call's, so the two agree to rounding; but it
+    runs S·length slots for N rows (M/k times as many under balanced routing), so eager keeps the varlen call.
     """
     if not dense:
         o, final = gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], initial_state=initial_state,
