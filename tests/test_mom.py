@@ -10,7 +10,8 @@ import zoo.layers.mom as mom_module
 from tests.helpers import check_decode_equals_full, check_stream_split, rel_err
 from zoo.config import GDNConfig, MoMConfig, ModelConfig
 from zoo.kernels.gated_delta import gated_delta_rule_reference
-from zoo.layers.mom import CONV_SIZE, GatedDeltaNet, MixtureOfMemories, MoMState, sort_by_memory
+from zoo.layers.mom import (CONV_SIZE, GatedDeltaNet, MixtureOfMemories, MoMState, segment_delta_rule,
+                            sort_by_memory)
 from zoo.models.lm import LanguageModel, build_mixer
 from zoo.train.module import auxiliary_loss
 
@@ -282,6 +283,82 @@ def test_forward_has_no_host_sync(monkeypatch):
     y, state = layer(x)
     y, state = layer(x[:, :1], state)
     assert y.shape == (2, 1, 32) and state.aux_loss is not None
+
+
+# ------------------------------------------------------------------------------------- compile (dense) path
+def packed_segments(lengths, H=2, d=8, seed=0):
+    """Packed rows of segments with the given lengths, float64, all requiring grad: q, k, v (N, H, d), g, beta
+    (N, H), initial states (S, H, d, d); then segment (N,) and cu_seqlens (S + 1,)."""
+    generator = torch.Generator().manual_seed(seed)
+    N, S = sum(lengths), len(lengths)
+    q, k, v = (torch.randn(N, H, d, generator=generator, dtype=torch.float64) for _ in range(3))
+    g = -0.5 * F.softplus(torch.randn(N, H, generator=generator, dtype=torch.float64))
+    beta = torch.rand(N, H, generator=generator, dtype=torch.float64)
+    state = torch.randn(S, H, d, d, generator=generator, dtype=torch.float64)
+    segment = torch.repeat_interleave(torch.arange(S), torch.tensor(lengths))
+    cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0))
+    return [z.requires_grad_() for z in (q, k, v, g, beta, state)], segment, cu_seqlens
+
+
+def outputs_and_gradients(run, inputs):
+    """(o, final state, then the gradient of every input) for a fixed random loss on o and the final state."""
+    o, final = run(*inputs)
+    generator = torch.Generator().manual_seed(1)
+    loss = sum((z * torch.randn(z.shape, generator=generator, dtype=z.dtype)).sum() for z in (o, final))
+    return [o, final, *torch.autograd.grad(loss, inputs)]
+
+
+@pytest.mark.parametrize("lengths", [[70, 0, 3, 66, 1], [5, 5, 5], [0, 0, 9], [70]])
+def test_segment_delta_rule_dense_equals_varlen_and_reference_float64(lengths):
+    inputs, segment, cu_seqlens = packed_segments(lengths)
+    length = max(70, max(lengths))                                # a bound, as T is for the routed segments
+
+    def layer_op(dense):
+        return lambda *z: segment_delta_rule(*z, segment, cu_seqlens, length, dense=dense)
+
+    def reference(q, k, v, g, beta, state):
+        o, final = gated_delta_rule_reference(q[None], k[None], v[None], g[None], beta[None], initial_state=state,
+                                              cu_seqlens=cu_seqlens, use_qk_l2norm=True)
+        return o[0], final
+
+    names = ["o", "final state", "dq", "dk", "dv", "dg", "dbeta", "dstate"]
+    varlen, dense, expected = (outputs_and_gradients(run, inputs) for run in (layer_op(False), layer_op(True),
+                                                                                reference))
+    for name, a, b, c in zip(names, dense, varlen, expected, strict=True):
+        assert rel_err(a, b) < 1e-12, f"{name}: dense vs varlen {rel_err(a, b):.2e}"
+        assert rel_err(a, c) < 1e-12, f"{name}: dense vs the token-loop reference {rel_err(a, c):.2e}"
+
+
+@pytest.mark.parametrize("options", [{}, dict(num_memories=4, topk=1, shared_memory=False)])
+def test_compile_path_equals_eager_path_float64(monkeypatch, options):
+    """The dense call torch.compile takes gives the eager (varlen) outputs, states and gradients to 1e-12."""
+    layer = make_mom(**options).train()
+    x, prefix = make_x(2, 75, seed=4), make_x(2, 9, seed=5)
+    eager = mom_module.segment_delta_rule
+    taken = []
+
+    def run(dense_path):
+        def op(*arguments, dense):
+            taken.append(dense)
+            return eager(*arguments, dense=dense_path)
+
+        monkeypatch.setattr(mom_module, "segment_delta_rule", op)
+        layer.zero_grad()
+        start = layer(prefix)[1]._replace(aux_loss=None)
+        start = MoMState(*(None if z is None else z.detach().requires_grad_() for z in start))
+        xs = x.clone().requires_grad_()
+        y, state = layer(xs, start)
+        tensors = [y, *(z for z in state if z is not None)]
+        generator = torch.Generator().manual_seed(2)
+        loss = sum((z * torch.randn(z.shape, generator=generator, dtype=z.dtype)).sum() for z in tensors)
+        leaves = [xs, start.S, start.conv_q, start.conv_k, start.conv_v]
+        grads = torch.autograd.grad(loss, leaves + list(layer.parameters()))
+        return tensors + list(grads)
+
+    varlen, dense = run(False), run(True)
+    assert taken == [False] * 4                                   # eager asks for the varlen call
+    for index, (a, b) in enumerate(zip(dense, varlen, strict=True)):
+        assert rel_err(a, b) < 1e-12, f"tensor {index}: dense vs varlen {rel_err(a, b):.2e}"
 
 
 # ---------------------------------------------------------------------------------------- init and configs

@@ -54,10 +54,7 @@ CASES: dict[str, Case] = {
 
 # Contract checks a mixer fails today, by (mixer, check): they run as strict xfails, so a fix shows up as a failure
 # until its entry goes. Never add an entry to make a new mixer pass.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("mom", "compile"): "the routed memories call gated_delta_rule with cu_seqlens, whose torch path reads the "
-                        "sequence bounds on the host (a graph break)",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 NAMES = sorted(MIXERS)
 CAUSAL = [name for name in NAMES if mixer_class(name).causal]

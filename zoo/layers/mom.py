@@ -5,7 +5,8 @@
 
 ``MixtureOfMemories`` routes each token to its top-k of M such memories (plus an always-on shared memory). The routed
 (token, memory) rows are stably sorted by (batch, memory, time) and run as B·M variable-length sequences through one
-varlen call of the op, with static shapes and no host synchronisation in the layer:
+call of the op (varlen in eager, a dense (B·M, T) batch under torch.compile), with static shapes and no host
+synchronisation in the layer:
 
     r = x W_r; p = softmax(r); (p̂, I) = topk(p, k); w = p̂ / Σ p̂                       (eqs. 3–4)
     memory m sees only τ_m = (t : m ∈ I_t): q^m, k^m, v^m = SiLU(conv(·|τ_m)), S^m ← gated delta rule   (eqs. 5–6)
@@ -27,7 +28,7 @@ from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm
 
 __all__ = ["GatedDeltaNet", "GDNState", "MixtureOfMemories", "MoMState", "CONV_SIZE", "sort_by_memory", "segment_conv",
-           "segment_cache"]
+           "segment_cache", "segment_delta_rule"]
 
 CONV_SIZE = 4                # w: taps of the short convs on q, k, v (a module constant, docs/mom.md#parameters)
 INIT_GAIN = 2 ** -2.5        # xavier_uniform gain of every projection (the fla parameterisation)
@@ -316,7 +317,7 @@ class MixtureOfMemories(_GatedDeltaBase):
         return self._output(o, x), MoMState(S, S_shared, *caches, aux_loss=aux)
 
     def _routed(self, x, q_raw, projected, top_index, weights, state: MoMState):
-        """The routed memories as B·M varlen sequences: sort, segment-aware conv, one op call, weighted gather.
+        """The routed memories as B·M packed segments: sort, segment-aware conv, one op call, weighted gather.
 
         q_raw (B, T, H·d); projected (B, T, M', 2·H·d + 2·H). Returns o (B, T, H, d) = Σ_j w_j o^{I_j}, the final
         S (B, M, H, d, d) and the new pre-conv caches (B, M, w−1, H·d) ×3.
@@ -340,14 +341,13 @@ class MixtureOfMemories(_GatedDeltaBase):
         conv_weight = torch.cat([self.conv_q.weight, self.conv_k.weight, self.conv_v.weight]).to(raw.dtype)
         mixed = segment_conv(raw, cache, cu_seqlens, conv_weight)                     # (N_r, 3·H·d)
         new_cache = segment_cache(raw, cache, cu_seqlens)                             # (B·M, w−1, 3·H·d)
-        q, k_, v = (rearrange(F.silu(z), "n (h d) -> 1 n h d", d=d) for z in mixed.split(width, dim=-1))
-        # 4. One varlen call of the op over the B·M segments.
-        o_packed, S = gated_delta_rule(q, k_, v, g[None], beta[None],
-                                       initial_state=state.S.reshape(segments, H, d, d),
-                                       cu_seqlens=cu_seqlens, use_qk_l2norm=True)     # (1, N_r, H, d)
+        q, k_, v = (rearrange(F.silu(z), "n (h d) -> n h d", d=d) for z in mixed.split(width, dim=-1))
+        # 4. The op over the B·M segments: one varlen call, or one dense call while torch.compile traces.
+        o_packed, S = segment_delta_rule(q, k_, v, g, beta, state.S.reshape(segments, H, d, d), segment, cu_seqlens,
+                                         T, dense=torch.compiler.is_compiling())     # (N_r, H, d)
         # 5. Back to (b, t, j) order through the inverse permutation, then weight and sum over j.
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(rows, device=device))
-        o_rows = o_packed[0].index_select(0, inverse).reshape(B, T, k, H, d)
+        o_rows = o_packed.index_select(0, inverse).reshape(B, T, k, H, d)
         o = torch.einsum("btj,btjhd->bthd", weights.to(o_rows.dtype), o_rows)         # (B, T, H, d)
         caches = [c.reshape(B, M, w - 1, width) for c in new_cache.split(width, dim=-1)]
         return o, S.reshape(B, M, H, d, d), caches
@@ -431,3 +431,32 @@ def segment_cache(rows: torch.Tensor, cache: torch.Tensor, cu_seqlens: torch.Ten
     cache_index = (offsets + lengths[:, None]).clamp_max(taps - 1)                    # (S, w−1)
     kept = torch.gather(cache, 1, cache_index[..., None].expand(S, taps, C))          # (S, w−1, C)
     return torch.where(from_rows[..., None], taken.reshape(S, taps, C), kept)
+
+
+# ------------------------------------------------------------------------------------- gated delta rule per segment
+def segment_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                       initial_state: torch.Tensor, segment: torch.Tensor, cu_seqlens: torch.Tensor, length: int, *,
+                       dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule (ℓ2-normalised q, k) over packed segments (docs/mom.md#routing-and-packing).
+
+    q, k, v (N, H, d) and g, beta (N, H): rows packed segment after segment; initial_state (S, H, d, d); segment (N,)
+    the non-decreasing segment of each row; cu_seqlens (S + 1,); ``length`` bounds every segment's row count. Returns
+    o (N, H, d) in packed order and the final states (S, H, d, d).
+
+    ``dense=False``: one varlen call of the op, whose torch path reads ``cu_seqlens`` on the host (eager only).
+    ``dense=True``: static shapes and no host read, for torch.compile. Row r of segment s goes to slot
+    s·length + (r − cu_seqlens[s]) of a dense (S, length) batch; the empty slots after a segment's rows have
+    q = k = v = 0 and β = g = 0, where the update is exactly the identity, so each final state is the state after its
+    segment's last row. Its chunks start at the same rows as the varlen call's, so the two agree to rounding; but it
+    runs S·length slots for N rows (M/k times as many under balanced routing), so eager keeps the varlen call.
+    """
+    if not dense:
+        o, final = gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], initial_state=initial_state,
+                                    cu_seqlens=cu_seqlens, use_qk_l2norm=True)      # (1, N, H, d)
+        return o[0], final
+    S, N = initial_state.shape[0], q.shape[0]
+    slot = segment * length + torch.arange(N, device=q.device) - cu_seqlens[segment]  # (N,) into (S·length)
+    batched = [z.new_zeros(S * length, *z.shape[1:]).index_copy(0, slot, z).unflatten(0, (S, length))
+               for z in (q, k, v, g, beta)]                                           # (S, length, H[, d]) each
+    o, final = gated_delta_rule(*batched, initial_state=initial_state, use_qk_l2norm=True)  # (S, length, H, d)
+    return o.flatten(0, 1).index_select(0, slot), final
