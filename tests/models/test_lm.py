@@ -1,4 +1,5 @@
-"""LanguageModel: build, meta init, compile, streaming, generation, weight-decay groups."""
+"""LanguageModel: build, meta init, compile, streaming, generation, weight-decay groups; build_model, the config
+section rule and the shipped checkpoints."""
 import pytest
 import torch
 
