@@ -161,7 +161,7 @@ class VisionConfig:
 
 @dataclass
 class HMTConfig:
-    """Options of ``model.architecture=hmt``: ``zoo.layers.HMT`` (hierarchical memory) over the block-pattern LM."""
+    """Options of ``model.architecture=hmt``: ``zoo.models.HMT`` (hierarchical memory) over the block-pattern LM."""
 
     segment_len: int = field(default=64, metadata={"help": "text tokens L per segment"})
     sensory_len: int = field(default=8, metadata={"help": "sensory tokens k: the previous segment's tail (0 = off)"})

@@ -1,4 +1,5 @@
-"""Functional ops: one file per op, each with a float64 reference, a chunked torch path and a Triton path.
+"""Functional ops: one file per op, each with a float64 reference, a chunked torch path and (all but
+``titans_mlp_memory``) a Triton path.
 
 ``import zoo.kernels`` imports torch and the op modules but never Triton (each op imports its Triton part only when
 ``backend="triton"`` runs). The functions are bound here explicitly: an op named like its module (``ssd``,

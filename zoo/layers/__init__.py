@@ -37,8 +37,6 @@ _NAMES = {
     "TitansMAC": "zoo.layers.titans_hybrids",
     "TitansMAG": "zoo.layers.titans_hybrids",
     "TitansMAL": "zoo.layers.titans_hybrids",
-    "HMT": "zoo.models.hmt",
-    "HMTState": "zoo.models.hmt",
     "LatentAttentionPooling": "zoo.layers.latent_pooling",
 }
 

@@ -1,11 +1,13 @@
-"""Assembled models: ``LanguageModel`` (decoder LM from a block pattern) and ``build_model``, the one place models
-are built."""
+"""Assembled models: ``LanguageModel`` (decoder LM from a block pattern), ``EmbeddingModel``, ``HMT`` (a wrapper that
+makes any of them segment-recurrent), ``VisionClassifier``, and ``build_model``, the one place models are built."""
 from __future__ import annotations
 
 import torch
 
 from zoo.models.embedding import EmbeddingModel
+from zoo.models.hmt import HMT, HMTState
 from zoo.models.lm import Block, LanguageModel
+from zoo.models.vision import VisionClassifier
 from zoo.registry import architecture, resolve
 
 
@@ -24,4 +26,5 @@ def build_model(config, *, device: str | torch.device | None = None) -> torch.nn
     return model
 
 
-__all__ = ["Block", "EmbeddingModel", "LanguageModel", "build_model"]
+__all__ = ["Block", "EmbeddingModel", "HMT", "HMTState", "LanguageModel", "VisionClassifier", "build_model"]
+

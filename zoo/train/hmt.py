@@ -26,7 +26,7 @@ def last_segments_labels(labels: torch.Tensor, segment_len: int, segments: int |
 
 
 class HMTTask(LanguageModelTask):
-    """Trains ``zoo.layers.HMT`` on windows of several segments: mean cross-entropy over the scored text positions.
+    """Trains ``zoo.models.HMT`` on windows of several segments: mean cross-entropy over the scored text positions.
 
     Logs ``train/loss``, ``train/lr``, ``train/grad_norm`` and, when the backbone returns one, ``train/aux_loss``
     (``HMTState.aux_loss``); validation reports ``val/loss`` and ``val/bpb`` over all positions.
