@@ -8,6 +8,7 @@ aligned (input_ids, labels) pairs, ``collate``.
 """
 from __future__ import annotations
 
+import abc
 import math
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def accuracy_values(tally: Tally) -> dict:
     return {"val/loss": metrics["loss"], "val/accuracy": metrics["accuracy"], "val/exact_match": metrics["exact_match"]}
 
 
-class Task(pl.LightningModule):
+class Task(pl.LightningModule, abc.ABC):
     """Trains ``build_model(config)`` on ``data``; subclasses supply the loss, the validation tally and the collate.
 
     Logs ``train/loss`` (with the auxiliary loss of the backbone's state, also logged as ``train/aux_loss``),
@@ -74,13 +75,13 @@ class Task(pl.LightningModule):
             self._forward = torch.compile(self.model)
 
     # ----------------------------------------------------------------------------------------- what a task supplies
+    @abc.abstractmethod
     def task_loss(self, batch: dict) -> tuple[torch.Tensor, object, dict]:
         """(loss without auxiliaries, the model's returned state, {metric name: value} logged as ``train/<name>``)."""
-        raise NotImplementedError(f"{type(self).__name__} must define task_loss(batch)")
 
+    @abc.abstractmethod
     def validation_values(self, tally: Tally) -> dict:
         """The ``val/...`` values of a validation pass from the tally its ``validation_step`` filled."""
-        raise NotImplementedError(f"{type(self).__name__} must define validation_values(tally)")
 
     def collate(self, items: list) -> dict:
         """A batch from a list of dataset items: aligned (input_ids, labels) pairs stacked."""
