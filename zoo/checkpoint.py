@@ -97,7 +97,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.n
         return load_foreign(path, device)
     config = read_export_config(path)
     state = read_export_state(path, device)
-    model = build_model(config).to(device)
+    model = build_model(config, device=device)
     load_state_checked(model, state, f"{path / 'model.safetensors'}")
     model.eval()
     return model

@@ -23,7 +23,7 @@ import yaml
 from zoo.errors import ConfigError  # noqa: F401  (re-exported: ``from zoo.config import ConfigError``)
 from zoo.registry import ARCHITECTURES, block_kinds, bundled_config_names
 from zoo.schema import (  # noqa: F401  (re-exported: the schema is part of this module's API)
-    AttentionConfig, TitansMemoryConfig, TitansMACConfig, TitansMAGConfig, TitansMALConfig, GDNConfig, MoMConfig,
+    AttentionConfig, TitansMemoryConfig, TitansMACConfig, TitansWindowConfig, GDNConfig, MoMConfig,
     MambaConfig, Mamba2Config, MemoryFormerConfig, VisionConfig, HMTConfig, EmbeddingConfig, RetrievalDataConfig,
     ModelConfig, DataConfig, OptimConfig, TrainerConfig, RunConfig, EvalConfig, Config)
 

@@ -229,7 +229,7 @@ def load_foreign(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{path}: the config says untied embeddings but the weights have no lm_head.weight")
     if mixer == "mamba2":
         model_config.mamba2.norm_eps = eps
-    model = build_model(model_config)
+    model = build_model(model_config, device=device)
     load_state_checked(model, _map_keys(state, tied), str(path))
     model.eval()
-    return model.to(device)
+    return model

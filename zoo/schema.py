@@ -69,20 +69,8 @@ class TitansMACConfig:
 
 
 @dataclass
-class TitansMAGConfig:
-    """Options of ``titans_mag`` (``TitansMAG``, memory as a gate)."""
-
-    heads: int = field(default=4, metadata={"help": "attention heads (the memory's are memory.heads)"})
-    window: int = field(default=128, metadata={
-        "help": "sliding-window length (zoo default: CPU-sized; the paper's is 2048)"})
-    persistent_tokens: int = field(default=16, metadata={
-        "help": "learned persistent-memory tokens N_p (zoo default: CPU-sized; the paper's is 128)"})
-    memory: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
-
-
-@dataclass
-class TitansMALConfig:
-    """Options of ``titans_mal`` (``TitansMAL``, memory as a layer)."""
+class TitansWindowConfig:
+    """Options of the sliding-window hybrids ``titans_mag`` (memory as a gate) and ``titans_mal`` (as a layer)."""
 
     heads: int = field(default=4, metadata={"help": "attention heads (the memory's are memory.heads)"})
     window: int = field(default=128, metadata={
@@ -215,8 +203,8 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     titans: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
     titans_mac: TitansMACConfig = field(default_factory=TitansMACConfig)
-    titans_mag: TitansMAGConfig = field(default_factory=TitansMAGConfig)
-    titans_mal: TitansMALConfig = field(default_factory=TitansMALConfig)
+    titans_mag: TitansWindowConfig = field(default_factory=TitansWindowConfig)
+    titans_mal: TitansWindowConfig = field(default_factory=TitansWindowConfig)
     gdn: GDNConfig = field(default_factory=GDNConfig)
     mom: MoMConfig = field(default_factory=MoMConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
-from zoo.config import ModelConfig, TitansMACConfig, TitansMAGConfig, TitansMALConfig, TitansMemoryConfig
+from zoo.config import ModelConfig, TitansMACConfig, TitansMemoryConfig, TitansWindowConfig
 from zoo.layers.titans import TitansMemory, TitansState
 from zoo.layers.titans_hybrids import MACState, TitansMAC, TitansMAG, TitansMAL
 from zoo.models.lm import LanguageModel, build_mixer
@@ -65,8 +65,8 @@ def titans_sections(heads=HEADS, chunk_size=CHUNK, segment_len=16, window=8, per
     memory = TitansMemoryConfig(heads=heads, chunk_size=chunk_size)
     return dict(titans=memory,
                 titans_mac=TitansMACConfig(heads, segment_len, persistent_tokens, dataclasses.replace(memory)),
-                titans_mag=TitansMAGConfig(heads, window, persistent_tokens, dataclasses.replace(memory)),
-                titans_mal=TitansMALConfig(heads, window, persistent_tokens, dataclasses.replace(memory)))
+                titans_mag=TitansWindowConfig(heads, window, persistent_tokens, dataclasses.replace(memory)),
+                titans_mal=TitansWindowConfig(heads, window, persistent_tokens, dataclasses.replace(memory)))
 
 
 def _x(T=37, B=2, dtype=F64, seed=1):
