@@ -8,7 +8,7 @@ from zoo.data.tasks import MQARConfig
 from zoo.data.text import load_documents
 from zoo.data.tokenizer import ByteTokenizer
 from zoo.errors import DataError
-from tests.helpers import KJV_FIXTURE
+from tests.helpers import KJV_FIXTURE, run_zoo
 
 
 def test_byte_tokenizer_roundtrip_and_specials():
@@ -71,3 +71,10 @@ def test_loader_shards_by_rank_without_overlap():
     ranks = [ResumableLoader(data, 4, seed=0, rank=r, world_size=2) for r in range(2)]
     seen = [set(idx for b in range(8) for idx in loader.batch_indices(b)) for loader in ranks]
     assert not (seen[0] & seen[1]) and len(seen[0] | seen[1]) == 64
+
+
+def test_cli_missing_data_file_is_one_line(capsys, tmp_path):
+    assert run_zoo("train", "data.name=text", f"data.path={tmp_path / 'nope.txt'}", f"run.root={tmp_path}") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"zoo: data file not found: {tmp_path / 'nope.txt'} (data.path)"
+    assert not (tmp_path / "run").exists()

@@ -1,11 +1,12 @@
-"""ShortConv's fused causal conv + SiLU path (Mamba's conv) against F.conv1d, with gradients."""
+"""ShortConv: the causal depthwise filter and its state, and the fused causal conv + SiLU path (Mamba's conv)
+against F.conv1d, with gradients."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import rel_err
+from tests.helpers import check_decode_equals_full, check_stream_split, rel_err
 from zoo.layers.conv import ShortConv
 
 
@@ -54,3 +55,30 @@ def test_conv_silu_matches_conv1d_with_gradients(T, with_bias, conv1d_layout):
     grads_ref = torch.autograd.grad((out_ref[..., 2:] * g_out[..., 2:]).sum(), [x, state])
     for name, g, g_ref in zip(["x", "state"], grads, grads_ref):
         assert rel_err(g, g_ref) < 1e-12, name
+
+
+class ConvAsMixer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = ShortConv(6, size=4, bias=True).double()
+
+    def forward(self, x, state=None):
+        return self.conv(x, state)
+
+
+def test_short_conv_is_a_causal_depthwise_filter():
+    torch.manual_seed(0)
+    conv = ShortConv(3, size=3).double()
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    y, state = conv(x)
+    w = conv.weight                                                      # (C, size); last tap multiplies x_t
+    expected = sum(w[:, 2 - j] * torch.nn.functional.pad(x, (0, 0, j, 0))[:, :7] for j in range(3))
+    assert rel_err(y, expected) < 1e-12 and torch.equal(state, x[:, -2:])
+
+
+def test_short_conv_streams_and_decodes():
+    torch.manual_seed(1)
+    mixer = ConvAsMixer()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    check_stream_split(mixer, x, splits=[1, 2, 3, 8], tol=1e-13)
+    check_decode_equals_full(mixer, x, tol=1e-13)

@@ -206,3 +206,9 @@ def test_compile_option_trains_through_torch_compile(tmp_path, monkeypatch):
                    "trainer.compile=true") == 0
     assert compiled == ["OptimizedModule"]
     assert len(train_losses(tmp_path / "c")) == 2
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+    assert run_zoo("train", *TINY_MQAR, f"run.root={tmp_path}", "run.name=bf16", "trainer.max_steps=2",
+                   "trainer.precision=bf16-mixed") == 0
+    assert (tmp_path / "bf16" / "model" / "model.safetensors").is_file()
