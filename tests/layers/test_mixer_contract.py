@@ -27,24 +27,22 @@ DIM, BATCH = 32, 2
 
 @dataclass(frozen=True)
 class Case:
-    """How the contract builds and feeds one mixer: dotted config overrides, the input length, and whether its
-    compile check takes long enough (over ~5 s) to run only with ``-m slow``."""
+    """How the contract builds and feeds one mixer: dotted config overrides and the input length."""
 
     overrides: tuple[str, ...] = ()
     seq_len: int = 40
-    slow_compile: bool = False
 
 
 # Only for speed and coverage: smaller chunks and segments so that a short input crosses several of them. A mixer
 # without an entry runs with its section's defaults. (Config sections are named here and nowhere else.)
 CASES: dict[str, Case] = {
-    "titans": Case(("model.titans.chunk_size=4",), slow_compile=True),
+    "titans": Case(("model.titans.chunk_size=4",)),
     "titans_mac": Case(("model.titans_mac.memory.chunk_size=4", "model.titans_mac.segment_len=8",
-                        "model.titans_mac.persistent_tokens=2"), slow_compile=True),
+                        "model.titans_mac.persistent_tokens=2")),
     "titans_mag": Case(("model.titans_mag.memory.chunk_size=4", "model.titans_mag.window=8",
-                        "model.titans_mag.persistent_tokens=2"), slow_compile=True),
+                        "model.titans_mag.persistent_tokens=2")),
     "titans_mal": Case(("model.titans_mal.memory.chunk_size=4", "model.titans_mal.window=8",
-                        "model.titans_mal.persistent_tokens=2"), slow_compile=True),
+                        "model.titans_mal.persistent_tokens=2")),
     "mamba2": Case(("model.mamba2.chunk_size=8", "model.mamba2.d_state=16", "model.mamba2.headdim=16",
                     "model.mamba2.ngroups=2")),
     # the gated delta rule's chunk (64 tokens) is not a config option: a longer input crosses it
@@ -71,15 +69,13 @@ PARAMETRIZED_CHECKS: set[str] = set()
 
 
 def params(names: list[str], check: str) -> list:
-    """``names`` as pytest parameters of ``check``, with the marks of KNOWN_FAILURES (and slow, for a slow compile)."""
+    """``names`` as pytest parameters of ``check``, with the marks of KNOWN_FAILURES."""
     PARAMETRIZED_CHECKS.add(check)
     out = []
     for name in names:
         marks = []
         if (name, check) in KNOWN_FAILURES:
             marks.append(pytest.mark.xfail(reason=KNOWN_FAILURES[name, check], strict=True))
-        if check == "compile" and case(name).slow_compile:
-            marks.append(pytest.mark.slow)
         out.append(pytest.param(name, marks=marks))
     return out
 
