@@ -106,9 +106,11 @@ def parameters_and_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.named_parameters()) | dict(module.named_buffers())
 
 
-def check_meta_init_equals_init(build, seed: int = 0) -> None:
+def check_meta_init_equals_init(build, seed: int = 0):
     """``build()`` on the meta device, materialised with ``to_empty`` (NaN-filled) and reset under a seed, equals a
-    normal ``build()`` reset under the same seed, tensor by tensor, and leaves nothing uninitialised."""
+    normal ``build()`` reset under the same seed, tensor by tensor, and leaves nothing uninitialised.
+
+    Returns (the materialised model, the normal one)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         meta = build()
@@ -130,6 +132,7 @@ def check_meta_init_equals_init(build, seed: int = 0) -> None:
             assert torch.isfinite(tensor).all(), f"{name}: reset_parameters() leaves it uninitialised"
         assert tensor.dtype == expected[name].dtype, f"{name}: dtype {tensor.dtype} vs {expected[name].dtype}"
         assert torch.equal(tensor, expected[name]), f"{name}: meta build + reset differs from a normal build + reset"
+    return meta, normal
 
 
 def check_compile_matches_eager(mixer, x: torch.Tensor, prefix: int | None, tol: float) -> None:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
+from tests.layers.contract import check_meta_init_equals_init
 from tests.layers.test_conv import reference_conv_silu
 from zoo.config import Mamba2Config, MambaConfig, ModelConfig
 from zoo.layers.mamba import BiMamba, Mamba
@@ -179,27 +180,8 @@ def test_init_survives_model_init(pattern):
 @pytest.mark.parametrize("pattern", [["mamba"], ["mamba2"]])
 def test_meta_init_equals_normal_init(pattern):
     cfg = _lm(pattern)
-    normal = LanguageModel(cfg)
-    torch.manual_seed(3)
-    normal.reset_parameters()  # construction draws from the RNG too: a normal build is reset under the seed
-    with torch.device("meta"):
-        meta = LanguageModel(cfg)
-    meta = meta.to_empty(device="cpu")
-    torch.manual_seed(3)
-    meta.reset_parameters()
-    for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
-        assert torch.equal(a, b), name
-    # a mixer alone, too: built normally then reset under the seed (construction draws from the RNG too)
-    alone = Mamba(16, d_state=4)
-    torch.manual_seed(5)
-    alone.reset_parameters()
-    with torch.device("meta"):
-        meta_alone = Mamba(16, d_state=4)
-    meta_alone = meta_alone.to_empty(device="cpu")
-    torch.manual_seed(5)
-    meta_alone.reset_parameters()
-    for (name, a), b in zip(alone.state_dict().items(), meta_alone.state_dict().values()):
-        assert torch.equal(a, b), name
+    check_meta_init_equals_init(lambda: LanguageModel(cfg), seed=3)
+    check_meta_init_equals_init(lambda: Mamba(16, d_state=4), seed=5)   # a mixer alone, too
 
 
 @pytest.mark.parametrize("cls", [Mamba, Mamba2, BiMamba])

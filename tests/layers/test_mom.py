@@ -8,6 +8,7 @@ from einops import rearrange
 
 import zoo.layers.mom as mom_module
 from tests.helpers import check_decode_equals_full, check_stream_split, rel_err
+from tests.layers.contract import check_meta_init_equals_init
 from zoo.config import GDNConfig, MoMConfig, ModelConfig
 from zoo.kernels.gated_delta import gated_delta_rule_reference
 from zoo.layers.mom import (CONV_SIZE, GatedDeltaNet, MixtureOfMemories, MoMState, segment_delta_rule,
@@ -364,30 +365,12 @@ def test_compile_path_equals_eager_path_float64(monkeypatch, options):
 # ---------------------------------------------------------------------------------------- init and configs
 @pytest.mark.parametrize("cls, options", [(MixtureOfMemories, TINY), (GatedDeltaNet, dict(dim=32, heads=2))])
 def test_meta_init_then_reset_equals_normal_build(cls, options):
-    built = cls(**options)
-    torch.manual_seed(7)
-    built.reset_parameters()
-    with torch.device("meta"):
-        meta = cls(**options)
-    meta.to_empty(device="cpu")
-    torch.manual_seed(7)
-    meta.reset_parameters()
-    for (name, a), (_, b) in zip(built.state_dict().items(), meta.state_dict().items()):
-        assert torch.equal(a, b), name
+    check_meta_init_equals_init(lambda: cls(**options), seed=7)
 
 
 def test_language_model_meta_init_equals_normal_build():
     config = ModelConfig(dim=32, depth=2, pattern=["mom"], mom=MoMConfig(heads=2, head_dim=8, num_memories=3))
-    built = LanguageModel(config)
-    torch.manual_seed(3)
-    built.reset_parameters()
-    with torch.device("meta"):
-        meta = LanguageModel(config)
-    meta.to_empty(device="cpu")
-    torch.manual_seed(3)
-    meta.reset_parameters()
-    for (name, a), (_, b) in zip(built.state_dict().items(), meta.state_dict().items()):
-        assert torch.equal(a, b), name
+    check_meta_init_equals_init(lambda: LanguageModel(config), seed=3)
 
 
 def test_config_sections_build_both_mixers():

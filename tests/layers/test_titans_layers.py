@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
+from tests.layers.contract import check_meta_init_equals_init
 from zoo.config import ModelConfig, TitansMACConfig, TitansMemoryConfig, TitansWindowConfig
 from zoo.layers.titans import TitansMemory, TitansState
 from zoo.layers.titans_hybrids import MACState, TitansMAC, TitansMAG, TitansMAL
@@ -297,16 +298,7 @@ def test_meta_init_then_reset_equals_normal_build(cls):
     def build():
         return cls(DIM, HEADS) if cls is TitansMemory else cls(DIM, HEADS, persistent_tokens=3)
 
-    reference = build()
-    torch.manual_seed(7)
-    reference.reset_parameters()
-    with torch.device("meta"):
-        layer = build()
-    layer.to_empty(device="cpu")
-    torch.manual_seed(7)
-    layer.reset_parameters()
-    for (name, a), (_, b) in zip(reference.state_dict().items(), layer.state_dict().items()):
-        assert torch.equal(a, b), name
+    _, reference = check_meta_init_equals_init(build, seed=7)
     again = _seeded(build, seed=8)
     torch.manual_seed(7)
     again.reset_parameters()   # reproducible under a seed

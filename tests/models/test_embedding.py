@@ -14,6 +14,7 @@ from zoo.data.tokenizer import ByteTokenizer
 from zoo.errors import CheckpointError
 from zoo.models import LanguageModel, build_model
 from zoo.models.embedding import EmbeddingModel
+from tests.layers.contract import check_meta_init_equals_init
 
 
 def tiny_config(**embedding) -> ModelConfig:
@@ -176,16 +177,7 @@ def test_no_weight_decay_covers_latents_norms_embeddings_and_biases():
 
 def test_meta_init_equals_normal_init():
     cfg = tiny_config()
-    normal = EmbeddingModel(cfg)
-    torch.manual_seed(5)
-    normal.reset_parameters()
-    with torch.device("meta"):
-        meta = EmbeddingModel(cfg)
-    meta = meta.to_empty(device="cpu")
-    torch.manual_seed(5)
-    meta.reset_parameters()
-    for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
-        assert torch.equal(a, b), name
+    check_meta_init_equals_init(lambda: EmbeddingModel(cfg), seed=5)
 
 
 # ------------------------------------------------------------------------------------------------ init_from

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import KJV_FIXTURE, run_zoo, train_losses
+from tests.layers.contract import check_meta_init_equals_init
 from zoo.checkpoint import export_model, load_export
 from zoo.config import AttentionConfig, Config, HMTConfig, ModelConfig
 from zoo.eval.metrics import IGNORE_INDEX
@@ -455,16 +456,7 @@ def test_parameters_init_and_weight_decay_groups():
 
 def test_meta_init_then_reset_equals_a_normal_build():
     config = tiny_config().model
-    normal = HMT.from_config(config)
-    torch.manual_seed(7)
-    normal.reset_parameters()
-    with torch.device("meta"):
-        meta = HMT.from_config(config)
-    meta.to_empty(device="cpu")
-    torch.manual_seed(7)
-    meta.reset_parameters()
-    for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
-        assert torch.equal(a, b), name
+    meta, normal = check_meta_init_equals_init(lambda: HMT.from_config(config), seed=7)
     backbone = LanguageModel(config)
     torch.manual_seed(7)
     backbone.reset_parameters()

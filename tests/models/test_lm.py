@@ -7,6 +7,7 @@ from zoo.config import ModelConfig
 from zoo.models import LanguageModel
 from zoo.registry import MIXERS, MLP_ONLY
 from tests.helpers import rel_err
+from tests.layers.contract import check_meta_init_equals_init
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -20,16 +21,7 @@ def tiny(**overrides) -> ModelConfig:
 def test_meta_init_equals_normal_init():
     cfg = tiny()
     cfg.attention.persistent_tokens = 2
-    normal = LanguageModel(cfg)
-    torch.manual_seed(7)
-    normal.reset_parameters()
-    with torch.device("meta"):
-        meta = LanguageModel(cfg)
-    meta.to_empty(device="cpu")
-    torch.manual_seed(7)
-    meta.reset_parameters()
-    for (name, a), (_, b) in zip(normal.state_dict().items(), meta.state_dict().items()):
-        assert torch.equal(a, b), name
+    meta, normal = check_meta_init_equals_init(lambda: LanguageModel(cfg), seed=7)
     x = torch.randint(0, 258, (2, 9))
     assert torch.equal(normal(x)[0], meta(x)[0])                       # non-persistent RoPE buffers recomputed
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from zoo.config import ConfigError, MambaConfig, ModelConfig, parse_args
 from zoo.models import build_model
 from zoo.models.vision import VisionClassifier
+from tests.layers.contract import check_meta_init_equals_init
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -47,16 +48,7 @@ def test_causal_mixer_refused():
 
 def test_meta_init_equals_normal_init():
     cfg = tiny_config()
-    normal = VisionClassifier(cfg)
-    torch.manual_seed(7)
-    normal.reset_parameters()
-    with torch.device("meta"):
-        meta = VisionClassifier(cfg)
-    meta = meta.to_empty(device="cpu")
-    torch.manual_seed(7)
-    meta.reset_parameters()
-    for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
-        assert torch.equal(a, b), name
+    _, normal = check_meta_init_equals_init(lambda: VisionClassifier(cfg), seed=7)
     assert "class_token" in normal.no_weight_decay() and "blocks.0.mixer.A_b_log" in normal.no_weight_decay()
 
 
