@@ -12,6 +12,7 @@ Mistakes (unknown keys, wrong types, missing files or checkpoints) print one lin
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -27,6 +28,7 @@ VERBS = {
 }
 
 GENERATE_OPTIONS = ("checkpoint", "prompt", "max_new_tokens", "temperature", "top_k", "seed")
+GENERATING_ARCHITECTURES = ("lm", "hmt")
 
 
 def usage() -> str:
@@ -170,25 +172,51 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def generate_integer(options: dict, key: str, default: str, minimum: int, null_allowed: bool = False) -> int | None:
+    """The integer option ``key`` of zoo generate, at least ``minimum`` (or null), with a one-line error naming it."""
+    text = options.get(key, default)
+    if null_allowed and text == "null":
+        return None
+    expected = f"an integer >= {minimum}" + (" or null" if null_allowed else "")
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"zoo generate: {key}={text} is not {expected}") from None
+    if value < minimum:
+        raise ConfigError(f"zoo generate: {key}={text} is not {expected}")
+    return value
+
+
+def generate_temperature(text: str) -> float:
+    """``temperature=`` of zoo generate: a finite number >= 0 (0 = greedy), with a one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"zoo generate: temperature={text} is not a finite number >= 0 (0 = greedy)")
+    return value
+
+
 def cmd_generate(argv: list[str]) -> int:
     options, rest = split_options(argv, GENERATE_OPTIONS, "generate")
     if rest:
         raise ConfigError(f"unknown key '{rest[0].split('=')[0]}' for zoo generate; valid: {', '.join(GENERATE_OPTIONS)}")
     path = require(options, "checkpoint", "generate")
-    try:
-        max_new = int(options.get("max_new_tokens", 200))
-        temperature = float(options.get("temperature", 0.8))
-        top_k_text = options.get("top_k", "50")
-        top_k = None if top_k_text == "null" else int(top_k_text)
-        seed = int(options.get("seed", 0))
-    except ValueError as error:
-        raise ConfigError(f"zoo generate: {error}") from None
+    max_new = generate_integer(options, "max_new_tokens", "200", minimum=0)
+    temperature = generate_temperature(options.get("temperature", "0.8"))
+    top_k = generate_integer(options, "top_k", "50", minimum=1, null_allowed=True)
+    seed = generate_integer(options, "seed", "0", minimum=0)
     import torch
 
     from zoo.checkpoint import load_export, read_export_config
     from zoo.data.tokenizer import load_tokenizer
 
     config = read_export_config(path)
+    if config.model.architecture not in GENERATING_ARCHITECTURES:
+        raise ConfigError(f"zoo generate: checkpoint={path} is a model.architecture={config.model.architecture} "
+                          f"model, which does not generate text; architectures that generate: "
+                          f"{', '.join(GENERATING_ARCHITECTURES)}")
     model = load_export(path)
     tokenizer = load_tokenizer(config.data.tokenizer)
     ids = tokenizer.encode(options.get("prompt", "")) or [tokenizer.eos_id]

@@ -11,6 +11,7 @@ A block is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``model.pattern`` n
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +175,12 @@ def generate_with_state(model, input_ids: torch.Tensor, max_new_tokens: int, tem
     """The decoding loop of any ``model(ids, state) -> (logits, state)``: prompt once, then one token per call."""
     if input_ids.shape[1] < 1:
         raise ValueError("generate: the prompt must hold at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"generate: top_k must be an integer >= 1 or None, got {top_k!r}")
     logits, state = model(input_ids)
     out = [input_ids]
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,64 @@
+"""The CLI's option checks and messages: every bad input is one line on stderr with exit code 2."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import run_zoo
+from zoo.checkpoint import export_model
+from zoo.config import from_dict
+from zoo.models import build_model
+
+VISION = "checkpoints/vim-digits"
+EMBEDDING = "checkpoints/nv-embed-ict"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """An export directory of an untrained two-block LM."""
+    config = from_dict({"model": {"dim": 32, "depth": 1, "attention": {"heads": 2}}})
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("lm") / "model"
+    export_model(build_model(config), config, out)
+    return out
+
+
+def one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("option, named", [
+    ("max_new_tokens=-5", "max_new_tokens=-5"), ("max_new_tokens=abc", "max_new_tokens=abc"),
+    ("max_new_tokens=2.5", "max_new_tokens=2.5"), ("temperature=-1", "temperature=-1"),
+    ("temperature=nan", "temperature=nan"), ("temperature=inf", "temperature=inf"),
+    ("temperature=hot", "temperature=hot"), ("top_k=0", "top_k=0"), ("top_k=-3", "top_k=-3"),
+    ("top_k=many", "top_k=many"), ("seed=x", "seed=x")])
+def test_generate_rejects_a_bad_option_in_one_line_naming_it(tiny_lm, capsys, option, named):
+    assert run_zoo("generate", f"checkpoint={tiny_lm}", "prompt=ab", option) == 2
+    assert named in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("option", ["max_new_tokens=0", "temperature=0", "top_k=null", "top_k=1"])
+def test_generate_accepts_the_edges_of_each_option(tiny_lm, capsys, option):
+    assert run_zoo("generate", f"checkpoint={tiny_lm}", "prompt=ab", "max_new_tokens=3", option) == 0
+    assert capsys.readouterr().out.startswith("ab")
+
+
+@pytest.mark.parametrize("checkpoint, architecture", [(VISION, "vision"), (EMBEDDING, "embedding")])
+def test_generate_on_a_model_that_does_not_generate_names_the_ones_that_do(capsys, checkpoint, architecture):
+    assert run_zoo("generate", f"checkpoint={checkpoint}", "prompt=ab") == 2
+    err = one_line_error(capsys)
+    assert f"model.architecture={architecture}" in err and "lm, hmt" in err
+
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": -1}, {"max_new_tokens": 2.0}, {"temperature": float("nan")},
+                                    {"temperature": -0.5}, {"top_k": 0}])
+def test_language_model_generate_rejects_bad_arguments(kwargs):
+    config = from_dict({"model": {"dim": 32, "depth": 1, "attention": {"heads": 2}}})
+    model = build_model(config)
+    arguments = {"max_new_tokens": 2, "temperature": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        model.generate(torch.tensor([[1, 2]]), **arguments)
