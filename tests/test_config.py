@@ -69,6 +69,25 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         parse_args([f"config={path}"])
 
 
+@pytest.mark.parametrize("text, key, line", [("model:\n  dim: 32\n  dim: 64\n", "dim", 3),
+                                             ("model:\n  dim: 32\ntrainer:\n  max_steps: 2\nmodel:\n  depth: 1\n",
+                                              "model", 5)])
+def test_duplicate_key_in_file_is_an_error_naming_key_and_file(tmp_path, text, key, line):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"config file .*twice.yaml gives key '{key}' twice \(line {line}\)"):
+        parse_args([f"config={path}"])
+
+
+@pytest.mark.parametrize("lr", ["-1e-3", "nan", "inf"])
+def test_a_negative_or_non_finite_learning_rate_exits_2_before_data_loading(tmp_path, capsys, lr):
+    missing = tmp_path / "never-read.txt"
+    assert run_zoo("train", "data.name=text", f"data.path={missing}", f"optim.lr={lr}",
+                   f"run.root={tmp_path}") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"optim.lr must be a finite number >= 0, got {float(lr)}" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["model.dim=abc"], "model.dim: expected int, got 'abc' (command line)"),
     (["trainer.precision=fp8"], "trainer.precision: 'fp8' is not one of"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import importlib.resources
 import types
 import typing
@@ -208,9 +209,33 @@ def resolve_config_path(name: str, relative_to: Path | None = None) -> Path:
                       f"bundled: {', '.join(bundled_config_names())})")
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a config file names the same key twice."""
+
+    def __init__(self, key: str, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(str(key), key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml(path: Path) -> dict:
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except DuplicateKeyError as error:
+        raise ConfigError(f"config file {path} gives key '{error.key}' twice (line {error.line}); "
+                          f"keep one of them") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -304,6 +329,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attention.heads ({attn.heads}) must be a multiple of kv_heads ({attn.kv_heads})")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    if not math.isfinite(cfg.optim.lr) or cfg.optim.lr < 0:
+        raise ConfigError(f"optim.lr must be a finite number >= 0, got {cfg.optim.lr}")
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
     if cfg.trainer.strategy == "fsdp" and cfg.trainer.accelerator == "cpu":
