@@ -78,3 +78,37 @@ def test_cli_missing_data_file_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.strip() == f"zoo: data file not found: {tmp_path / 'nope.txt'} (data.path)"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"", "is empty"),
+    ("blank.jsonl", b"\n\n", "is empty"),
+    ("binary.txt", b"abc\n\x00\x01\x02", "line 2: holds NUL bytes, so it is binary"),
+    ("latin1.txt", "one\nh\xe9llo\n".encode("latin-1"), "line 2: not UTF-8 (byte 0xe9 at offset 5)"),
+    ("latin1.jsonl", b'{"text": "\xff"}\n', "line 1: not UTF-8"),
+    ("truncated.jsonl", b'{"text": "a"}\n{"text": "b"\n', "line 2: not valid JSON (Expecting ',' delimiter"),
+    ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2: a list, expected a JSON object"),
+    ("broken.parquet", b"PAR1 not really", "is not a readable parquet file (Parquet magic bytes"),
+    ("broken.json", b'[{"text": "a"},', "cannot be read as json (ValueError:"),
+    ("numbers.jsonl", b'{"text": "a"}\n{"text": 2}\n', "row 2: field 'text' is int 2, not text"),
+])
+def test_unreadable_data_file_is_one_line_naming_file_row_and_cause(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert run_zoo("train", "data.name=text", f"data.path={path}", f"run.root={tmp_path}") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and message in err, err
+
+
+def test_a_directory_as_data_file_is_reported_as_a_directory(tmp_path):
+    with pytest.raises(DataError, match=f"data.path {tmp_path} is a directory; give a .txt, .jsonl or .parquet file"):
+        build_data(DataConfig(name="text", path=str(tmp_path)))
+
+
+def test_records_without_the_text_field_are_counted_in_one_warning(tmp_path, capsys):
+    path = tmp_path / "partial.jsonl"
+    path.write_text('{"text": "in the beginning"}\n{"body": "x"}\n{"text": "was the word"}\n{"body": "y"}\n'
+                    '{"text": "and the word"}\n')
+    train, test = load_documents(DataConfig(name="text", path=str(path), split="fraction", val_fraction=0.3))
+    assert len(train) + len(test) == 3
+    assert capsys.readouterr().err == f"warning: 2 of 5 records in {path} have no 'text' field; they are skipped\n"

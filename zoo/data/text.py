@@ -6,8 +6,10 @@ Documents are chapters (KJV) or records (local files); each is followed by ``<eo
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,8 @@ def kjv_path() -> Path:
 def check_local_path(path: str, where: str = "data.path") -> Path:
     """A local text file, or one line saying what is wrong (zoo runs offline)."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{where} {path} is a directory; give a .txt, .jsonl or .parquet file")
     if p.is_file():
         if p.suffix not in TEXT_SUFFIXES:
             raise DataError(f"{where} {path} has suffix '{p.suffix}'; use .txt, .jsonl or .parquet")
@@ -44,27 +48,88 @@ def check_local_path(path: str, where: str = "data.path") -> Path:
     raise DataError(f"data file not found: {path} ({where})")
 
 
+def check_readable(path: Path) -> None:
+    """One line naming the file, the row where known and the cause when ``path`` is empty, binary or malformed."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"data file {path} is empty")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            pyarrow.parquet.read_metadata(path)
+        except Exception as error:
+            raise DataError(f"data file {path} is not a readable parquet file ({first_line(error)})") from None
+        return
+    if b"\0" in raw:
+        line = raw.count(b"\n", 0, raw.index(b"\0")) + 1
+        raise DataError(f"data file {path} line {line}: holds NUL bytes, so it is binary, not text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"data file {path} line {line}: not UTF-8 (byte {raw[error.start]:#04x} at offset "
+                        f"{error.start}); save it as UTF-8") from None
+    if path.suffix == ".jsonl":
+        for number, row in enumerate(text.splitlines(), start=1):
+            if not row.strip():
+                continue
+            try:
+                record = json.loads(row)
+            except json.JSONDecodeError as error:
+                raise DataError(f"data file {path} line {number}: not valid JSON ({error.msg} at column "
+                                f"{error.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"data file {path} line {number}: a {type(record).__name__}, expected a JSON object "
+                                f"(one record per line)")
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an error's message (its type when the message is empty)."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def _load_records(path: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
     datasets.disable_progress_bars()
-    return datasets.load_dataset(TEXT_SUFFIXES[path.suffix], data_files={"train": str(path)}, split="train")
+    try:
+        return datasets.load_dataset(TEXT_SUFFIXES[path.suffix], data_files={"train": str(path)}, split="train")
+    except Exception as error:
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise DataError(f"data file {path} cannot be read as {TEXT_SUFFIXES[path.suffix]} "
+                        f"({type(cause).__name__}: {first_line(cause)})") from None
 
 
 def load_documents(data_cfg) -> tuple[list[str], list[str]]:
     """(train documents, held-out documents) of the configured corpus."""
-    path = kjv_path() if data_cfg.name == "kjv" else check_local_path(data_cfg.path)
+    if data_cfg.name == "kjv":
+        path = kjv_path()
+    else:
+        path = check_local_path(data_cfg.path)
+        check_readable(path)
     records = _load_records(path)
     field = "text" if data_cfg.name == "kjv" or path.suffix == ".txt" else data_cfg.text_field
     if field not in records.column_names:
         raise DataError(f"{path} has no '{field}' column (found: {', '.join(records.column_names)}); "
                         f"set data.text_field")
+    texts = records[field]
+    for row, value in enumerate(texts, start=1):
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{path} row {row}: field '{field}' is {type(value).__name__} {value!r:.40}, not text; "
+                            f"set data.text_field to the text column")
+    missing = sum(value is None for value in texts)
+    if missing:
+        print(f"warning: {missing} of {len(texts)} records in {path} have no '{field}' field; they are skipped",
+              file=sys.stderr, flush=True)
     if "chapter" in records.column_names and "book" in records.column_names:
         docs, books = _chapters(records, field)
     else:
-        docs = [t for t in records[field] if t]
+        docs = [t for t in texts if t]
         books = records["book"] if "book" in records.column_names else None
     if not docs:
         raise DataError(f"{path} holds no text")
