@@ -1,11 +1,14 @@
 """The CLI's option checks and messages: every bad input is one line on stderr with exit code 2."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from tests.helpers import run_zoo
-from zoo.checkpoint import export_model
+from zoo.checkpoint import export_model, read_export_config
+from zoo.errors import CheckpointError
 from zoo.config import from_dict
 from zoo.models import build_model
 
@@ -62,3 +65,40 @@ def test_language_model_generate_rejects_bad_arguments(kwargs):
     arguments = {"max_new_tokens": 2, "temperature": 1.0, **kwargs}
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         model.generate(torch.tensor([[1, 2]]), **arguments)
+
+
+@pytest.mark.parametrize("verb", ["eval", "generate"])
+def test_a_training_checkpoint_given_to_eval_or_generate_points_at_zoo_export(tmp_path, capsys, verb):
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"not read")
+    assert run_zoo(verb, f"checkpoint={ckpt}") == 2
+    assert f"{ckpt} is a training checkpoint; export it with zoo export checkpoint={ckpt} out=DIR" in \
+        one_line_error(capsys)
+
+
+def test_zoo_load_of_a_training_checkpoint_points_at_zoo_export(tmp_path):
+    import zoo
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="is a training checkpoint; export it with zoo export checkpoint="):
+        zoo.load(ckpt)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"{not json", b"[1, 2]"])
+def test_a_garbage_config_json_is_one_checkpoint_error(tiny_lm, tmp_path, capsys, content):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_lm, broken)
+    (broken / "config.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{broken / 'config.json'}"):
+        read_export_config(broken)
+    assert run_zoo("generate", f"checkpoint={broken}") == 2
+    assert "config.json" in one_line_error(capsys)
+
+
+def test_a_directory_given_where_a_file_is_expected_is_reported_as_a_directory(tmp_path, capsys):
+    assert run_zoo("export", f"checkpoint={tmp_path}", f"out={tmp_path / 'out'}") == 2
+    assert f"{tmp_path} is a directory, not a checkpoint file; give a training checkpoint such as " \
+           f"{tmp_path / 'last.ckpt'}" in one_line_error(capsys)
+    assert run_zoo("train", f"config={tmp_path}") == 2
+    assert f"config={tmp_path} is a directory; give a .yaml file" in one_line_error(capsys)

@@ -71,6 +71,12 @@ def export_from_ckpt(ckpt_path: str | Path, out: str | Path) -> Path:
 def read_export_config(path: str | Path) -> Config:
     """The ``Config`` of an export directory, with one-line errors for missing pieces."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        raise CheckpointError(f"{path} is a training checkpoint; export it with zoo export checkpoint={path} "
+                              f"out=DIR, then pass checkpoint=DIR")
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file, not an export directory (config.json + model.safetensors); "
+                              f"zoo list shows shipped checkpoints")
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path} (not a directory); zoo list shows shipped checkpoints")
     found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
@@ -79,9 +85,13 @@ def read_export_config(path: str | Path) -> Config:
             raise CheckpointError(f"{path} has no {name} (found: {found})")
     config_file = path / "config.json"
     try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{config_file} ({file_size(config_file)}) is not valid JSON") from None
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{config_file} ({file_size(config_file)}) is not valid JSON; re-export the "
+                              f"checkpoint (zoo export)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_file} holds a JSON {type(data).__name__}, not a zoo config object; "
+                              f"re-export the checkpoint (zoo export)")
     data.pop("architecture", None)
     data.pop("zoo_version", None)
     return from_dict(data)

@@ -200,6 +200,9 @@ def resolve_config_path(name: str, relative_to: Path | None = None) -> Path:
     for path in candidates:
         if path.is_file():
             return path
+    if Path(name).is_dir():
+        raise ConfigError(f"config={name} is a directory; give a .yaml file or a bundled config name "
+                          f"(bundled: {', '.join(bundled_config_names())})")
     stem = Path(name).name
     stem = stem[:-5] if stem.endswith(".yaml") else stem[:-4] if stem.endswith(".yml") else stem
     bundled = importlib.resources.files("zoo") / "configs" / f"{stem}.yaml"

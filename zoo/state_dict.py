@@ -25,6 +25,9 @@ def file_size(path: Path) -> str:
 def read_ckpt(path: str | Path) -> dict:
     """``torch.load(path, weights_only=True)`` with one-line errors for missing, truncated or foreign files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; give a training checkpoint such as "
+                              f"{path / 'last.ckpt'}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
