@@ -43,3 +43,15 @@ def test_training_runs_with_the_rich_bar(tmp_path, monkeypatch, capsys):
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert sorted(train_losses(tmp_path / "r")) == [1, 2, 3]
     assert (tmp_path / "r" / "eval.json").is_file()
+
+
+def test_the_progress_line_shows_the_learning_rate_of_the_step_it_reports(tmp_path, monkeypatch, capsys):
+    from zoo.train.task import lr_lambda
+
+    monkeypatch.setattr(fit, "use_progress_bar", lambda: False)
+    assert run_zoo("train", *TINY_MQAR, f"run.root={tmp_path}", "run.name=r", "trainer.max_steps=4",
+                   "trainer.val_check_interval=4", "optim.lr=1e-2", "optim.warmup_steps=4") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    schedule = lr_lambda(4, 4, 0.1)
+    expected = [f"lr {1e-2 * schedule(step - 1):.2e}" for step in (1, 2, 3, 4)]   # step s runs scheduler step s-1
+    assert [line.split(" | ")[2] for line in lines] == expected

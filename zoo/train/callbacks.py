@@ -85,6 +85,11 @@ class ProgressLines(pl.Callback):
         self._start = self._last_time = None
         self._last_step = self._start_step = 0
         self._tokens = 0
+        self._step_lr = 0.0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Remember the learning rate this step applies (the scheduler moves it on before the batch ends)."""
+        self._step_lr = optimizer.param_groups[0]["lr"]
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = self._last_time = time.perf_counter()
@@ -106,7 +111,7 @@ class ProgressLines(pl.Callback):
         max_steps = trainer.max_steps
         eta = elapsed / max(1, step - self._start_step) * (max_steps - step)
         loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        lr = self._step_lr
         grad = getattr(pl_module, "_last_grad_norm", None)
         grad_text = f" | grad {float(grad):.2f}" if grad is not None else ""
         print(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e}{grad_text} | {rate / 1000:.1f}k tok/s | "
