@@ -1,6 +1,7 @@
 """The CLI's option checks and messages: every bad input is one line on stderr with exit code 2."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ from zoo.checkpoint import export_model, read_export_config
 from zoo.errors import CheckpointError
 from zoo.config import from_dict
 from zoo.models import build_model
+from zoo.strict_json import dumps_strict
 
 VISION = "checkpoints/vim-digits"
 EMBEDDING = "checkpoints/nv-embed-ict"
@@ -102,3 +104,34 @@ def test_a_directory_given_where_a_file_is_expected_is_reported_as_a_directory(t
            f"{tmp_path / 'last.ckpt'}" in one_line_error(capsys)
     assert run_zoo("train", f"config={tmp_path}") == 2
     assert f"config={tmp_path} is a directory; give a .yaml file" in one_line_error(capsys)
+
+
+def test_strict_json_writes_null_for_non_finite_values_with_a_warning(capsys):
+    text = dumps_strict({"loss": float("nan"), "scores": [1.0, float("inf")], "n": 3}, "eval.json")
+    assert json.loads(text) == {"loss": None, "scores": [1.0, None], "n": 3}
+    assert capsys.readouterr().err == "warning: eval.json: non-finite values written as null: loss=nan, scores[1]=inf\n"
+
+
+def test_zoo_eval_of_a_model_with_nan_weights_prints_strict_json(tmp_path, capsys):
+    config = from_dict({"model": {"dim": 32, "depth": 1, "vocab_size": 64, "attention": {"heads": 2}},
+                        "data": {"name": "mqar", "eval_batch_size": 8,
+                                 "mqar": {"seq_len": 32, "num_kv_pairs": 4, "vocab_size": 64, "test_examples": 8}}})
+    model = build_model(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    export_model(model, config, tmp_path / "nan")
+    capsys.readouterr()
+    assert run_zoo("eval", f"checkpoint={tmp_path / 'nan'}", f"eval.out={tmp_path / 'eval.json'}") == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert printed["loss"] is None and "non-finite values written as null: loss=nan" in captured.err
+
+
+def test_an_export_config_json_is_strict_json(tmp_path, capsys):
+    config = from_dict({"model": {"dim": 32, "depth": 1, "attention": {"heads": 2}}})
+    config.optim.lr = float("nan")
+    export_model(build_model(config), config, tmp_path / "model")
+    text = (tmp_path / "model" / "config.json").read_text()
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(name))["optim"]["lr"] is None
+    assert "optim.lr=nan" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 from zoo.config import Config, from_dict, to_dict
 from zoo.errors import CheckpointError
 from zoo.state_dict import file_size, load_state_checked, read_ckpt, read_safetensors
+from zoo.strict_json import dumps_strict
 from zoo.version import __version__
 
 
@@ -41,7 +42,7 @@ def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         payload = {"architecture": type(model).__name__, "zoo_version": __version__, **to_dict(config)}
-        (tmp / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (tmp / "config.json").write_text(dumps_strict(payload, str(out / "config.json")) + "\n")
         metadata = {"format": "pt", "zoo_version": __version__, "architecture": type(model).__name__}
         save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
         for file in tmp.iterdir():

@@ -11,13 +11,13 @@ Mistakes (unknown keys, wrong types, missing files or checkpoints) print one lin
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 
 from zoo.config import ConfigError, help_text, parse_args
 from zoo.errors import ZooError
+from zoo.strict_json import dumps_strict
 
 VERBS = {
     "train": "train a model from a config: zoo train config=NAME.yaml [key=value ...] [resume=auto|true|PATH]",
@@ -96,7 +96,8 @@ def cmd_train(argv: list[str]) -> int:
 
     result = train(parsed.config, argv, resume=options.get("resume"), verbose=flags["verbose"])
     if result:
-        print("eval " + json.dumps({k: v for k, v in result.items() if k != "config"}), flush=True)
+        print("eval " + dumps_strict({k: v for k, v in result.items() if k != "config"}, "the eval line", indent=None),
+              flush=True)
     return 0
 
 
@@ -147,7 +148,7 @@ def cmd_eval(argv: list[str]) -> int:
                                  config.data.name)
     result = next(iter(results.values())) if len(results) == 1 else {"tasks": results}
     result["checkpoint"] = str(path)
-    text = json.dumps(result, indent=2)
+    text = dumps_strict(result, "eval results")
     print(text)
     out = config.eval.out or os.path.join(path, "eval.json")
     try:

@@ -5,7 +5,6 @@ the config and only global rank 0 writes the run directory's files.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -13,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from zoo.config import Config, ConfigError
+from zoo.strict_json import dumps_strict
 from zoo.train.run import (check_resume_config, finish_run_json, merge_metrics, next_log_version, plot_metrics,
                            resolve_resume, run_dir, write_run_start)
 
@@ -149,6 +149,6 @@ def finish(cfg: Config, module, data, directory: Path) -> dict:
     export_model(model, cfg, directory / "model")
     result = evaluate(model, data, cfg.data.eval_batch_size, cfg.eval.max_batches, cfg.data.name)
     result["step"] = int(module.global_step)
-    (directory / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (directory / "eval.json").write_text(dumps_strict(result, str(directory / "eval.json")) + "\n")
     finish_run_json(directory, final_step=int(module.global_step), eval=result)
     return result

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from zoo.config import ConfigError, dump_yaml, to_dict
+from zoo.strict_json import dumps_strict
 
 # Keys that may differ between the saved config and a resumed one.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.log_every_n_steps", "trainer.val_check_interval",
@@ -111,14 +112,14 @@ def write_run_start(cfg, directory: Path, argv: list[str], world_size: int, devi
                      "safetensors": _version("safetensors"), "triton": _version("triton")},
         "git_commit": _git_commit(),
     }
-    (directory / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    (directory / "run.json").write_text(dumps_strict(info, str(directory / "run.json")) + "\n")
 
 
 def finish_run_json(directory: Path, **fields) -> None:
     path = directory / "run.json"
     info = json.loads(path.read_text()) if path.exists() else {}
     info.update(fields, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    path.write_text(json.dumps(info, indent=2) + "\n")
+    path.write_text(dumps_strict(info, str(path)) + "\n")
 
 
 def next_log_version(directory: Path) -> int:
