@@ -1,4 +1,6 @@
 """Text data, tokenizer and the resumable loader (docs/tasks.md#embedded-data, docs/training.md#exact-resume)."""
+import json
+
 import pytest
 import torch
 
@@ -112,3 +114,36 @@ def test_records_without_the_text_field_are_counted_in_one_warning(tmp_path, cap
     train, test = load_documents(DataConfig(name="text", path=str(path), split="fraction", val_fraction=0.3))
     assert len(train) + len(test) == 3
     assert capsys.readouterr().err == f"warning: 2 of 5 records in {path} have no 'text' field; they are skipped\n"
+
+
+def _jsonl(path, texts, books=None):
+    rows = [{"text": t, **({"book": b} if books else {})} for t, b in zip(texts, books or texts)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_split_messages_name_the_split_in_effect_and_do_not_advise_it_again(tmp_path):
+    single_book = _jsonl(tmp_path / "book.jsonl", ["a b c", "d e f"], books=["A", "A"])
+    with pytest.raises(DataError, match="data.split=book holds out the last 1 of 1 books, which leaves no training "
+                                        "documents; use data.split=fraction"):
+        build_data(DataConfig(name="text", path=single_book))
+    one = _jsonl(tmp_path / "one.jsonl", ["hello world"])
+    with pytest.raises(DataError) as info:
+        build_data(DataConfig(name="text", path=one, split="fraction"))
+    assert "data.split=fraction (data.val_fraction=0.01) holds out 1 of 1 documents" in str(info.value)
+    assert "use data.split=fraction" not in str(info.value)
+    everything = _jsonl(tmp_path / "ten.jsonl", ["word " * 50] * 10)
+    with pytest.raises(DataError, match=r"data.split=fraction \(data.val_fraction=1.0\) holds out 10 of 10 documents, "
+                                        r"which leaves no training documents; lower data.val_fraction"):
+        build_data(DataConfig(name="text", path=everything, split="fraction", val_fraction=1.0))
+
+
+@pytest.mark.parametrize("split", ["book", "fraction"])
+def test_a_held_out_split_too_short_for_a_window_says_it_is_the_held_out_split(tmp_path, split):
+    path = _jsonl(tmp_path / "ten.jsonl", ["word " * 50] * 10)
+    with pytest.raises(DataError) as info:
+        build_data(DataConfig(name="text", path=path, split=split, seq_len=512))
+    message = str(info.value)
+    assert message.startswith("the held-out split holds 251 tokens, fewer than data.seq_len + 1 (513)")
+    assert "(data.val_fraction=0.01) holds out 1 of 10 documents; lower data.seq_len or raise data.val_fraction" \
+        in message and "use data.split=fraction" not in message

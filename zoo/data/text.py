@@ -107,6 +107,12 @@ def _load_records(path: Path):
 
 def load_documents(data_cfg) -> tuple[list[str], list[str]]:
     """(train documents, held-out documents) of the configured corpus."""
+    train, test, _, _ = split_documents(data_cfg)
+    return train, test
+
+
+def split_documents(data_cfg) -> tuple[list[str], list[str], str, str]:
+    """(train documents, held-out documents, the split in effect in words, how to hold out more) of the corpus."""
     if data_cfg.name == "kjv":
         path = kjv_path()
     else:
@@ -138,6 +144,9 @@ def load_documents(data_cfg) -> tuple[list[str], list[str]]:
         held = set(order[-max(1, round(0.1 * len(order))):])
         train = [d for d, b in zip(docs, books) if b not in held]
         test = [d for d, b in zip(docs, books) if b in held]
+        in_effect = f"data.split=book holds out the last {len(held)} of {len(order)} books"
+        fix = "use data.split=fraction (data.val_fraction of the documents held out)"
+        more = "use data.split=fraction with a data.val_fraction that holds out more text"
     else:
         generator = torch.Generator().manual_seed(data_cfg.seed)
         n_test = max(1, round(data_cfg.val_fraction * len(docs)))
@@ -145,9 +154,16 @@ def load_documents(data_cfg) -> tuple[list[str], list[str]]:
         test_ids = set(perm[:n_test])
         train = [d for i, d in enumerate(docs) if i not in test_ids]
         test = [d for i, d in enumerate(docs) if i in test_ids]
-    if not train or not test:
-        raise DataError(f"{path}: the split leaves no training or no held-out documents; use data.split=fraction")
-    return train, test
+        method = "data.split=fraction" if data_cfg.split == "fraction" else \
+            f"{path.name} has no book field, so the split is by fraction"
+        in_effect = (f"{method} (data.val_fraction={data_cfg.val_fraction}) holds out {len(test)} of {len(docs)} "
+                     f"documents")
+        fix = "the file needs at least 2 documents (records or lines)" if len(docs) < 2 else \
+            "lower data.val_fraction"
+        more = "raise data.val_fraction"
+    if not train:
+        raise DataError(f"{path}: {in_effect}, which leaves no training documents; {fix}")
+    return train, test, in_effect, more
 
 
 def _chapters(records, field: str) -> tuple[list[str], list[str]]:
@@ -193,7 +209,11 @@ class WindowDataset(torch.utils.data.Dataset):
 def text_datasets(data_cfg):
     """(train WindowDataset, held-out WindowDataset, tokenizer) for text data."""
     tokenizer = load_tokenizer(data_cfg.tokenizer)
-    train_docs, test_docs = load_documents(data_cfg)
+    train_docs, test_docs, in_effect, more = split_documents(data_cfg)
     train = WindowDataset(token_stream(train_docs, tokenizer), data_cfg.seq_len)
-    test = WindowDataset(token_stream(test_docs, tokenizer), data_cfg.seq_len)
+    test_stream = token_stream(test_docs, tokenizer)
+    if len(test_stream) < data_cfg.seq_len + 1:
+        raise DataError(f"the held-out split holds {len(test_stream)} tokens, fewer than data.seq_len + 1 "
+                        f"({data_cfg.seq_len + 1}): {in_effect}; lower data.seq_len or {more}")
+    test = WindowDataset(test_stream, data_cfg.seq_len)
     return train, test, tokenizer
