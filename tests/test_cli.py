@@ -1,7 +1,9 @@
 """The CLI's option checks and messages: every bad input is one line on stderr with exit code 2."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 
 import pytest
@@ -135,3 +137,51 @@ def test_an_export_config_json_is_strict_json(tmp_path, capsys):
     text = (tmp_path / "model" / "config.json").read_text()
     assert json.loads(text, parse_constant=lambda name: pytest.fail(name))["optim"]["lr"] is None
     assert "optim.lr=nan" in capsys.readouterr().err
+
+
+def _failing_train(error: BaseException):
+    def train(*args, **kwargs):
+        raise error
+    return train
+
+
+def _wrapped_disk_full() -> RuntimeError:
+    """What torch.save raises on a full disk: a RuntimeError raised from the OSError."""
+    error = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    error.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/data/runs/r/last.ckpt")
+    return error
+
+
+@pytest.mark.parametrize("error, where", [
+    (OSError(errno.ENOSPC, "No space left on device"), os.path.join("runs-root", "r")),
+    (OSError(errno.ENOSPC, "No space left on device", "/data/runs/r/metrics.csv"), "/data/runs/r/metrics.csv"),
+    (_wrapped_disk_full(), "/data/runs/r/last.ckpt")])
+def test_a_full_disk_names_the_path_and_says_resume_auto_completes_the_run(monkeypatch, capsys, error, where):
+    from zoo.train import fit
+
+    monkeypatch.setattr(fit, "train", _failing_train(error))
+    assert run_zoo("train", "run.root=runs-root", "run.name=r") == 1
+    err = one_line_error(capsys)
+    assert f"no space left on device writing {where}; free space there" in err and "resume=auto to complete the run" in err
+
+
+def test_a_permission_error_is_one_line_naming_the_path(monkeypatch, capsys):
+    from zoo.train import fit
+
+    monkeypatch.setattr(fit, "train", _failing_train(PermissionError(errno.EACCES, "Permission denied", "/ro/runs/r")))
+    assert run_zoo("train", "run.name=r") == 2
+    err = one_line_error(capsys)
+    assert err.startswith("zoo: permission denied: /ro/runs/r; make it writable") and "Traceback" not in err
+
+
+def test_a_full_disk_outside_training_does_not_mention_resume(tiny_lm, monkeypatch, capsys):
+    from zoo import checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/config.json")
+
+    monkeypatch.setattr(checkpoint, "export_from_ckpt", full)
+    assert run_zoo("export", "checkpoint=last.ckpt", "out=/data/out") == 1
+    err = one_line_error(capsys)
+    assert "no space left on device writing /data/out/config.json; free space there, then rerun it" in err
+    assert "resume" not in err

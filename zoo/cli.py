@@ -11,6 +11,7 @@ Mistakes (unknown keys, wrong types, missing files or checkpoints) print one lin
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -94,7 +95,14 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     from zoo.train.fit import train
 
-    result = train(parsed.config, argv, resume=options.get("resume"), verbose=flags["verbose"])
+    try:
+        result = train(parsed.config, argv, resume=options.get("resume"), verbose=flags["verbose"])
+    except OSError as error:
+        if error.errno == errno.ENOSPC and not error.filename:
+            from zoo.train.run import run_dir
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir(parsed.config))) from error
+        raise
     if result:
         print("eval " + dumps_strict({k: v for k, v in result.items() if k != "config"}, "the eval line", indent=None),
               flush=True)
@@ -258,15 +266,34 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if debug:
             raise
-        return report(error)
+        return report(error, verb)
     except KeyboardInterrupt as interrupt:
         print(f"zoo: {interrupt or 'interrupted'}", file=sys.stderr, flush=True)
         return 130
 
 
-def report(error: Exception) -> int:
-    """One line on stderr; exit 2 for mistakes in input, 1 for a failed run."""
+def os_error_in_chain(error: BaseException, number: int) -> OSError | None:
+    """The first ``OSError`` with errno ``number`` in ``error`` or the errors it was raised from."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == number:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def report(error: Exception, verb: str) -> int:
+    """One line on stderr; exit 2 for mistakes in input, 1 for a failed run of ``zoo <verb>``."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    disk_full = os_error_in_chain(error, errno.ENOSPC)
+    if disk_full is not None:
+        then = "rerun the same command with resume=auto to complete the run" if verb == "train" else "rerun it"
+        print(f"zoo: no space left on device writing {disk_full.filename or 'the output'}; free space there, "
+              f"then {then}", file=sys.stderr, flush=True)
+        return 1
+    if isinstance(error, PermissionError):
+        print(f"zoo: permission denied: {error.filename or message}; make it writable or choose another place "
+              f"(run.root=DIR for training)", file=sys.stderr, flush=True)
+        return 2
     if isinstance(error, (ZooError, FileNotFoundError, ImportError)):
         print(f"zoo: {message}", file=sys.stderr, flush=True)
         return 2
