@@ -185,3 +185,16 @@ def test_a_full_disk_outside_training_does_not_mention_resume(tiny_lm, monkeypat
     err = one_line_error(capsys)
     assert "no space left on device writing /data/out/config.json; free space there, then rerun it" in err
     assert "resume" not in err
+
+
+def test_a_truncated_last_ckpt_blocking_a_fresh_start_says_how_to_proceed(tmp_path, capsys):
+    from tests.helpers import TINY_MQAR
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "last.ckpt").write_bytes(b"")
+    assert run_zoo("train", *TINY_MQAR, f"run.root={tmp_path}", "run.name=r") == 2
+    err = one_line_error(capsys)
+    assert f"{run} already holds a run whose checkpoint {run / 'last.ckpt'}" in err
+    assert "is truncated or corrupted, so it cannot be resumed; pass run.name=NAME for a new run, or move" in err
+    assert (run / "last.ckpt").exists()

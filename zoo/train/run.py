@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from zoo.config import ConfigError, dump_yaml, to_dict
+from zoo.errors import CheckpointError
 from zoo.strict_json import dumps_strict
 
 # Keys that may differ between the saved config and a resumed one.
@@ -46,7 +47,12 @@ def resolve_resume(cfg, resume: str | None) -> Path | None:
     last = directory / "last.ckpt"
     if resume in (None, "false"):
         if last.exists():
-            step = _ckpt_step(last)
+            try:
+                step = _ckpt_step(last)
+            except CheckpointError as damaged:
+                raise ConfigError(f"{directory} already holds a run whose {damaged}, so it cannot be resumed; "
+                                  f"pass run.name=NAME for a new run, or move {directory} aside to reuse its name") \
+                    from None
             raise ConfigError(f"{directory} already holds a run (last.ckpt at step {step}); pass resume=auto to "
                               f"continue, or run.name=NAME for a new run")
         return None
