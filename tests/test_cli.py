@@ -198,3 +198,19 @@ def test_a_truncated_last_ckpt_blocking_a_fresh_start_says_how_to_proceed(tmp_pa
     assert f"{run} already holds a run whose checkpoint {run / 'last.ckpt'}" in err
     assert "is truncated or corrupted, so it cannot be resumed; pass run.name=NAME for a new run, or move" in err
     assert (run / "last.ckpt").exists()
+
+
+def test_loading_an_export_with_nan_weights_warns_naming_the_tensors(tiny_lm, tmp_path, capsys):
+    import zoo
+
+    config = from_dict({"model": {"dim": 32, "depth": 1, "attention": {"heads": 2}}})
+    model = build_model(config)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    export_model(model, config, tmp_path / "nan")
+    capsys.readouterr()
+    zoo.load(tmp_path / "nan")
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {tmp_path / 'nan' / 'model.safetensors'}: 1 of ") and "(norm.weight)" in err
+    zoo.load(tiny_lm)
+    assert capsys.readouterr().err == ""

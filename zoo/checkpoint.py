@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -108,10 +109,20 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.n
         return load_foreign(path, device)
     config = read_export_config(path)
     state = read_export_state(path, device)
+    warn_non_finite(state, path / "model.safetensors")
     model = build_model(config, device=device)
     load_state_checked(model, state, f"{path / 'model.safetensors'}")
     model.eval()
     return model
+
+
+def warn_non_finite(state: dict, source: Path) -> None:
+    """One warning on stderr naming the tensors of ``state`` that hold NaN or infinite values."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        print(f"warning: {source}: {len(bad)} of {len(state)} tensors hold NaN or infinite values ({shown}); "
+              f"the model's outputs will not be finite", file=sys.stderr, flush=True)
 
 
 def read_export_state(path: str | Path, device: str | torch.device = "cpu") -> dict:
