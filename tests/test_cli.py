@@ -214,3 +214,11 @@ def test_loading_an_export_with_nan_weights_warns_naming_the_tensors(tiny_lm, tm
     assert err.startswith(f"warning: {tmp_path / 'nan' / 'model.safetensors'}: 1 of ") and "(norm.weight)" in err
     zoo.load(tiny_lm)
     assert capsys.readouterr().err == ""
+
+
+def test_a_directory_given_as_resume_is_reported_as_a_directory(tmp_path, capsys):
+    from tests.helpers import TINY_MQAR
+
+    assert run_zoo("train", *TINY_MQAR, f"run.root={tmp_path}", "run.name=r", f"resume={tmp_path}") == 2
+    assert f"resume={tmp_path} is a directory; give its checkpoint file ({tmp_path / 'last.ckpt'})" in \
+        one_line_error(capsys)

@@ -66,6 +66,9 @@ def resolve_resume(cfg, resume: str | None) -> Path | None:
             raise ConfigError(f"no checkpoint to resume in {directory} (expected last.ckpt)")
         return last
     path = Path(resume)
+    if path.is_dir():
+        raise ConfigError(f"resume={resume} is a directory; give its checkpoint file ({path / 'last.ckpt'}), or "
+                          f"resume=auto to continue the run named by run.root and run.name")
     if not path.is_file():
         raise ConfigError(f"resume={resume}: no such checkpoint file (use auto, true or a path to a .ckpt)")
     return path
