@@ -91,6 +91,7 @@ def test_cli_missing_data_file_is_one_line(capsys, tmp_path):
     ("truncated.jsonl", b'{"text": "a"}\n{"text": "b"\n', "line 2: not valid JSON (Expecting ',' delimiter"),
     ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2: a list, expected a JSON object"),
     ("broken.parquet", b"PAR1 not really", "is not a readable parquet file (Parquet magic bytes"),
+    ("empty.parquet", b"", "is empty"),
     ("broken.json", b'[{"text": "a"},', "cannot be read as json (ValueError:"),
     ("numbers.jsonl", b'{"text": "a"}\n{"text": 2}\n', "row 2: field 'text' is int 2, not text"),
 ])

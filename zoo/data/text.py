@@ -50,17 +50,19 @@ def check_local_path(path: str, where: str = "data.path") -> Path:
 
 def check_readable(path: Path) -> None:
     """One line naming the file, the row where known and the cause when ``path`` is empty, binary or malformed."""
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"data file {path} is empty")
     if path.suffix == ".parquet":
         import pyarrow.parquet
 
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty")
         try:
             pyarrow.parquet.read_metadata(path)
         except Exception as error:
             raise DataError(f"data file {path} is not a readable parquet file ({first_line(error)})") from None
         return
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"data file {path} is empty")
     if b"\0" in raw:
         line = raw.count(b"\n", 0, raw.index(b"\0")) + 1
         raise DataError(f"data file {path} line {line}: holds NUL bytes, so it is binary, not text")
