@@ -162,7 +162,8 @@ def test_a_full_disk_names_the_path_and_says_resume_auto_completes_the_run(monke
     monkeypatch.setattr(fit, "train", _failing_train(error))
     assert run_zoo("train", "run.root=runs-root", "run.name=r") == 1
     err = one_line_error(capsys)
-    assert f"no space left on device writing {where}; free space there" in err and "resume=auto to complete the run" in err
+    assert f"no space left on device writing {where}; free space there" in err
+    assert "resume=auto to complete the run" in err
 
 
 def test_a_permission_error_is_one_line_naming_the_path(monkeypatch, capsys):

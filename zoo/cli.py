@@ -54,7 +54,8 @@ def verb_help(verb: str) -> str:
         return f"{head}\n\n  checkpoint=FILE.ckpt  out=DIR (default: <run>/model)\n"
     if verb == "generate":
         return (f"{head}\n\n  checkpoint=DIR  prompt=TEXT  max_new_tokens=200  temperature=0.8 (0 = greedy)  "
-                f"top_k=50  seed=0\n")
+                f"top_k=50 (null = no cut)  seed=0\n"
+                f"  architectures that generate: {', '.join(GENERATING_ARCHITECTURES)}\n")
     return head
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def finite_or_null(value: Any, path: str, replaced: list[str]) -> Any:
-    """``value`` with every non-finite float replaced by None; the dotted path of each replacement goes to ``replaced``."""
+    """``value`` with every non-finite float replaced by None; each replacement's dotted path goes to ``replaced``."""
     if isinstance(value, float) and not math.isfinite(value):
         replaced.append(f"{path}={value}")
         return None
