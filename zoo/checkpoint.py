@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -91,7 +92,7 @@ def write_atomically(path: str | Path, write) -> None:
     """Write ``path`` through ``write(handle)`` into a temporary file beside it, fsync, then ``os.replace`` it.
 
     The temporary file lives in ``path``'s own directory (never ``$TMPDIR``), so the rename never crosses a
-    filesystem; an existing ``path`` becomes ``previous_path(path)`` only once the new file is complete. A failed
+    filesystem; an existing complete ``path`` becomes ``previous_path(path)`` once the new file is complete. A failed
     write removes the temporary file and leaves ``path`` as it was.
     """
     path = Path(path)
@@ -103,7 +104,7 @@ def write_atomically(path: str | Path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
-        if path.exists():
+        if zipfile.is_zipfile(path):  # a complete torch checkpoint; a torn one never replaces the previous
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException as error:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import TINY_MQAR, run_zoo, train_losses
+from zoo.checkpoint import write_atomically
 
 
 class Killed(BaseException):
@@ -106,6 +107,16 @@ def test_torn_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     assert warnings == [f"warning: checkpoint {run / 'last.ckpt'} ({len(data) // 3:,} bytes) is truncated or "
                         f"corrupted; resuming from {run / 'previous.ckpt'} (step 4)"]
     assert ckpt_step(run / "last.ckpt") == 6
+
+
+def test_a_torn_last_checkpoint_never_replaces_the_previous_one(tmp_path):
+    last, previous = tmp_path / "last.ckpt", tmp_path / "previous.ckpt"
+    torch.save({"global_step": 4}, previous)
+    last.write_bytes(previous.read_bytes()[:100])
+    write_atomically(last, lambda handle: torch.save({"global_step": 6}, handle))
+    assert ckpt_step(previous) == 4 and ckpt_step(last) == 6
+    write_atomically(last, lambda handle: torch.save({"global_step": 8}, handle))
+    assert ckpt_step(previous) == 6 and ckpt_step(last) == 8
 
 
 def test_disk_full_in_the_run_directory_is_one_line_and_resumable(tmp_path, monkeypatch, capsys):
