@@ -22,16 +22,17 @@ class Killed(BaseException):
     """The writer's process dying mid-write: no ``except Exception`` handler runs."""
 
 
-def faulty_save(monkeypatch, fail_on_call: int, fault):
-    """Replace ``torch.save`` with one that, on call ``fail_on_call``, writes half of the checkpoint then raises."""
+def faulty_save(monkeypatch, fail_on_call: int, fault, scratch: Path):
+    """Replace ``torch.save`` with one that, on call ``fail_on_call``, writes half of the checkpoint then raises
+    (``scratch``: a directory for the complete file it halves)."""
     real_save, calls = torch.save, []
 
     def save(obj, handle, *args, **kwargs):
         calls.append(1)
         if len(calls) != fail_on_call:
             return real_save(obj, handle, *args, **kwargs)
-        real_save(obj, tmp := Path(tempfile.mkdtemp()) / "full.ckpt")
-        data = tmp.read_bytes()
+        real_save(obj, scratch / "full.ckpt")
+        data = (scratch / "full.ckpt").read_bytes()
         handle.write(data[: len(data) // 2])
         raise fault
 
@@ -53,7 +54,7 @@ def args(tmp_path, name, *extra):
 def test_killed_checkpoint_write_keeps_the_last_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     assert run_zoo("train", *args(tmp_path, "straight", "trainer.max_steps=6")) == 0
     with monkeypatch.context() as patch:
-        faulty_save(patch, fail_on_call=2, fault=Killed())                # dies writing the step-4 checkpoint
+        faulty_save(patch, fail_on_call=2, fault=Killed(), scratch=tmp_path)  # dies writing the step-4 checkpoint
         with pytest.raises(Killed):
             run_zoo("train", *args(tmp_path, "killed", "trainer.max_steps=6"))
     run = tmp_path / "killed"
@@ -122,7 +123,8 @@ def test_a_torn_last_checkpoint_never_replaces_the_previous_one(tmp_path):
 def test_disk_full_in_the_run_directory_is_one_line_and_resumable(tmp_path, monkeypatch, capsys):
     run = tmp_path / "full"
     with monkeypatch.context() as patch:
-        faulty_save(patch, fail_on_call=2, fault=OSError(errno.ENOSPC, "No space left on device"))
+        faulty_save(patch, fail_on_call=2, fault=OSError(errno.ENOSPC, "No space left on device"),
+                    scratch=tmp_path)
         capsys.readouterr()
         assert run_zoo("train", *args(tmp_path, "full", "trainer.max_steps=6")) == 1
     err = capsys.readouterr().err.strip().splitlines()
