@@ -4,17 +4,19 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
 from zoo.config import Config, from_dict, to_dict
-from zoo.errors import CheckpointError
+from zoo.errors import CheckpointError, ConfigError
 from zoo.state_dict import file_size, load_state_checked, read_ckpt, read_safetensors
 from zoo.strict_json import dumps_strict
 from zoo.version import __version__
@@ -34,13 +36,35 @@ def model_state_from_ckpt(checkpoint: dict) -> dict:
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
+EXPORT_FILES = ("config.json", "model.safetensors")
+
+
+def check_export_target(out: Path) -> None:
+    """``out`` may be missing, an empty directory or a previous export (its files only); anything else is refused."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"out={out} is a file, not a directory; choose another out=DIR")
+    entries = list(out.iterdir())
+    foreign = sorted(p.name + "/" * p.is_dir() for p in entries if p.name not in EXPORT_FILES or not p.is_file())
+    if entries and (foreign or not (out / "config.json").is_file()):
+        names = ", ".join(foreign[:5]) + ", ..." * (len(foreign) > 5) if foreign else "model.safetensors alone"
+        raise ConfigError(f"out={out} holds files that are not a zoo export ({names}); zoo export writes only into a "
+                          f"missing or empty directory or over a previous export: choose another out=DIR")
+
+
 def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Path:
-    """Write ``out/config.json`` and ``out/model.safetensors`` atomically (temporary sibling, then rename)."""
+    """Write ``out/config.json`` and ``out/model.safetensors`` atomically (temporary sibling, then rename).
+
+    ``out`` must be missing, empty or a previous export (``check_export_target``); nothing else is ever deleted.
+    """
     from safetensors.torch import save_model
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    check_export_target(out)
+    parent = out.resolve().parent  # out=. has no name of its own: the temporary sibling goes beside the real path
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.", dir=parent))
     try:
         payload = {"architecture": type(model).__name__, "zoo_version": __version__, **to_dict(config)}
         (tmp / "config.json").write_text(dumps_strict(payload, str(out / "config.json")) + "\n")
@@ -49,13 +73,58 @@ def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Pat
         for file in tmp.iterdir():
             os.chmod(file, 0o644)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_export(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def replace_export(new: Path, out: Path) -> None:
+    """Rename the complete export ``new`` to ``out``, removing only the export files of a previous one."""
+    if out.exists():
+        check_export_target(out)
+        for name in EXPORT_FILES:
+            (out / name).unlink(missing_ok=True)
+        out.rmdir()
+    new.rename(out)
+
+
+def write_atomically(path: str | Path, write) -> None:
+    """Write ``path`` through ``write(handle)`` into a temporary file beside it, fsync, then ``os.replace`` it.
+
+    The temporary file lives in ``path``'s own directory (never ``$TMPDIR``), so the rename never crosses a
+    filesystem; an existing complete ``path`` becomes ``previous_path(path)`` once the new file is complete. A failed
+    write removes the temporary file and leaves ``path`` as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        if zipfile.is_zipfile(path):  # a complete torch checkpoint; a torn one never replaces the previous
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise OSError(error.errno, os.strerror(error.errno), str(path)) from None  # the CLI names the file
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def previous_path(path: str | Path) -> Path:
+    """``runs/x/previous.ckpt`` for ``runs/x/last.ckpt``: the checkpoint before the last, kept as a fallback."""
+    path = Path(path)
+    return path.with_name("previous" + path.suffix)
 
 
 def export_from_ckpt(ckpt_path: str | Path, out: str | Path) -> Path:

@@ -159,12 +159,13 @@ def cmd_eval(argv: list[str]) -> int:
     result["checkpoint"] = str(path)
     text = dumps_strict(result, "eval results")
     print(text)
-    out = config.eval.out or os.path.join(path, "eval.json")
-    try:
-        with open(out, "w") as handle:
-            handle.write(text + "\n")
-    except OSError as error:
-        print(f"warning: could not write {out} ({error.strerror}); set eval.out=FILE", file=sys.stderr)
+    out = config.eval.out  # never the checkpoint's own eval.json: a shipped card's reference numbers stay
+    if out:
+        try:
+            with open(out, "w") as handle:
+                handle.write(text + "\n")
+        except OSError as error:
+            print(f"warning: could not write {out} ({error.strerror}); set eval.out=FILE", file=sys.stderr)
     return 0
 
 

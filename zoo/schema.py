@@ -305,7 +305,7 @@ class EvalConfig:
     """``zoo eval`` and end-of-training evaluation."""
 
     max_batches: Optional[int] = field(default=None, metadata={"help": "cap on held-out batches; null = all"})
-    out: Optional[str] = field(default=None, metadata={"help": "JSON output path; null = <checkpoint>/eval.json"})
+    out: Optional[str] = field(default=None, metadata={"help": "zoo eval: also write the JSON here; null = stdout only"})
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Callbacks: RNG states for exact resume, and plain progress lines."""
+"""Callbacks: RNG states for exact resume, plain progress lines; the atomic checkpoint writer."""
 from __future__ import annotations
 
 import random
@@ -8,6 +8,7 @@ import time
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
 
 def _format_duration(seconds: float) -> str:
@@ -42,6 +43,17 @@ def restore_rng_states(states: dict) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = states["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``.ckpt`` files with ``zoo.checkpoint.write_atomically``: a temporary file in the run directory,
+    fsynced, then renamed; the checkpoint before stays as ``previous.ckpt``. Lightning's own writer stages the file
+    in ``$TMPDIR`` and copies it in place when the rename crosses filesystems."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        from zoo.checkpoint import write_atomically
+
+        write_atomically(path, lambda handle: torch.save(checkpoint, handle))
 
 
 class ResumeState(pl.Callback):

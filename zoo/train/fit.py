@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -68,6 +69,8 @@ def build_trainer(cfg: Config, directory: Path, callbacks: list, progress_bar: b
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    from zoo.train.callbacks import AtomicCheckpointIO
+
     t = cfg.trainer
     checkpoint = ModelCheckpoint(dirpath=directory, filename="last", every_n_train_steps=t.checkpoint_every_n_steps,
                                  save_top_k=1, save_last=False, enable_version_counter=False)
@@ -80,7 +83,7 @@ def build_trainer(cfg: Config, directory: Path, callbacks: list, progress_bar: b
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0, enable_progress_bar=progress_bar, enable_model_summary=False,
         callbacks=[checkpoint, *callbacks], logger=logger, default_root_dir=str(directory),
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -96,7 +99,7 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     directory = run_dir(cfg)
-    checkpoint = resolve_resume(cfg, resume)
+    checkpoint = resolve_resume(cfg, resume, launcher=is_global_rank_zero())
     if checkpoint is not None:
         check_resume_config(cfg, checkpoint)
 
@@ -116,7 +119,8 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
     pl.seed_everything(cfg.seed, verbose=False)
     if is_global_rank_zero():
         write_run_start(cfg, directory, argv, cfg.trainer.devices * cfg.trainer.num_nodes,
-                        "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+                        "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
+                        resumed_from=checkpoint)
     module = task_class(cfg)(cfg, data, last_checkpoint=str(directory / "last.ckpt"))
     if cfg.init_from and checkpoint is None:
         from zoo.checkpoint import load_init_weights
@@ -126,12 +130,17 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
     trainer = build_trainer(cfg, directory, [ResumeState(), *progress_callbacks(cfg, interactive)], interactive)
     try:
         trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None)
-    except SystemExit:
-        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1); nothing is saved mid-step.
-        if trainer.interrupted and trainer.is_global_zero:
+    except SystemExit as stop:
+        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1), SIGTERM into SIGTERMException (exit 0);
+        # nothing is saved mid-step. Either exits 128 + the signal's number, so no caller takes it for success.
+        if not trainer.interrupted:
+            raise
+        if trainer.is_global_zero:
             print(f"zoo: interrupted at step {trainer.global_step}; last checkpoint: {module.last_checkpoint_note()}; "
                   f"continue with: zoo train {' '.join(argv)} resume=auto", file=sys.stderr, flush=True)
-        raise
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        raise SystemExit(128 + (signal.SIGTERM if isinstance(stop, SIGTERMException) else signal.SIGINT)) from None
     trainer.save_checkpoint(directory / "last.ckpt")
     if not trainer.is_global_zero:
         return {}

@@ -41,30 +41,53 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("eval.")]
 
 
-def resolve_resume(cfg, resume: str | None) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start; one-line errors for the refused cases."""
+RUN_ARTIFACTS = ("model", "eval.json", "metrics.csv", "config.yaml", "run.json")
+
+
+def run_artifacts(directory: Path) -> list[str]:
+    """The run files in ``directory`` (``model/``, ``eval.json``, ..., ``*.ckpt``) that a fresh start would replace."""
+    if not directory.is_dir():
+        return []
+    names = [name + "/" * (directory / name).is_dir() for name in RUN_ARTIFACTS if (directory / name).exists()]
+    return names + sorted(p.name for p in directory.glob("*.ckpt"))
+
+
+def resolve_resume(cfg, resume: str | None, launcher: bool = True) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start; one-line errors for the refused cases.
+
+    ``launcher``: this process started the run. The processes a multi-process launch spawns re-run the command after
+    it has written its run files, so only the launcher refuses a fresh start into a directory holding a run.
+    """
     directory = run_dir(cfg)
     last = directory / "last.ckpt"
     if resume in (None, "false"):
+        if not launcher:
+            return None
         if last.exists():
+            from zoo.checkpoint import previous_path, read_ckpt
+
             try:
-                step = _ckpt_step(last)
+                note = f"at step {read_ckpt(last).get('global_step', '?')}"
             except CheckpointError as damaged:
-                raise ConfigError(f"{directory} already holds a run whose {damaged}, so it cannot be resumed; "
-                                  f"pass run.name=NAME for a new run, or move {directory} aside to reuse its name") \
-                    from None
-            raise ConfigError(f"{directory} already holds a run (last.ckpt at step {step}); pass resume=auto to "
-                              f"continue, or run.name=NAME for a new run")
+                if not previous_path(last).exists():
+                    raise ConfigError(f"{directory} already holds a run whose {damaged}, so it cannot be resumed; "
+                                      f"pass run.name=NAME for a new run, or move {directory} aside to reuse its "
+                                      f"name") from None
+                note = "unreadable, previous.ckpt kept"
+            raise ConfigError(f"{directory} already holds a run (last.ckpt {note}); pass resume=auto to continue, "
+                              f"or run.name=NAME for a new run")
+        if found := run_artifacts(directory):
+            raise ConfigError(f"{directory} already holds a run ({', '.join(found)}); pass resume=auto to continue, "
+                              f"or run.name=NAME for a new run")
         return None
-    if resume == "auto":
-        if last.exists():
-            return last
+    if resume in ("auto", "true"):
+        checkpoint = readable_checkpoint(last)
+        if checkpoint is not None:
+            return checkpoint
+        if resume == "true":
+            raise ConfigError(f"no checkpoint to resume in {directory} (expected last.ckpt)")
         print(f"resume=auto: no checkpoint in {directory}; starting fresh", flush=True)
         return None
-    if resume == "true":
-        if not last.exists():
-            raise ConfigError(f"no checkpoint to resume in {directory} (expected last.ckpt)")
-        return last
     path = Path(resume)
     if path.is_dir():
         raise ConfigError(f"resume={resume} is a directory; give its checkpoint file ({path / 'last.ckpt'}), or "
@@ -74,10 +97,24 @@ def resolve_resume(cfg, resume: str | None) -> Path | None:
     return path
 
 
-def _ckpt_step(path: Path):
-    from zoo.checkpoint import read_ckpt
+def readable_checkpoint(last: Path) -> Path | None:
+    """``last`` if it loads, else ``previous.ckpt`` beside it (with one line saying so), else None."""
+    from zoo.checkpoint import previous_path, read_ckpt
+    from zoo.errors import CheckpointError
 
-    return read_ckpt(path).get("global_step", "?")
+    previous = previous_path(last)
+    if not previous.exists():
+        if not last.exists():
+            return None
+        read_ckpt(last)  # damaged with nothing to fall back on: its one-line CheckpointError
+        return last
+    try:
+        read_ckpt(last)
+        return last
+    except CheckpointError as error:
+        step = read_ckpt(previous).get("global_step", "?")
+        print(f"warning: {error}; resuming from {previous} (step {step})", file=sys.stderr, flush=True)
+        return previous
 
 
 def check_resume_config(cfg, checkpoint_path: Path) -> None:
@@ -108,20 +145,34 @@ def _git_commit() -> str | None:
         return None
 
 
-def write_run_start(cfg, directory: Path, argv: list[str], world_size: int, device: str) -> None:
-    """config.yaml and run.json at the start of a run (rank 0 only)."""
+def write_run_start(cfg, directory: Path, argv: list[str], world_size: int, device: str,
+                    resumed_from: Path | None = None) -> None:
+    """config.yaml and run.json at the start of a run (rank 0 only).
+
+    run.json keeps the first start's fields; every start, resumed ones included, is appended to its ``starts``.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(dump_yaml(cfg))
-    info = {
-        "command": ["zoo", "train", *argv], "seed": cfg.seed, "data_seed": cfg.data.seed,
-        "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world_size, "device": device,
-        "platform": platform.platform(),
-        "versions": {"zoo": _version("memzoo"), "python": sys.version.split()[0], "torch": _version("torch"),
-                     "lightning": _version("lightning"), "datasets": _version("datasets"),
-                     "safetensors": _version("safetensors"), "triton": _version("triton")},
-        "git_commit": _git_commit(),
-    }
-    (directory / "run.json").write_text(dumps_strict(info, str(directory / "run.json")) + "\n")
+    start = {"command": ["zoo", "train", *argv], "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "world_size": world_size, "device": device, "git_commit": _git_commit(),
+             "resumed_from": None if resumed_from is None else str(resumed_from)}
+    path = directory / "run.json"
+    if resumed_from is not None and path.is_file():
+        info = json.loads(path.read_text())
+        info.setdefault("starts", [{key: info.get(key) for key in ("command", "start_time", "world_size", "device",
+                                                                   "git_commit")} | {"resumed_from": None}])
+        info["starts"].append(start)
+    else:
+        info = {
+            "command": start["command"], "seed": cfg.seed, "data_seed": cfg.data.seed,
+            "start_time": start["start_time"], "world_size": world_size, "device": device,
+            "platform": platform.platform(),
+            "versions": {"zoo": _version("memzoo"), "python": sys.version.split()[0], "torch": _version("torch"),
+                         "lightning": _version("lightning"), "datasets": _version("datasets"),
+                         "safetensors": _version("safetensors"), "triton": _version("triton")},
+            "git_commit": start["git_commit"], "starts": [start],
+        }
+    path.write_text(dumps_strict(info, str(path)) + "\n")
 
 
 def finish_run_json(directory: Path, **fields) -> None:
