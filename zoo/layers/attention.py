@@ -135,6 +135,10 @@ class Attention(Mixer):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, state: AttentionState | None = None, mask: torch.Tensor | None = None):
+        self.check_input(x)
+        cache = (None, self.kv_heads, self.head_dim)
+        conv = {} if self.conv is None else {"conv": (self.conv.size - 1, self.dim)}
+        self.check_state(state, x, k=cache, v=cache, positions=(None,), **conv)
         if not self.causal:
             return self._forward_bidirectional(x, mask), None
         if mask is not None:

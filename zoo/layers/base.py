@@ -9,6 +9,9 @@ of zoo needs to know about a mixer it reads from these class attributes, never f
 - ``takes_mask``: ``forward`` accepts ``mask (B, T)`` (True = a real token) for padded batches.
 - ``State``: the state type ``forward`` returns (a NamedTuple of batch-first tensors), or None for mixers without one.
 
+``forward`` starts with ``self.check_input(x)`` and ``self.check_state(state, x, field=trailing shape, ...)``: shape
+and type checks only (no tensor values), so they cost nothing measurable and keep ``torch.compile(fullgraph=True)``.
+
     class MyMixer(Mixer):
         causal, has_causal_option, takes_mask, State = True, False, False, MyState
 """
@@ -16,7 +19,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
+
+Shape = tuple  # trailing dims after the batch dim; None matches any size
 
 
 class Mixer(nn.Module):
@@ -26,3 +32,63 @@ class Mixer(nn.Module):
     has_causal_option: ClassVar[bool] = False
     takes_mask: ClassVar[bool] = False
     State: ClassVar[type | None] = None
+
+    def check_input(self, x) -> None:
+        """Raise a ValueError unless x is a floating-point (B, T, dim) tensor."""
+        name, expected = type(self).__name__, f"a floating-point (B, T, {self.dim}) tensor for dim={self.dim}"
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: x must be {expected}, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"{name}: x must be {expected}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: x must be {expected}, got dtype {x.dtype}")
+
+    def check_state(self, state, x: torch.Tensor, batch: int | None = None, **trailing: Shape | list[Shape]) -> None:
+        """Raise a ValueError unless state is None or a ``self.State`` whose tensors all have batch size ``batch``
+        (default x's) and whose fields named in ``trailing`` have those dims after the batch dim (a list of shapes
+        for a field that is a tuple of tensors)."""
+        if state is None:
+            return
+        name = type(self).__name__
+        if not self.causal or self.State is None:
+            raise ValueError(f"{name} is not causal and carries no state; call it on whole sequences (state=None)")
+        if type(state) is not self.State:
+            raise ValueError(f"{name}: state must be a {self.State.__name__} (the state {name} returned), "
+                             f"got {type(state).__name__}")
+        batch = x.shape[0] if batch is None else batch
+        _check_batch(name, state, "state", batch)
+        for field, shapes in trailing.items():
+            value = getattr(state, field)
+            if isinstance(shapes, list):
+                if not isinstance(value, tuple) or len(value) != len(shapes):
+                    raise ValueError(f"{name}: state.{field} must be a tuple of {len(shapes)} tensors, got "
+                                     f"{_describe(value)}; pass the state {name} returned")
+                for i, (tensor, shape) in enumerate(zip(value, shapes)):
+                    _check_trailing(name, tensor, f"state.{field}[{i}]", shape)
+            else:
+                _check_trailing(name, value, f"state.{field}", shapes)
+
+
+def _describe(value) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _check_batch(name: str, value, path: str, batch: int) -> None:
+    """Every tensor of at least one dim in value (a tensor or nested tuples) has ``batch`` rows."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() and value.shape[0] != batch:
+            raise ValueError(f"{name}: {path} has batch size {value.shape[0]} but x has {batch}; pass the state "
+                             f"returned for this batch")
+    elif isinstance(value, tuple):
+        fields = getattr(value, "_fields", None)
+        for i, item in enumerate(value):
+            _check_batch(name, item, f"{path}.{fields[i]}" if fields else f"{path}[{i}]", batch)
+
+
+def _check_trailing(name: str, tensor, path: str, shape: Shape) -> None:
+    """tensor is a tensor of shape (batch, *shape), None in shape matching any size."""
+    expected = "(B, " + ", ".join("*" if size is None else str(size) for size in shape) + ")"
+    if (not isinstance(tensor, torch.Tensor) or tensor.dim() != len(shape) + 1
+            or any(size is not None and got != size for got, size in zip(tensor.shape[1:], shape))):
+        raise ValueError(f"{name}: {path} must have shape {expected} for this layer, got {_describe(tensor)}; "
+                         f"pass the state {name} returned")

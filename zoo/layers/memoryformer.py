@@ -176,6 +176,9 @@ class MemoryAttention(Mixer):
         return q, k, v
 
     def forward(self, x: torch.Tensor, state: AttentionState | None = None):
+        self.check_input(x)
+        cache = (None, self.heads, self.head_dim)
+        self.check_state(state, x, k=cache, v=cache, positions=(None,))
         B, T, _ = x.shape
         past = 0 if state is None else state.k.shape[1]  # T_past, a static shape
         positions = (past + torch.arange(T, device=x.device)).expand(B, T)  # (B, T)

@@ -96,11 +96,6 @@ def _check_heads(name: str, dim: int, heads: int, head_dim: int | None) -> int:
     return head_dim
 
 
-def _check_input(name: str, x: torch.Tensor, dim: int) -> None:
-    if x.dim() != 3 or x.shape[-1] != dim:
-        raise ValueError(f"{name}: x must have shape (B, T, {dim}), got {tuple(x.shape)}")
-
-
 def sort_by_memory(top_index: torch.Tensor, num_memories: int):
     """Pack routed rows by (batch, memory, time) with static shapes and no host sync (docs/mom.md#routing-and-packing).
 
@@ -208,7 +203,10 @@ class GatedDeltaNet(_GatedDeltaBase):
         return GDNState(x.new_zeros(B, self.heads, d, d, dtype=_compute_dtype(x)), cache, cache, cache)
 
     def forward(self, x: torch.Tensor, state: GDNState | None = None) -> tuple[torch.Tensor, GDNState]:
-        _check_input("GatedDeltaNet", x, self.dim)
+        self.check_input(x)
+        H, d = self.heads, self.head_dim
+        cache = (CONV_SIZE - 1, H * d)
+        self.check_state(state, x, S=(H, d, d), conv_q=cache, conv_k=cache, conv_v=cache)
         state = self.initial_state(x) if state is None else state
         if x.shape[1] == 0:
             return self._empty_output(x), state
@@ -286,12 +284,16 @@ class MixtureOfMemories(_GatedDeltaBase):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, state: MoMState | None = None) -> tuple[torch.Tensor, MoMState]:
-        _check_input("MixtureOfMemories", x, self.dim)
+        self.check_input(x)
+        M, H, d = self.num_memories, self.heads, self.head_dim
+        cache = (M + int(self.shared_memory), CONV_SIZE - 1, H * d)
+        shared = {"S_shared": (H, d, d)} if self.shared_memory else {}
+        self.check_state(state, x, S=(M, H, d, d), conv_q=cache, conv_k=cache, conv_v=cache, **shared)
         state = self.initial_state(x) if state is None else state
         B, T, _ = x.shape
         if T == 0:
             return self._empty_output(x), state._replace(aux_loss=None)
-        M, H, width = self.num_memories, self.heads, self.heads * self.head_dim
+        width = H * d
         probs, top_index, weights = self.route(x)                                      # (B, T, M), (B, T, k) ×2
         q_raw = self.q_proj(x)                                                         # (B, T, H·d)
         # Dense per-memory projections, one matmul of stacked weights (docs/mom.md#routing-and-packing).

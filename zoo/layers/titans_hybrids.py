@@ -123,9 +123,11 @@ class TitansMAC(Mixer):
         return MACState(None, self.lmm.initial_weights(B), None, empty, empty, empty, empty)
 
     def forward(self, x: torch.Tensor, state: MACState | None = None):
+        self.check_input(x)
+        cache = (None, self.attn.heads, self.attn.head_dim)
+        self.check_state(state, x, read_weights=[tuple(w.shape) for w in self.lmm.memory_weights], memory_k=cache,
+                         memory_v=cache, token_k=cache, token_v=cache)
         B, T, D = x.shape
-        if D != self.dim:
-            raise ValueError(f"TitansMAC: x has width {D}, expected dim={self.dim}")
         state = self._fresh_state(x) if state is None else state
         outputs, start = [], 0
         while start < T:
@@ -205,6 +207,8 @@ class TitansMAG(Mixer):
         self.gate.reset_parameters()
 
     def forward(self, x: torch.Tensor, state: MAGState | None = None):
+        self.check_input(x)
+        self.check_state(state, x)  # the attention and memory check their own parts
         attention_state, memory_state = (None, None) if state is None else state
         y, attention_state = self.attn(x, attention_state)  # (B, T, D)
         z, memory_state = self.lmm(x, memory_state)  # (B, T, D)
@@ -246,6 +250,8 @@ class TitansMAL(Mixer):
         self.attn.reset_parameters()
 
     def forward(self, x: torch.Tensor, state: MALState | None = None):
+        self.check_input(x)
+        self.check_state(state, x)  # the memory and the attention check their own parts
         memory_state, attention_state = (None, None) if state is None else state
         u, memory_state = self.lmm(x, memory_state)  # (B, T, D)
         a, attention_state = self.attn(self.norm(x + u), attention_state)  # (B, T, D)
