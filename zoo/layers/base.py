@@ -9,8 +9,9 @@ of zoo needs to know about a mixer it reads from these class attributes, never f
 - ``takes_mask``: ``forward`` accepts ``mask (B, T)`` (True = a real token) for padded batches.
 - ``State``: the state type ``forward`` returns (a NamedTuple of batch-first tensors), or None for mixers without one.
 
-``forward`` starts with ``self.check_input(x)`` and ``self.check_state(state, x, field=trailing shape, ...)``: shape
-and type checks only (no tensor values), so they cost nothing measurable and keep ``torch.compile(fullgraph=True)``.
+``forward`` starts with ``self.check_input(x)`` and ``self.check_state(state, x)``, which checks the fields that
+``state_shapes()`` names: shape and type checks only (no tensor values), so they cost nothing measurable and keep
+``torch.compile(fullgraph=True)``.
 
     class MyMixer(Mixer):
         causal, has_causal_option, takes_mask, State = True, False, False, MyState
@@ -21,8 +22,6 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-
-Shape = tuple  # trailing dims after the batch dim; None matches any size
 
 
 class Mixer(nn.Module):
@@ -43,30 +42,46 @@ class Mixer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"{name}: x must be {expected}, got dtype {x.dtype}")
 
-    def check_state(self, state, x: torch.Tensor, batch: int | None = None, **trailing: Shape | list[Shape]) -> None:
-        """Raise a ValueError unless state is None or a ``self.State`` whose tensors all have batch size ``batch``
-        (default x's) and whose fields named in ``trailing`` have those dims after the batch dim (a list of shapes
-        for a field that is a tuple of tensors)."""
+    def state_shapes(self) -> dict:
+        """What ``check_state`` checks per field of ``State``: its dims after the batch dim (None matches any size), a
+        list of those for a tuple of tensors, or the sub-mixer whose state the field holds. Every tensor's batch size is
+        checked whether named here or not."""
+        return {}
+
+    def check_state(self, state, x: torch.Tensor, batch: int | None = None) -> None:
+        """Raise a ValueError unless state is None or a ``self.State`` whose tensors all have ``batch`` rows (default
+        x's) and whose fields have the dims ``state_shapes()`` gives."""
         if state is None:
             return
         name = type(self).__name__
         if not self.causal or self.State is None:
             raise ValueError(f"{name} is not causal and carries no state; call it on whole sequences (state=None)")
         if type(state) is not self.State:
-            raise ValueError(f"{name}: state must be a {self.State.__name__} (the state {name} returned), "
+            raise ValueError(f"{name}: state must be the {self.State.__name__} that {name} returned, "
                              f"got {type(state).__name__}")
-        batch = x.shape[0] if batch is None else batch
-        _check_batch(name, state, "state", batch)
-        for field, shapes in trailing.items():
-            value = getattr(state, field)
-            if isinstance(shapes, list):
-                if not isinstance(value, tuple) or len(value) != len(shapes):
-                    raise ValueError(f"{name}: state.{field} must be a tuple of {len(shapes)} tensors, got "
-                                     f"{_describe(value)}; pass the state {name} returned")
-                for i, (tensor, shape) in enumerate(zip(value, shapes)):
-                    _check_trailing(name, tensor, f"state.{field}[{i}]", shape)
-            else:
-                _check_trailing(name, value, f"state.{field}", shapes)
+        _check_batch(name, state, "state", x.shape[0] if batch is None else batch)
+        _check_fields(name, self, state, "state")
+
+
+def _check_fields(name: str, mixer: Mixer, state, path: str) -> None:
+    """The fields of ``state`` (a ``mixer.State``) have the dims ``mixer.state_shapes()`` gives."""
+    for field, spec in mixer.state_shapes().items():
+        value, where = getattr(state, field), f"{path}.{field}"
+        if isinstance(spec, Mixer):
+            if value is None:  # the sub-mixer starts fresh
+                continue
+            if type(value) is not spec.State:
+                raise ValueError(f"{name}: {where} must be the {spec.State.__name__} that {type(spec).__name__} "
+                                 f"returned, got {type(value).__name__}")
+            _check_fields(name, spec, value, where)
+        elif isinstance(spec, list):
+            if not isinstance(value, tuple) or len(value) != len(spec):
+                raise ValueError(f"{name}: {where} must be a tuple of {len(spec)} tensors, got {_describe(value)}; "
+                                 f"pass the state {name} returned")
+            for i, (tensor, shape) in enumerate(zip(value, spec)):
+                _check_trailing(name, tensor, f"{where}[{i}]", shape)
+        else:
+            _check_trailing(name, value, where, spec)
 
 
 def _describe(value) -> str:
@@ -85,7 +100,7 @@ def _check_batch(name: str, value, path: str, batch: int) -> None:
             _check_batch(name, item, f"{path}.{fields[i]}" if fields else f"{path}[{i}]", batch)
 
 
-def _check_trailing(name: str, tensor, path: str, shape: Shape) -> None:
+def _check_trailing(name: str, tensor, path: str, shape: tuple) -> None:
     """tensor is a tensor of shape (batch, *shape), None in shape matching any size."""
     expected = "(B, " + ", ".join("*" if size is None else str(size) for size in shape) + ")"
     if (not isinstance(tensor, torch.Tensor) or tensor.dim() != len(shape) + 1

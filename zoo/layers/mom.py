@@ -202,11 +202,14 @@ class GatedDeltaNet(_GatedDeltaBase):
         cache = x.new_zeros(B, CONV_SIZE - 1, width)
         return GDNState(x.new_zeros(B, self.heads, d, d, dtype=_compute_dtype(x)), cache, cache, cache)
 
-    def forward(self, x: torch.Tensor, state: GDNState | None = None) -> tuple[torch.Tensor, GDNState]:
-        self.check_input(x)
+    def state_shapes(self) -> dict:
         H, d = self.heads, self.head_dim
         cache = (CONV_SIZE - 1, H * d)
-        self.check_state(state, x, S=(H, d, d), conv_q=cache, conv_k=cache, conv_v=cache)
+        return {"S": (H, d, d), "conv_q": cache, "conv_k": cache, "conv_v": cache}
+
+    def forward(self, x: torch.Tensor, state: GDNState | None = None) -> tuple[torch.Tensor, GDNState]:
+        self.check_input(x)
+        self.check_state(state, x)
         state = self.initial_state(x) if state is None else state
         if x.shape[1] == 0:
             return self._empty_output(x), state
@@ -283,17 +286,20 @@ class MixtureOfMemories(_GatedDeltaBase):
         return M * (fraction * probs.mean(dim=(0, 1))).sum()
 
     # ------------------------------------------------------------------------------------------------ forward
+    def state_shapes(self) -> dict:
+        M, H, d = self.num_memories, self.heads, self.head_dim
+        cache = (M + int(self.shared_memory), CONV_SIZE - 1, H * d)  # (M', w−1, H·d)
+        shared = {"S_shared": (H, d, d)} if self.shared_memory else {}
+        return {"S": (M, H, d, d), "conv_q": cache, "conv_k": cache, "conv_v": cache, **shared}
+
     def forward(self, x: torch.Tensor, state: MoMState | None = None) -> tuple[torch.Tensor, MoMState]:
         self.check_input(x)
-        M, H, d = self.num_memories, self.heads, self.head_dim
-        cache = (M + int(self.shared_memory), CONV_SIZE - 1, H * d)
-        shared = {"S_shared": (H, d, d)} if self.shared_memory else {}
-        self.check_state(state, x, S=(M, H, d, d), conv_q=cache, conv_k=cache, conv_v=cache, **shared)
+        self.check_state(state, x)
         state = self.initial_state(x) if state is None else state
         B, T, _ = x.shape
         if T == 0:
             return self._empty_output(x), state._replace(aux_loss=None)
-        width = H * d
+        M, H, width = self.num_memories, self.heads, self.heads * self.head_dim
         probs, top_index, weights = self.route(x)                                      # (B, T, M), (B, T, k) ×2
         q_raw = self.q_proj(x)                                                         # (B, T, H·d)
         # Dense per-memory projections, one matmul of stacked weights (docs/mom.md#routing-and-packing).
