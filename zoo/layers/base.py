@@ -66,22 +66,22 @@ class Mixer(nn.Module):
 def _check_fields(name: str, mixer: Mixer, state, path: str) -> None:
     """The fields of ``state`` (a ``mixer.State``) have the dims ``mixer.state_shapes()`` gives."""
     for field, spec in mixer.state_shapes().items():
-        value, where = getattr(state, field), f"{path}.{field}"
+        value = getattr(state, field)
         if isinstance(spec, Mixer):
             if value is None:  # the sub-mixer starts fresh
                 continue
             if type(value) is not spec.State:
-                raise ValueError(f"{name}: {where} must be the {spec.State.__name__} that {type(spec).__name__} "
-                                 f"returned, got {type(value).__name__}")
-            _check_fields(name, spec, value, where)
+                raise ValueError(f"{name}: {path}.{field} must be the {spec.State.__name__} that "
+                                 f"{type(spec).__name__} returned, got {type(value).__name__}")
+            _check_fields(name, spec, value, f"{path}.{field}")
         elif isinstance(spec, list):
             if not isinstance(value, tuple) or len(value) != len(spec):
-                raise ValueError(f"{name}: {where} must be a tuple of {len(spec)} tensors, got {_describe(value)}; "
-                                 f"pass the state {name} returned")
+                raise ValueError(f"{name}: {path}.{field} must be a tuple of {len(spec)} tensors, got "
+                                 f"{_describe(value)}; pass the state {name} returned")
             for i, (tensor, shape) in enumerate(zip(value, spec)):
-                _check_trailing(name, tensor, f"{where}[{i}]", shape)
+                _check_trailing(name, tensor, f"{path}.{field}", shape, index=i)
         else:
-            _check_trailing(name, value, where, spec)
+            _check_trailing(name, value, f"{path}.{field}", spec)
 
 
 def _describe(value) -> str:
@@ -90,20 +90,37 @@ def _describe(value) -> str:
 
 def _check_batch(name: str, value, path: str, batch: int) -> None:
     """Every tensor of at least one dim in value (a tensor or nested tuples) has ``batch`` rows."""
+    wrong = _off_batch(value, batch)
+    if wrong is not None:
+        where, rows = wrong
+        raise ValueError(f"{name}: {path}{where} has batch size {rows} but x has {batch}; pass the state returned for "
+                         f"this batch")
+
+
+def _off_batch(value, batch: int) -> tuple[str, int] | None:
+    """(where inside value, its rows) of the first tensor without ``batch`` rows, or None (the path is built only
+    for the error, keeping the check cheap)."""
     if isinstance(value, torch.Tensor):
-        if value.dim() and value.shape[0] != batch:
-            raise ValueError(f"{name}: {path} has batch size {value.shape[0]} but x has {batch}; pass the state "
-                             f"returned for this batch")
-    elif isinstance(value, tuple):
-        fields = getattr(value, "_fields", None)
+        return ("", value.shape[0]) if value.dim() and value.shape[0] != batch else None
+    if isinstance(value, tuple):
         for i, item in enumerate(value):
-            _check_batch(name, item, f"{path}.{fields[i]}" if fields else f"{path}[{i}]", batch)
+            wrong = _off_batch(item, batch)
+            if wrong is not None:
+                fields = getattr(value, "_fields", None)
+                return (f".{fields[i]}" if fields else f"[{i}]") + wrong[0], wrong[1]
+    return None
 
 
-def _check_trailing(name: str, tensor, path: str, shape: tuple) -> None:
-    """tensor is a tensor of shape (batch, *shape), None in shape matching any size."""
+def _check_trailing(name: str, tensor, path: str, shape: tuple, index: int | None = None) -> None:
+    """tensor (``path``, or its item ``index``) is a tensor of shape (batch, *shape), None in shape matching any
+    size."""
+    if isinstance(tensor, torch.Tensor) and tensor.dim() == len(shape) + 1:
+        for got, size in zip(tensor.shape[1:], shape):
+            if size is not None and got != size:
+                break
+        else:
+            return
     expected = "(B, " + ", ".join("*" if size is None else str(size) for size in shape) + ")"
-    if (not isinstance(tensor, torch.Tensor) or tensor.dim() != len(shape) + 1
-            or any(size is not None and got != size for got, size in zip(tensor.shape[1:], shape))):
-        raise ValueError(f"{name}: {path} must have shape {expected} for this layer, got {_describe(tensor)}; "
-                         f"pass the state {name} returned")
+    where = path if index is None else f"{path}[{index}]"
+    raise ValueError(f"{name}: {where} must have shape {expected} for this layer, got {_describe(tensor)}; "
+                     f"pass the state {name} returned")
