@@ -93,8 +93,8 @@ def _check_batch(name: str, value, path: str, batch: int) -> None:
     wrong = _off_batch(value, batch)
     if wrong is not None:
         where, rows = wrong
-        raise ValueError(f"{name}: {path}{where} has batch size {rows} but x has {batch}; pass the state returned for "
-                         f"this batch")
+        raise ValueError(f"{name}: {path}{where} has batch size {rows}, expected {batch} (one row per sequence of x); "
+                         f"pass the state returned for this batch")
 
 
 def _off_batch(value, batch: int) -> tuple[str, int] | None:
