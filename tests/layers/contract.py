@@ -5,6 +5,7 @@ Each check takes a built mixer and inputs and asserts one property of ``docs/add
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._pytree import tree_leaves
 
@@ -167,3 +168,23 @@ def check_gradients_reach_every_parameter(mixer, x: torch.Tensor) -> None:
         assert param.grad is not None, f"{name}: no gradient reaches it"
         assert torch.isfinite(param.grad).all(), f"{name}: non-finite gradient"
         assert param.numel() == 0 or param.grad.abs().sum() > 0, f"{name}: the gradient is zero"
+
+
+def check_rejects_bad_inputs(mixer, x: torch.Tensor, foreign_state, other_width_state) -> None:
+    """Each malformed input or state is a ValueError naming the mixer class: x of the wrong rank, width or dtype; a
+    state of another type; for a mixer that carries a state, one of another batch size and one of a layer of another
+    width."""
+    name = type(mixer).__name__
+    bad_calls = {
+        "rank 2": (x[0], None),
+        "wrong width": (x[..., :-1], None),
+        "integer dtype": (x.long(), None),
+        "another mixer's state": (x, foreign_state),
+    }
+    if mixer.State is not None and mixer.causal:
+        bad_calls["wrong batch size"] = (x[:1], mixer(x)[1])
+        bad_calls["another width's state"] = (x, other_width_state)
+    for what, (bad_x, state) in bad_calls.items():
+        with pytest.raises(ValueError, match=name) as caught:
+            mixer(bad_x, state)
+        assert "\n" not in str(caught.value), f"{what}: the error is not one line: {caught.value}"

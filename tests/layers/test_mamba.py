@@ -93,6 +93,9 @@ def test_mamba2_varlen_equals_separate():
         _, alone_state = mixer(seq)
         alone, _ = mixer(nxt[k], alone_state)
         assert rel_err(cont[:, 3 * k:3 * k + 3], alone) < 1e-10
+    # a packed state has one row per sequence: four rows for three sequences is refused
+    with pytest.raises(ValueError, match=r"Mamba2: state.conv has batch size 4, expected 3"):
+        mixer(torch.cat(nxt[:3], 1), state, cu_seqlens=torch.tensor([0, 3, 6, 9]))
 
 
 def _swapped(mixer: BiMamba) -> BiMamba:

@@ -15,8 +15,8 @@ import torch
 
 from tests.layers.contract import (check_compile_matches_eager, check_decode_equals_full, check_future_changes_the_past,
                                    check_future_does_not_leak, check_gradients_reach_every_parameter,
-                                   check_meta_init_equals_init, check_padding_is_invisible, check_state_type,
-                                   check_stream_split, check_three_way_split)
+                                   check_meta_init_equals_init, check_padding_is_invisible, check_rejects_bad_inputs,
+                                   check_state_type, check_stream_split, check_three_way_split)
 from zoo.config import parse_args
 from zoo.layers.base import Mixer
 from zoo.models.lm import build_mixer
@@ -192,6 +192,25 @@ def test_compile_fullgraph_matches_eager(name):
 @pytest.mark.parametrize("name", params(NAMES, "gradients"))
 def test_gradients_reach_every_parameter(name):
     check_gradients_reach_every_parameter(build(name), inputs(name))
+
+
+def _foreign_state(name: str):
+    """The state of the first registered mixer whose State type differs from ``name``'s."""
+    own = mixer_class(name).State
+    other = next(n for n in NAMES if mixer_class(n).State not in (None, own))
+    return build(other)(inputs(other)[:, :5])[1]
+
+
+@pytest.mark.parametrize("name", params(NAMES, "rejects_bad_inputs"))
+def test_rejects_bad_inputs_and_states(name):
+    mixer, x = build(name), inputs(name)[:, :5]
+    other_width_state = None
+    if mixer.State is not None and mixer.causal:
+        narrow_config = parse_args([f"model.dim={DIM // 2}", f"model.pattern=[{name}]", *case(name).overrides])
+        torch.manual_seed(0)
+        narrow = build_mixer(name, narrow_config.config.model).double()
+        other_width_state = narrow(x[..., :DIM // 2])[1]
+    check_rejects_bad_inputs(mixer, x, _foreign_state(name), other_width_state)
 
 
 def test_known_failures_name_registered_mixers_and_checks():

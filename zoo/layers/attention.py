@@ -134,7 +134,14 @@ class Attention(Mixer):
         return allowed
 
     # ------------------------------------------------------------------------------------------------ forward
+    def state_shapes(self) -> dict:
+        cache = (None, self.kv_heads, self.head_dim)  # (t, H_kv, d)
+        conv = {} if self.conv is None else {"conv": (self.conv.size - 1, self.dim)}
+        return {"k": cache, "v": cache, "positions": (None,), **conv}
+
     def forward(self, x: torch.Tensor, state: AttentionState | None = None, mask: torch.Tensor | None = None):
+        self.check_input(x)
+        self.check_state(state, x)
         if not self.causal:
             return self._forward_bidirectional(x, mask), None
         if mask is not None:

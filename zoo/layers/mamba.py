@@ -145,7 +145,12 @@ class Mamba(KeepFP32):
         _init_s6(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.dt_rank)
         self.out_proj.reset_parameters()
 
+    def state_shapes(self) -> dict:
+        return {"conv": (self.d_conv - 1, self.d_inner), "ssm": (self.d_inner, self.d_state)}
+
     def forward(self, x: torch.Tensor, state: MambaState | None = None):
+        self.check_input(x)
+        self.check_state(state, x)
         x_in, z = self.in_proj(x).chunk(2, dim=-1)                                    # (B, T, E) each
         y, state = _s6(x_in, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.dt_rank,
                        self.d_state, state)
@@ -192,8 +197,8 @@ class BiMamba(KeepFP32):
         self.out_proj.reset_parameters()
 
     def forward(self, x: torch.Tensor, state=None, *, mask: torch.Tensor | None = None):
-        if state is not None:
-            raise ValueError("BiMamba is not causal and carries no state; call it on whole sequences (state=None)")
+        self.check_input(x)
+        self.check_state(state, x)
         keep = None
         if mask is not None:
             if mask.shape != x.shape[:2]:

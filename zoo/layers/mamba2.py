@@ -139,7 +139,14 @@ class Mamba2(KeepFP32):
         self.norm.reset_parameters()
         self.out_proj.reset_parameters()
 
+    def state_shapes(self) -> dict:
+        conv_channels = self.d_inner + 2 * self.ngroups * self.d_state  # E + 2GN
+        return {"conv": (self.d_conv - 1, conv_channels), "ssm": (self.nheads, self.headdim, self.d_state)}
+
     def forward(self, x: torch.Tensor, state: Mamba2State | None = None, *, cu_seqlens: torch.Tensor | None = None):
+        self.check_input(x)
+        sequences = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1  # packed: one state row each
+        self.check_state(state, x, batch=sequences)
         segment = max(self.segment_len, self.chunk_size)
         if cu_seqlens is not None or x.device.type != "cpu" or x.shape[1] <= segment:
             return self._forward(x, state, cu_seqlens)

@@ -175,7 +175,13 @@ class MemoryAttention(Mixer):
             k = torch.cat([self.rotary(k[..., :r], positions), k[..., r:]], dim=-1)
         return q, k, v
 
+    def state_shapes(self) -> dict:
+        cache = (None, self.heads, self.head_dim)  # (T_past, H, d)
+        return {"k": cache, "v": cache, "positions": (None,)}
+
     def forward(self, x: torch.Tensor, state: AttentionState | None = None):
+        self.check_input(x)
+        self.check_state(state, x)
         B, T, _ = x.shape
         past = 0 if state is None else state.k.shape[1]  # T_past, a static shape
         positions = (past + torch.arange(T, device=x.device)).expand(B, T)  # (B, T)

@@ -96,11 +96,6 @@ def _check_heads(name: str, dim: int, heads: int, head_dim: int | None) -> int:
     return head_dim
 
 
-def _check_input(name: str, x: torch.Tensor, dim: int) -> None:
-    if x.dim() != 3 or x.shape[-1] != dim:
-        raise ValueError(f"{name}: x must have shape (B, T, {dim}), got {tuple(x.shape)}")
-
-
 def sort_by_memory(top_index: torch.Tensor, num_memories: int):
     """Pack routed rows by (batch, memory, time) with static shapes and no host sync (docs/mom.md#routing-and-packing).
 
@@ -207,8 +202,14 @@ class GatedDeltaNet(_GatedDeltaBase):
         cache = x.new_zeros(B, CONV_SIZE - 1, width)
         return GDNState(x.new_zeros(B, self.heads, d, d, dtype=_compute_dtype(x)), cache, cache, cache)
 
+    def state_shapes(self) -> dict:
+        H, d = self.heads, self.head_dim
+        cache = (CONV_SIZE - 1, H * d)
+        return {"S": (H, d, d), "conv_q": cache, "conv_k": cache, "conv_v": cache}
+
     def forward(self, x: torch.Tensor, state: GDNState | None = None) -> tuple[torch.Tensor, GDNState]:
-        _check_input("GatedDeltaNet", x, self.dim)
+        self.check_input(x)
+        self.check_state(state, x)
         state = self.initial_state(x) if state is None else state
         if x.shape[1] == 0:
             return self._empty_output(x), state
@@ -285,8 +286,15 @@ class MixtureOfMemories(_GatedDeltaBase):
         return M * (fraction * probs.mean(dim=(0, 1))).sum()
 
     # ------------------------------------------------------------------------------------------------ forward
+    def state_shapes(self) -> dict:
+        M, H, d = self.num_memories, self.heads, self.head_dim
+        cache = (M + int(self.shared_memory), CONV_SIZE - 1, H * d)  # (M', w−1, H·d)
+        shared = {"S_shared": (H, d, d)} if self.shared_memory else {}
+        return {"S": (M, H, d, d), "conv_q": cache, "conv_k": cache, "conv_v": cache, **shared}
+
     def forward(self, x: torch.Tensor, state: MoMState | None = None) -> tuple[torch.Tensor, MoMState]:
-        _check_input("MixtureOfMemories", x, self.dim)
+        self.check_input(x)
+        self.check_state(state, x)
         state = self.initial_state(x) if state is None else state
         B, T, _ = x.shape
         if T == 0:

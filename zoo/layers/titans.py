@@ -185,10 +185,16 @@ class TitansMemory(Mixer):
         return self._output(rearrange(y, "b h t d -> b t h d"), x), conv_state
 
     # ------------------------------------------------------------------------------------------------ forward
+    def state_shapes(self) -> dict:
+        H, d = self.heads, self.head_dim
+        weights = [tuple(w.shape) for w in self.memory_weights]  # (H, in, out) per memory layer
+        return {"weights": weights, "momentum": weights, "pending_k": (None, H, d), "pending_v": (None, H, d),
+                "pending_gates": (None, H, 2 + self.memory_depth), "conv": (max(self.conv_size - 1, 0), 3 * H * d)}
+
     def forward(self, x: torch.Tensor, state: TitansState | None = None):
+        self.check_input(x)
+        self.check_state(state, x)
         B, T, D = x.shape
-        if D != self.dim:
-            raise ValueError(f"TitansMemory: x has width {D}, expected dim={self.dim}")
         if T == 0:  # nothing to absorb (ShortConv needs at least one token)
             return x.new_zeros(B, 0, D), (state if state is not None else self._empty_state(x))
         inner = self.heads * self.head_dim

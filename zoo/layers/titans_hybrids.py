@@ -122,10 +122,15 @@ class TitansMAC(Mixer):
         empty = x.new_zeros(B, 0, self.attn.heads, self.attn.head_dim)
         return MACState(None, self.lmm.initial_weights(B), None, empty, empty, empty, empty)
 
+    def state_shapes(self) -> dict:
+        cache = (None, self.attn.heads, self.attn.head_dim)  # (p, H_a, d_a)
+        return {"memory": self.lmm, "read_weights": [tuple(w.shape) for w in self.lmm.memory_weights],
+                "memory_k": cache, "memory_v": cache, "token_k": cache, "token_v": cache}
+
     def forward(self, x: torch.Tensor, state: MACState | None = None):
+        self.check_input(x)
+        self.check_state(state, x)
         B, T, D = x.shape
-        if D != self.dim:
-            raise ValueError(f"TitansMAC: x has width {D}, expected dim={self.dim}")
         state = self._fresh_state(x) if state is None else state
         outputs, start = [], 0
         while start < T:
@@ -204,7 +209,12 @@ class TitansMAG(Mixer):
         self.lmm.reset_parameters()
         self.gate.reset_parameters()
 
+    def state_shapes(self) -> dict:
+        return {"attention": self.attn, "memory": self.lmm}
+
     def forward(self, x: torch.Tensor, state: MAGState | None = None):
+        self.check_input(x)
+        self.check_state(state, x)
         attention_state, memory_state = (None, None) if state is None else state
         y, attention_state = self.attn(x, attention_state)  # (B, T, D)
         z, memory_state = self.lmm(x, memory_state)  # (B, T, D)
@@ -245,7 +255,12 @@ class TitansMAL(Mixer):
         self.norm.reset_parameters()
         self.attn.reset_parameters()
 
+    def state_shapes(self) -> dict:
+        return {"memory": self.lmm, "attention": self.attn}
+
     def forward(self, x: torch.Tensor, state: MALState | None = None):
+        self.check_input(x)
+        self.check_state(state, x)
         memory_state, attention_state = (None, None) if state is None else state
         u, memory_state = self.lmm(x, memory_state)  # (B, T, D)
         a, attention_state = self.attn(self.norm(x + u), attention_state)  # (B, T, D)
