@@ -211,9 +211,11 @@ def test_fresh_start_refuses_a_finished_run_without_checkpoint(tmp_path, capsys)
     before = {name: (run / name).read_bytes() for name in ("eval.json", "metrics.csv", "config.yaml", "run.json")}
     capsys.readouterr()
     assert run_zoo("train", *args(tmp_path, "r", "trainer.max_steps=2")) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"zoo: {run} already holds a run (model/, eval.json, metrics.csv, config.yaml, run.json); pass resume=auto "
-        f"to continue, or run.name=NAME for a new run")
+    refusal = (f"zoo: {run} already holds a finished run (model/, eval.json, metrics.csv, config.yaml, run.json) and "
+               f"no checkpoint to resume; pass run.name=NAME for a new run, or move {run} aside")
+    assert capsys.readouterr().err.strip() == refusal
+    assert run_zoo("train", *args(tmp_path, "r", "trainer.max_steps=2"), "resume=auto") == 2   # nor does auto
+    assert capsys.readouterr().err.strip() == refusal
     assert {name: (run / name).read_bytes() for name in before} == before
 
 

@@ -52,6 +52,12 @@ def run_artifacts(directory: Path) -> list[str]:
     return names + sorted(p.name for p in directory.glob("*.ckpt"))
 
 
+def _finished_without_checkpoint(found: list[str]) -> bool:
+    """The run files ``run_artifacts`` found hold a finished run's results (``model/``, ``eval.json``) but no
+    checkpoint: nothing can resume it, and a fresh start would replace the results."""
+    return bool({"model/", "eval.json"} & set(found)) and not any(name.endswith(".ckpt") for name in found)
+
+
 def resolve_resume(cfg, resume: str | None, launcher: bool = True) -> Path | None:
     """The checkpoint to resume from, or None for a fresh start; one-line errors for the refused cases.
 
@@ -77,6 +83,9 @@ def resolve_resume(cfg, resume: str | None, launcher: bool = True) -> Path | Non
             raise ConfigError(f"{directory} already holds a run (last.ckpt {note}); pass resume=auto to continue, "
                               f"or run.name=NAME for a new run")
         if found := run_artifacts(directory):
+            if _finished_without_checkpoint(found):
+                raise ConfigError(f"{directory} already holds a finished run ({', '.join(found)}) and no checkpoint "
+                                  f"to resume; pass run.name=NAME for a new run, or move {directory} aside")
             raise ConfigError(f"{directory} already holds a run ({', '.join(found)}); pass resume=auto to continue, "
                               f"or run.name=NAME for a new run")
         return None
@@ -86,6 +95,10 @@ def resolve_resume(cfg, resume: str | None, launcher: bool = True) -> Path | Non
             return checkpoint
         if resume == "true":
             raise ConfigError(f"no checkpoint to resume in {directory} (expected last.ckpt)")
+        found = run_artifacts(directory)
+        if launcher and _finished_without_checkpoint(found):
+            raise ConfigError(f"{directory} already holds a finished run ({', '.join(found)}) and no checkpoint to "
+                              f"resume; pass run.name=NAME for a new run, or move {directory} aside")
         print(f"resume=auto: no checkpoint in {directory}; starting fresh", flush=True)
         return None
     path = Path(resume)
