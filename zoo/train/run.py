@@ -113,7 +113,6 @@ def resolve_resume(cfg, resume: str | None, launcher: bool = True) -> Path | Non
 def readable_checkpoint(last: Path) -> Path | None:
     """``last`` if it loads, else ``previous.ckpt`` beside it (with one line saying so), else None."""
     from zoo.checkpoint import previous_path, read_ckpt
-    from zoo.errors import CheckpointError
 
     previous = previous_path(last)
     if not previous.exists():
