@@ -8,8 +8,10 @@ an input factory here. Tolerances follow the kernel contract: relative RMS error
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -230,3 +232,37 @@ def run_without_triton(script: str) -> None:
                                                                              os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-c", "import sys; sys.modules['triton'] = None\n" + script], check=True,
                    env=environment, cwd=REPO_ROOT)
+
+
+def graph_node_names(root) -> set[str]:
+    """Type names of every autograd node reachable from ``root`` (a ``grad_fn``)."""
+    seen, stack, names = set(), [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+def assert_reference_backward_linear_in_T(reference, make_kwargs, T: int) -> None:
+    """The backward of a reference loop scales linearly: at 2T it takes under 3x the time at T (median of 3), and
+    its graph holds no per-step ``SelectBackward0`` / ``CopySlices`` nodes (those make the backward quadratic)."""
+    def backward_seconds(length):
+        kwargs = make_kwargs(length)
+        times = []
+        for _ in range(3):
+            y, final = reference(**kwargs)
+            loss = y.sum() + final.sum()
+            start = time.perf_counter()
+            loss.backward()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), loss
+
+    short, _ = backward_seconds(T)
+    long, loss = backward_seconds(2 * T)
+    assert long / short < 3, f"backward T={2 * T} / T={T} = {long / short:.2f}"
+    nodes = graph_node_names(loss.grad_fn)
+    assert "SelectBackward0" not in nodes and "CopySlices" not in nodes, nodes

@@ -1,14 +1,11 @@
 """Properties of the Mamba-1 selective scan op (docs/mamba.md#selective-scan and #tests)."""
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
-from tests.kernels.kit import (SELECTIVE_SCAN_OPTIONS, TRITON_DEVICE, assert_close_to, needs_triton,
-                               outputs_and_grads)
+from tests.kernels.kit import (SELECTIVE_SCAN_OPTIONS, TRITON_DEVICE, assert_close_to,
+                               assert_reference_backward_linear_in_T, needs_triton, outputs_and_grads)
 from tests.kernels.kit import selective_scan_inputs as make_inputs
 from zoo.kernels._common import rel_rms_error
 from zoo.kernels.selective_scan import _selective_scan_chunked, selective_scan, selective_scan_reference
@@ -58,35 +55,10 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(fn, tuple(kwargs[k] for k in names))
 
 
-def _graph_node_names(root) -> set[str]:
-    seen, stack, names = set(), [root], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return names
-
-
 def test_reference_backward_linear_in_T():
-    def backward_seconds(T):
-        kwargs = make_inputs(batch=1, T=T, Dm=64, N=8, options={"D", "delta_softplus"})
-        times = []
-        for _ in range(3):
-            y, final = selective_scan_reference(**kwargs)
-            loss = y.sum() + final.sum()
-            start = time.perf_counter()
-            loss.backward()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), loss
-
-    short, _ = backward_seconds(1024)
-    long, loss = backward_seconds(2048)
-    assert long / short < 3, f"backward T=2048 / T=1024 = {long / short:.2f}"
-    nodes = _graph_node_names(loss.grad_fn)
-    assert "SelectBackward0" not in nodes and "CopySlices" not in nodes, nodes
+    assert_reference_backward_linear_in_T(
+        selective_scan_reference, lambda T: make_inputs(batch=1, T=T, Dm=64, N=8, options={"D", "delta_softplus"}),
+        T=1024)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

@@ -1,13 +1,11 @@
 """Properties of the Mamba-2 SSD op (docs/mamba.md#ssd and #tests)."""
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
-from tests.kernels.kit import SSD_OPTIONS, TRITON_DEVICE, assert_close_to, needs_triton, outputs_and_grads
+from tests.kernels.kit import (SSD_OPTIONS, TRITON_DEVICE, assert_close_to, assert_reference_backward_linear_in_T,
+                               needs_triton, outputs_and_grads)
 from tests.kernels.kit import ssd_inputs as make_inputs
 from zoo.kernels._common import rel_rms_error
 from zoo.kernels.ssd import ssd, ssd_reference
@@ -66,28 +64,8 @@ def test_reference_gradcheck():
 
 
 def test_reference_backward_linear_in_T():
-    def backward_seconds(T):
-        kwargs = make_inputs(batch=1, T=T, H=4, P=8, G=1, N=8, options={"D", "dt_softplus"})
-        times = []
-        for _ in range(3):
-            y, final = ssd_reference(**kwargs)
-            loss = y.sum() + final.sum()
-            start = time.perf_counter()
-            loss.backward()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), loss
-
-    short, _ = backward_seconds(512)
-    long, loss = backward_seconds(1024)
-    assert long / short < 3, f"backward T=1024 / T=512 = {long / short:.2f}"
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        assert type(node).__name__ not in ("SelectBackward0", "CopySlices"), type(node).__name__
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert_reference_backward_linear_in_T(
+        ssd_reference, lambda T: make_inputs(batch=1, T=T, H=4, P=8, G=1, N=8, options={"D", "dt_softplus"}), T=512)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

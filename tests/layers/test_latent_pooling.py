@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from zoo.layers.latent_pooling import LatentAttentionPooling, convert_nvembed_state_dict, last_valid, masked_mean
 

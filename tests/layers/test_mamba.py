@@ -10,7 +10,7 @@ from tests.layers.contract import check_meta_init_equals_init
 from tests.layers.test_conv import reference_conv_silu
 from zoo.config import Mamba2Config, MambaConfig, ModelConfig
 from zoo.layers.mamba import BiMamba, Mamba
-from zoo.layers.mamba2 import Mamba2, Mamba2State
+from zoo.layers.mamba2 import Mamba2
 from zoo.models.lm import LanguageModel
 
 SPLITS = [0, 1, 5, 63, 64, 65, 130]

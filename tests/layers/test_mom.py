@@ -14,7 +14,7 @@ from zoo.kernels.gated_delta import gated_delta_rule_reference
 from zoo.layers.mom import (CONV_SIZE, GatedDeltaNet, MixtureOfMemories, MoMState, segment_delta_rule,
                             sort_by_memory)
 from zoo.models.lm import LanguageModel, build_mixer
-from zoo.train.module import auxiliary_loss
+from zoo.train.task import auxiliary_loss
 
 TINY = dict(dim=32, heads=2, head_dim=8, num_memories=3, topk=2)          # mom-tiny (docs/mom.md#configs)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from zoo.kernels._common import compute_dtype
 from zoo.kernels.gated_delta import gated_delta_rule
 from zoo.layers.base import Mixer
 from zoo.layers.conv import ShortConv
@@ -64,11 +65,6 @@ class MoMState(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise: the dtype of the router, gates and norm."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _xavier_(weight: torch.Tensor) -> None:
     """xavier_uniform with gain 2^-2.5 on the last two dims (each (out, in) slice of a stacked weight)."""
     fan_out, fan_in = weight.shape[-2], weight.shape[-1]
@@ -161,7 +157,7 @@ class _GatedDeltaBase(Mixer):
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y = W_O(RMSNorm(o) ⊙ SiLU(x W_G)); o (B, T, H, d) -> (B, T, D). The norm runs per head over d."""
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         normed = F.rms_norm(o.to(dtype), (self.head_dim,), self.o_norm.weight.to(dtype), self.o_norm.eps)
         gate = rearrange(self.gate_proj(x), "b t (h d) -> b t h d", d=self.head_dim)  # (B, T, H, d)
         return self.o_proj(rearrange((normed * F.silu(gate.to(dtype))).to(x.dtype), "b t h d -> b t (h d)"))
@@ -200,7 +196,7 @@ class GatedDeltaNet(_GatedDeltaBase):
         """Zeros for a fresh sequence of a batch like ``x``."""
         B, width, d = x.shape[0], self.heads * self.head_dim, self.head_dim
         cache = x.new_zeros(B, CONV_SIZE - 1, width)
-        return GDNState(x.new_zeros(B, self.heads, d, d, dtype=_compute_dtype(x)), cache, cache, cache)
+        return GDNState(x.new_zeros(B, self.heads, d, d, dtype=compute_dtype(x)), cache, cache, cache)
 
     def state_shapes(self) -> dict:
         H, d = self.heads, self.head_dim
@@ -213,7 +209,7 @@ class GatedDeltaNet(_GatedDeltaBase):
         state = self.initial_state(x) if state is None else state
         if x.shape[1] == 0:
             return self._empty_output(x), state
-        beta, g = self._gates(self.b_proj(x), self.a_proj(x), _compute_dtype(x))    # (B, T, H) each
+        beta, g = self._gates(self.b_proj(x), self.a_proj(x), compute_dtype(x))    # (B, T, H) each
         o, *new_state = self._dense_memory(self.q_proj(x), self.k_proj(x), self.v_proj(x), beta, g, *state)
         return self._output(o, x), GDNState(*new_state)
 
@@ -264,7 +260,7 @@ class MixtureOfMemories(_GatedDeltaBase):
     def initial_state(self, x: torch.Tensor) -> MoMState:
         """Zeros for a fresh sequence of a batch like ``x`` (the M+1 states and their conv caches)."""
         B, M, H, d = x.shape[0], self.num_memories, self.heads, self.head_dim
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         cache = x.new_zeros(B, M + int(self.shared_memory), CONV_SIZE - 1, H * d)
         shared = x.new_zeros(B, H, d, d, dtype=dtype) if self.shared_memory else None
         return MoMState(x.new_zeros(B, M, H, d, d, dtype=dtype), shared, cache, cache, cache)
@@ -272,7 +268,7 @@ class MixtureOfMemories(_GatedDeltaBase):
     # ------------------------------------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor):
         """Router probabilities p (B, T, M), the top-k memories I (B, T, k) and renormalised weights w (B, T, k)."""
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         probs = F.linear(x.to(dtype), self.router.weight.to(dtype)).softmax(dim=-1)   # (B, T, M)
         top_probs, top_index = probs.topk(self.topk, dim=-1)                          # (B, T, k) each
         return probs, top_index, top_probs / top_probs.sum(dim=-1, keepdim=True)
@@ -316,7 +312,7 @@ class MixtureOfMemories(_GatedDeltaBase):
         S_shared = None
         if self.shared_memory:
             k_raw, v_raw, beta_logits, decay_logits = projected[:, :, M].split([width, width, H, H], dim=-1)
-            beta, g = self._gates(beta_logits, decay_logits, _compute_dtype(x))        # (B, T, H) each
+            beta, g = self._gates(beta_logits, decay_logits, compute_dtype(x))        # (B, T, H) each
             o_shared, S_shared, *shared_caches = self._dense_memory(
                 q_raw, k_raw, v_raw, beta, g, state.S_shared,
                 state.conv_q[:, M], state.conv_k[:, M], state.conv_v[:, M])
@@ -341,7 +337,7 @@ class MixtureOfMemories(_GatedDeltaBase):
         # 2. Gather the rows: q̃ from its token; k̃, ṽ and the gate logits from the token's row for that memory.
         picked = projected.reshape(B * T * stacked, -1).index_select(0, source)      # (N_r, O)
         k_raw, v_raw, beta_logits, decay_logits = picked.split([width, width, H, H], dim=-1)
-        beta, g = self._gates(beta_logits, decay_logits, _compute_dtype(x))           # (N_r, H) each
+        beta, g = self._gates(beta_logits, decay_logits, compute_dtype(x))           # (N_r, H) each
         raw = torch.cat([q_raw.reshape(B * T, width).index_select(0, token), k_raw, v_raw], dim=-1)  # (N_r, 3Hd)
         # 3. Segment-aware short conv (docs/mom.md#segment-aware-short-conv) and the new caches.
         cache = torch.cat([state.conv_q[:, :M], state.conv_k[:, :M], state.conv_v[:, :M]], dim=-1)
@@ -366,7 +362,7 @@ class MixtureOfMemories(_GatedDeltaBase):
         along the memory axis, push the token into their conv caches, one gated-delta update each, scatter back.
         Unselected memories keep their state and caches. Returns o (B, 1, H, d), S, S_shared and the caches."""
         B, M, H, d, w = x.shape[0], self.num_memories, self.heads, self.head_dim, CONV_SIZE
-        width, dtype = H * d, _compute_dtype(x)
+        width, dtype = H * d, compute_dtype(x)
         index, mix = top_index[:, 0], weights[:, 0]                                   # (B, k) each
         S_all, cache = state.S, torch.cat([state.conv_q, state.conv_k, state.conv_v], dim=-1)  # (B, M', w−1, 3Hd)
         if self.shared_memory:

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from zoo.config import Config
 from zoo.eval.metrics import IGNORE_INDEX, Tally
-from zoo.train.task import Task, accuracy_values, auxiliary_loss, lr_lambda
+from zoo.train.task import Task, accuracy_values
 
-__all__ = ["LanguageModelTask", "auxiliary_loss", "lr_lambda"]
+__all__ = ["LanguageModelTask"]
 
 
 class LanguageModelTask(Task):
