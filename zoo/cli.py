@@ -29,7 +29,6 @@ VERBS = {
 }
 
 GENERATE_OPTIONS = ("checkpoint", "prompt", "max_new_tokens", "temperature", "top_k", "seed")
-GENERATING_ARCHITECTURES = ("lm", "hmt")
 
 
 def usage() -> str:
@@ -55,7 +54,7 @@ def verb_help(verb: str) -> str:
     if verb == "generate":
         return (f"{head}\n\n  checkpoint=DIR  prompt=TEXT  max_new_tokens=200  temperature=0.8 (0 = greedy)  "
                 f"top_k=50 (null = no cut)  seed=0\n"
-                f"  architectures that generate: {', '.join(GENERATING_ARCHITECTURES)}\n")
+                f"  architectures that generate: {', '.join(generating_architectures())}\n")
     return head
 
 
@@ -108,6 +107,13 @@ def cmd_train(argv: list[str]) -> int:
         print("eval " + dumps_strict({k: v for k, v in result.items() if k != "config"}, "the eval line", indent=None),
               flush=True)
     return 0
+
+
+def generating_architectures() -> list[str]:
+    """The ``model.architecture`` values ``zoo generate`` accepts (``generates`` in ``ARCHITECTURES``)."""
+    from zoo.registry import ARCHITECTURES
+
+    return [name for name, entry in ARCHITECTURES.items() if entry.generates]
 
 
 def eval_tasks_help() -> str:
@@ -224,10 +230,10 @@ def cmd_generate(argv: list[str]) -> int:
     from zoo.data.tokenizer import load_tokenizer
 
     config = read_export_config(path)
-    if config.model.architecture not in GENERATING_ARCHITECTURES:
+    if config.model.architecture not in generating_architectures():
         raise ConfigError(f"zoo generate: checkpoint={path} is a model.architecture={config.model.architecture} "
                           f"model, which does not generate text; architectures that generate: "
-                          f"{', '.join(GENERATING_ARCHITECTURES)}")
+                          f"{', '.join(generating_architectures())}")
     model = load_export(path)
     tokenizer = load_tokenizer(config.data.tokenizer)
     ids = tokenizer.encode(options.get("prompt", "")) or [tokenizer.eos_id]

@@ -47,6 +47,7 @@ class Architecture:
     task: import path of the LightningModule class that trains it; data: the ``data.name`` values it reads;
     eval_tasks: ``zoo eval tasks=`` names it offers -> the ``data.name`` holding each one's held-out split (empty:
     ``zoo eval`` scores the checkpoint's own data); retrieval: scored by recall@k/MRR instead of loss and accuracy;
+    generates: ``zoo generate`` continues text with it;
     help: one line for ``zoo train --help``.
     """
 
@@ -56,18 +57,19 @@ class Architecture:
     help: str
     eval_tasks: dict[str, str] = field(default_factory=dict)
     retrieval: bool = False
+    generates: bool = False
 
 
 TOKEN_DATA = ("kjv", "text", "mqar", "selective_copy", "induction", "niah")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "lm": Architecture(model="zoo.models.lm:LanguageModel", task="zoo.train.module:LanguageModelTask",
-                       data=TOKEN_DATA, help="decoder language model"),
+                       data=TOKEN_DATA, generates=True, help="decoder language model"),
     "vision": Architecture(model="zoo.models.vision:VisionClassifier",
                            task="zoo.train.vision:VisionClassificationTask", data=("digits",),
                            help="image classifier over patches"),
     "hmt": Architecture(model="zoo.models.hmt:HMT.from_config", task="zoo.train.hmt:HMTTask", data=TOKEN_DATA,
-                        help="the LM wrapped in HMT's hierarchical memory"),
+                        generates=True, help="the LM wrapped in HMT's hierarchical memory"),
     "embedding": Architecture(model="zoo.models.embedding:EmbeddingModel", task="zoo.train.contrastive:EmbeddingTask",
                               data=("ict", "needle"), eval_tasks={"ict_retrieval": "ict", "needle_retrieval": "needle"},
                               retrieval=True, help="text embedder (backbone + pooling head, contrastive training)"),
