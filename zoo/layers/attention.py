@@ -17,6 +17,8 @@ class AttentionState(NamedTuple):
     """KV cache of a causal ``Attention``: rotated keys, values and their absolute positions.
 
     k, v: (B, t, H_kv, d); positions: (B, t) long. With a sliding window only the last ``window`` tokens are kept.
+    Rows of a left-padded batch (or packed documents) hold caches of different lengths: the shorter ones are padded on
+    the left with keys at position -1, which no query sees.
     conv: (B, conv_size-1, D), the input short conv's state, or None without one.
     """
 
@@ -24,6 +26,23 @@ class AttentionState(NamedTuple):
     v: torch.Tensor
     positions: torch.Tensor
     conv: torch.Tensor | None = None
+
+
+def stack_kv_caches(states: list[AttentionState]) -> AttentionState:
+    """One ``AttentionState`` of the rows of ``states``: shorter caches left-padded with invisible keys (position -1)."""
+    length = max(state.k.shape[1] for state in states)
+
+    def pad(tensor: torch.Tensor, value: float) -> torch.Tensor:
+        missing = length - tensor.shape[1]
+        if not missing:
+            return tensor
+        return torch.cat([tensor.new_full((tensor.shape[0], missing, *tensor.shape[2:]), value), tensor], dim=1)
+
+    k = torch.cat([pad(state.k, 0.0) for state in states])                           # (B, t, H_kv, d)
+    v = torch.cat([pad(state.v, 0.0) for state in states])
+    positions = torch.cat([pad(state.positions, -1) for state in states])            # (B, t)
+    convs = [state.conv for state in states]
+    return AttentionState(k, v, positions, None if convs[0] is None else torch.cat(convs))
 
 
 class Attention(Mixer):
@@ -35,6 +54,8 @@ class Attention(Mixer):
       returned ``AttentionState`` is the KV cache, so streaming and token-by-token decoding equal one call.
     - ``causal=False``: bidirectional; ``mask (B, T)`` marks real tokens (True) so padding never changes real
       outputs; the state is None.
+    - causal with ``mask`` (left padding): pads are invisible keys and each row's positions count from its first
+      real token, so every row equals that row run alone; ``cu_seqlens`` packs documents (no key crosses a boundary).
     - ``rope=False`` drops rotary embeddings (the Mamba-2-Hybrid's attention layers use no positions).
     - ``conv_size = w > 0`` adds a residual depthwise causal conv on the input, ``x + conv(x)``, before the
       projections (token shift, as the short convs of Mamba/GatedDeltaNet); it hands each token its neighbours, which
@@ -43,7 +64,7 @@ class Attention(Mixer):
       sees, whatever the mask or window (Titans v1 eq. 19).
     """
 
-    has_causal_option, takes_mask, State = True, True, AttentionState
+    has_causal_option, takes_mask, takes_cu_seqlens, State = True, True, True, AttentionState
 
     def __init__(self, dim: int, heads: int = 4, kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, persistent_tokens: int = 0, causal: bool = True,
@@ -126,9 +147,9 @@ class Attention(Mixer):
         return rearrange(out, "b h t d -> b t (h d)")
 
     def causal_allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """(B, T, S) bool: key s is visible to query t (causal, within the window)."""
+        """(B, T, S) bool: key s is visible to query t (causal, within the window; pads at position -1 never)."""
         diff = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)                               # (B, T, S)
-        allowed = diff >= 0
+        allowed = (diff >= 0) & (k_pos >= 0).unsqueeze(-2)
         if self.window is not None:
             allowed = allowed & (diff < self.window)
         return allowed
@@ -139,13 +160,21 @@ class Attention(Mixer):
         conv = {} if self.conv is None else {"conv": (self.conv.size - 1, self.dim)}
         return {"k": cache, "v": cache, "positions": (None,), **conv}
 
-    def forward(self, x: torch.Tensor, state: AttentionState | None = None, mask: torch.Tensor | None = None):
+    def stack_states(self, states: list[AttentionState]) -> AttentionState:
+        return stack_kv_caches(states)
+
+    def forward(self, x: torch.Tensor, state: AttentionState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
-        self.check_state(state, x)
         if not self.causal:
+            if cu_seqlens is not None:
+                raise ValueError("Attention: cu_seqlens needs causal=True; bidirectional attention takes padded "
+                                 "rows with mask= instead")
+            self.check_state(state, x)
             return self._forward_bidirectional(x, mask), None
-        if mask is not None:
-            raise ValueError("Attention: mask is for bidirectional attention; causal attention takes no mask")
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
+        self.check_state(state, x)
         B, T, _ = x.shape
         conv_state = None
         if self.conv is not None:

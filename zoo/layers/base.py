@@ -6,15 +6,19 @@ of zoo needs to know about a mixer it reads from these class attributes, never f
 - ``causal``: no output depends on a later input, and the returned state continues the sequence. A constructor option
   may decide it per instance (``Attention(causal=False)`` sets ``self.causal``).
 - ``has_causal_option``: the constructor takes ``causal=`` (the embedding model builds such mixers bidirectional).
-- ``takes_mask``: ``forward`` accepts ``mask (B, T)`` (True = a real token) for padded batches.
+- ``takes_mask``: ``forward`` accepts ``mask (B, T)`` (True = a real token) for padded batches; a causal mixer takes
+  left padding only (each row False...False True...True), and its pads leave the state untouched.
+- ``takes_cu_seqlens``: ``forward`` accepts ``cu_seqlens`` (int64 (N + 1,) = [0, ..., T], B == 1): documents packed
+  along time, each run as if alone; the state then holds one row per document (the FlashAttention / fla convention).
 - ``State``: the state type ``forward`` returns (a NamedTuple of batch-first tensors), or None for mixers without one.
 
 ``forward`` starts with ``self.check_input(x)`` and ``self.check_state(state, x)``, which checks the fields that
 ``state_shapes()`` names: shape and type checks only (no tensor values), so they cost nothing measurable and keep
-``torch.compile(fullgraph=True)``.
+``torch.compile(fullgraph=True)``. A causal mixer handles ``mask`` and ``cu_seqlens`` with ``self.forward_split``
+(or natively), which runs each group of equally padded rows, or each document, on its real tokens alone.
 
     class MyMixer(Mixer):
-        causal, has_causal_option, takes_mask, State = True, False, False, MyState
+        causal, has_causal_option, takes_mask, takes_cu_seqlens, State = True, False, True, True, MyState
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from zoo.kernels._common import check_cu_seqlens
+
 
 class Mixer(nn.Module):
     """Base of the sequence mixers: ``forward(x (B, T, D), state=None) -> (y (B, T, D), state)``."""
@@ -30,6 +36,7 @@ class Mixer(nn.Module):
     causal: bool = True
     has_causal_option: ClassVar[bool] = False
     takes_mask: ClassVar[bool] = False
+    takes_cu_seqlens: ClassVar[bool] = False
     State: ClassVar[type | None] = None
 
     def check_input(self, x) -> None:
@@ -61,6 +68,122 @@ class Mixer(nn.Module):
                              f"got {type(state).__name__}")
         _check_batch(name, state, "state", x.shape[0] if batch is None else batch)
         _check_fields(name, self, state, "state")
+
+    def stack_states(self, states: list):
+        """One state of all rows of ``states`` (each a ``self.State``), in order; rows must agree in every shape
+        (a KV cache overrides this to left-pad shorter caches with invisible keys)."""
+        return cat_rows(type(self).__name__, states)
+
+    def forward_split(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None,
+                      cu_seqlens: torch.Tensor | None = None):
+        """``forward`` of a left-padded batch (``mask``) or of packed documents (``cu_seqlens``), built from plain
+        ``forward`` calls: each group of rows with the same padding, or each document, runs alone on its real tokens.
+        Pads get output 0 and leave their row's state untouched."""
+        if mask is not None and cu_seqlens is not None:
+            raise ValueError(f"{type(self).__name__}: pass either mask (padded rows) or cu_seqlens (packed "
+                             f"documents), not both")
+        if cu_seqlens is not None:
+            return self._forward_documents(x, state, cu_seqlens)
+        return self._forward_padded(x, state, mask)
+
+    def _forward_documents(self, x: torch.Tensor, state, cu_seqlens: torch.Tensor):
+        bounds = document_bounds(type(self).__name__, cu_seqlens, x)
+        self.check_state(state, x, batch=len(bounds) - 1)
+        outputs, states = [], []
+        for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            y, doc_state = self.forward(x[:, start:end], None if state is None else select_rows(state, [k]))
+            outputs.append(y)
+            states.append(doc_state)
+        return torch.cat(outputs, dim=1), self.stack_states(states)
+
+    def _forward_padded(self, x: torch.Tensor, state, mask: torch.Tensor):
+        starts = left_padding_starts(type(self).__name__, mask, x)
+        if not any(starts):
+            return self.forward(x, state)
+        self.check_state(state, x)
+        B, T = x.shape[:2]
+        groups: dict[int, list[int]] = {}
+        for row, start in enumerate(starts):
+            groups.setdefault(start, []).append(row)
+        if T in groups and state is None:
+            raise ValueError(f"{type(self).__name__}: rows {groups[T]} of mask hold no real token and there is no "
+                             f"state to keep; give every row at least one real token")
+        y, order, states = None, [], []
+        for start, rows in sorted(groups.items()):
+            index = torch.tensor(rows, device=x.device)
+            if start == T:
+                states.append(select_rows(state, index))
+            else:
+                out, group_state = self.forward(x[index, start:], None if state is None else select_rows(state, index))
+                if y is None:
+                    y = out.new_zeros(B, T, out.shape[-1])                          # (B, T, D), 0 at the pads
+                y = y.index_put((index.unsqueeze(1), torch.arange(start, T, device=x.device)), out)
+                states.append(group_state)
+            order.extend(rows)
+        inverse = torch.empty(B, dtype=torch.long, device=x.device)
+        inverse[torch.tensor(order, device=x.device)] = torch.arange(B, device=x.device)
+        return y, select_rows(self.stack_states(states), inverse)
+
+
+def document_bounds(name: str, cu_seqlens, x: torch.Tensor) -> list[int]:
+    """The document boundaries [0, ..., T] of ``cu_seqlens`` as ints, or one ValueError naming what is wrong: a 1-D
+    int tensor on x's device, B == 1, starting at 0, strictly increasing (no empty document), ending at T."""
+    check_cu_seqlens(name, cu_seqlens, x.shape[0], x.shape[1], x.device)
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"{name}: cu_seqlens must increase strictly from 0 to T={x.shape[1]} (every document holds "
+                         f"a token), got {bounds}")
+    return bounds
+
+
+def left_padding_starts(name: str, mask, x: torch.Tensor) -> list[int]:
+    """Per row of a left-padding ``mask`` (B, T) bool, the index of its first real token (T for a row of pads);
+    one ValueError unless mask is (B, T) bool with each row False...False True...True."""
+    B, T = x.shape[:2]
+    if not isinstance(mask, torch.Tensor) or mask.shape != (B, T) or mask.dtype != torch.bool:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name}: mask must be a bool (B, T) = {(B, T)} tensor (True = real token), got {got}")
+    real = mask.long()
+    starts = T - real.sum(dim=1)                                                        # (B,)
+    positions = torch.arange(T, device=mask.device)
+    if not bool((mask == (positions >= starts.unsqueeze(1))).all()):
+        raise ValueError(f"{name}: mask must be left padding (each row False...False True...True); pad on the left, "
+                         f"or run rows with other padding separately")
+    return starts.tolist()
+
+
+def select_rows(state, index):
+    """``state`` (a NamedTuple of batch-first tensors, possibly nested; None fields stay None) at batch rows
+    ``index`` (a list or long tensor)."""
+    if isinstance(state, torch.Tensor):
+        return state[index] if state.dim() else state
+    if isinstance(state, tuple):
+        items = [select_rows(item, index) for item in state]
+        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
+    return state
+
+
+def cat_rows(name: str, states: list):
+    """The rows of ``states`` (states of one type) concatenated along the batch; one ValueError when two rows
+    disagree in a shape (e.g. positions inside a segment) and so cannot share one state."""
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() == 0:
+            return first
+        if any(s.shape[1:] != first.shape[1:] for s in states):
+            raise ValueError(f"{name}: rows whose states differ in shape ({sorted({tuple(s.shape) for s in states})}) "
+                             f"cannot share one batch state; run them in separate batches")
+        return torch.cat(states, dim=0)
+    if isinstance(first, tuple):
+        if any(s is None for s in states):
+            raise ValueError(f"{name}: rows whose states differ (some unset) cannot share one batch state; run them "
+                             f"in separate batches")
+        items = [cat_rows(name, [s[i] for s in states]) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+    if any(s is not None for s in states):
+        raise ValueError(f"{name}: rows whose states differ (some unset) cannot share one batch state; run them in "
+                         f"separate batches")
+    return first
 
 
 def _check_fields(name: str, mixer: Mixer, state, path: str) -> None:

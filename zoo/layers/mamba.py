@@ -122,7 +122,7 @@ class Mamba(KeepFP32):
     T = 1 calls decode token by token.
     """
 
-    State = MambaState
+    takes_mask, takes_cu_seqlens, State = True, True, MambaState
     _fp32_params = ("A_log", "D", "dt_proj.bias")
     _no_weight_decay = ("A_log", "D")
 
@@ -148,8 +148,11 @@ class Mamba(KeepFP32):
     def state_shapes(self) -> dict:
         return {"conv": (self.d_conv - 1, self.d_inner), "ssm": (self.d_inner, self.d_state)}
 
-    def forward(self, x: torch.Tensor, state: MambaState | None = None):
+    def forward(self, x: torch.Tensor, state: MambaState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
         x_in, z = self.in_proj(x).chunk(2, dim=-1)                                    # (B, T, E) each
         y, state = _s6(x_in, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.dt_rank,

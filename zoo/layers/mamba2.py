@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.kernels.ssd import ssd
+from zoo.layers.base import document_bounds
 from zoo.layers.mamba import KeepFP32, fp32, init_dt_bias_, mamba_conv
 
 __all__ = ["Mamba2", "Mamba2State", "GroupedGatedRMSNorm"]
@@ -101,7 +102,7 @@ class Mamba2(KeepFP32):
     (d_model 768) one forward + backward took 16 % less time this way.
     """
 
-    State = Mamba2State
+    takes_mask, takes_cu_seqlens, State = True, True, Mamba2State
     _fp32_params = ("A_log", "D", "dt_bias")
     _no_weight_decay = ("A_log", "D", "dt_bias")
     segment_len = 2048
@@ -143,8 +144,13 @@ class Mamba2(KeepFP32):
         conv_channels = self.d_inner + 2 * self.ngroups * self.d_state  # E + 2GN
         return {"conv": (self.d_conv - 1, conv_channels), "ssm": (self.nheads, self.headdim, self.d_state)}
 
-    def forward(self, x: torch.Tensor, state: Mamba2State | None = None, *, cu_seqlens: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, state: Mamba2State | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
+        if mask is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
+        if cu_seqlens is not None:
+            document_bounds("Mamba2", cu_seqlens, x)
         sequences = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1  # packed: one state row each
         self.check_state(state, x, batch=sequences)
         segment = max(self.segment_len, self.chunk_size)

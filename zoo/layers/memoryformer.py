@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.kernels.hash_lookup import MAX_TAU, SCORES, hash_codes, hash_lookup
-from zoo.layers.attention import AttentionState
+from zoo.layers.attention import AttentionState, stack_kv_caches
 from zoo.layers.base import Mixer
 from zoo.layers.rotary import RotaryEmbedding
 
@@ -133,7 +133,7 @@ class MemoryAttention(Mixer):
     because Q, K and V read the same input with no projection in front.
     """
 
-    State = AttentionState
+    takes_mask, takes_cu_seqlens, State = True, True, AttentionState
 
     _no_weight_decay = ("tables_qkv",)
 
@@ -179,12 +179,19 @@ class MemoryAttention(Mixer):
         cache = (None, self.heads, self.head_dim)  # (T_past, H, d)
         return {"k": cache, "v": cache, "positions": (None,)}
 
-    def forward(self, x: torch.Tensor, state: AttentionState | None = None):
+    def stack_states(self, states: list[AttentionState]) -> AttentionState:
+        return stack_kv_caches(states)
+
+    def forward(self, x: torch.Tensor, state: AttentionState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
         B, T, _ = x.shape
-        past = 0 if state is None else state.k.shape[1]  # T_past, a static shape
-        positions = (past + torch.arange(T, device=x.device)).expand(B, T)  # (B, T)
+        positions = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+        if state is not None and state.positions.shape[1]:
+            positions = state.positions[:, -1:] + 1 + positions  # continue each row after its last cached token
         q, k, v = self.project(x, positions)
         if state is not None:
             k_all = torch.cat([state.k.to(k.dtype), k], dim=1)  # (B, T_past + T, H, d)
@@ -196,7 +203,7 @@ class MemoryAttention(Mixer):
         if state is None:
             out = F.scaled_dot_product_attention(q_h, k_h, v_h, is_causal=True)  # (B, H, T, d)
         else:
-            allowed = positions.unsqueeze(-1) >= k_pos.unsqueeze(-2)  # (B, T, T_past + T)
+            allowed = (positions.unsqueeze(-1) >= k_pos.unsqueeze(-2)) & (k_pos >= 0).unsqueeze(-2)  # (B, T, T_past + T)
             out = F.scaled_dot_product_attention(q_h, k_h, v_h, attn_mask=allowed.unsqueeze(1))
         y = rearrange(out, "b h t d -> b t (h d)").to(x.dtype)  # (B, T, D), no output projection
         return y, AttentionState(k_all, v_all, k_pos)

@@ -24,7 +24,7 @@ from torch import nn
 
 from zoo.kernels._common import compute_dtype
 from zoo.kernels.gated_delta import gated_delta_rule
-from zoo.layers.base import Mixer
+from zoo.layers.base import Mixer, cat_rows
 from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm
 
@@ -175,7 +175,7 @@ class GatedDeltaNet(_GatedDeltaBase):
     (o, S) = gated_delta_rule(q, k, v, g, β, use_qk_l2norm=True); y = W_O(RMSNorm(o) ⊙ SiLU(x W_G)).
     """
 
-    State = GDNState
+    takes_mask, takes_cu_seqlens, State = True, True, GDNState
 
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None):
         head_dim = _check_heads("GatedDeltaNet", dim, heads, head_dim)
@@ -203,8 +203,11 @@ class GatedDeltaNet(_GatedDeltaBase):
         cache = (CONV_SIZE - 1, H * d)
         return {"S": (H, d, d), "conv_q": cache, "conv_k": cache, "conv_v": cache}
 
-    def forward(self, x: torch.Tensor, state: GDNState | None = None) -> tuple[torch.Tensor, GDNState]:
+    def forward(self, x: torch.Tensor, state: GDNState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, GDNState]:
         self.check_input(x)
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
         state = self.initial_state(x) if state is None else state
         if x.shape[1] == 0:
@@ -224,7 +227,7 @@ class MixtureOfMemories(_GatedDeltaBase):
     mode the state's ``aux_loss`` holds ``aux_loss_scale · M · Σ_e F_e P_e`` (Switch-style load balance).
     """
 
-    State = MoMState
+    takes_mask, takes_cu_seqlens, State = True, True, MoMState
 
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None, num_memories: int = 4,
                  topk: int = 2, shared_memory: bool = True, aux_loss_scale: float = 1e-3):
@@ -288,8 +291,17 @@ class MixtureOfMemories(_GatedDeltaBase):
         shared = {"S_shared": (H, d, d)} if self.shared_memory else {}
         return {"S": (M, H, d, d), "conv_q": cache, "conv_k": cache, "conv_v": cache, **shared}
 
-    def forward(self, x: torch.Tensor, state: MoMState | None = None) -> tuple[torch.Tensor, MoMState]:
+    def stack_states(self, states: list[MoMState]) -> MoMState:
+        """The rows of ``states`` in one state; aux_loss is the mean of theirs (each group or document's own)."""
+        losses = [state.aux_loss for state in states if state.aux_loss is not None]
+        stacked = cat_rows("MixtureOfMemories", [state._replace(aux_loss=None) for state in states])
+        return stacked._replace(aux_loss=torch.stack(losses).mean() if losses else None)
+
+    def forward(self, x: torch.Tensor, state: MoMState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MoMState]:
         self.check_input(x)
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
         state = self.initial_state(x) if state is None else state
         B, T, _ = x.shape

@@ -79,7 +79,7 @@ class TitansMemory(Mixer):
     about one extra forward of the memory. Results are identical.
     """
 
-    State = TitansState
+    takes_mask, takes_cu_seqlens, State = True, True, TitansState
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
                  memory_expansion: int = 4, chunk_size: int = 16, conv_size: int = 4, momentum: bool = True,
@@ -191,8 +191,19 @@ class TitansMemory(Mixer):
         return {"weights": weights, "momentum": weights, "pending_k": (None, H, d), "pending_v": (None, H, d),
                 "pending_gates": (None, H, 2 + self.memory_depth), "conv": (max(self.conv_size - 1, 0), 3 * H * d)}
 
-    def forward(self, x: torch.Tensor, state: TitansState | None = None):
+    def stack_states(self, states: list[TitansState]) -> TitansState:
+        pending = sorted({state.pending_k.shape[1] for state in states})
+        if len(pending) > 1:
+            raise ValueError(f"TitansMemory: rows whose lengths differ modulo chunk_size={self.chunk_size} (pending "
+                             f"tokens {pending}) cannot share one state, as each row updates on its own chunk grid; "
+                             f"batch rows whose lengths agree modulo {self.chunk_size}, or run them separately")
+        return super().stack_states(states)
+
+    def forward(self, x: torch.Tensor, state: TitansState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
         B, T, D = x.shape
         if T == 0:  # nothing to absorb (ShortConv needs at least one token)

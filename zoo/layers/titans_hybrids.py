@@ -96,7 +96,7 @@ class TitansMAC(Mixer):
     ``segment_len`` must be a multiple of the memory's ``chunk_size``, so segment ends are chunk boundaries.
     """
 
-    State = MACState
+    takes_mask, takes_cu_seqlens, State = True, True, MACState
 
     def __init__(self, dim: int, heads: int = 4, segment_len: int = 512, persistent_tokens: int = 128,
                  memory: dict | None = None):
@@ -127,8 +127,19 @@ class TitansMAC(Mixer):
         return {"memory": self.lmm, "read_weights": [tuple(w.shape) for w in self.lmm.memory_weights],
                 "memory_k": cache, "memory_v": cache, "token_k": cache, "token_v": cache}
 
-    def forward(self, x: torch.Tensor, state: MACState | None = None):
+    def stack_states(self, states: list[MACState]) -> MACState:
+        filled = sorted({state.token_k.shape[1] for state in states})
+        if len(filled) > 1:
+            raise ValueError(f"TitansMAC: rows whose lengths differ modulo segment_len={self.segment_len} (segment "
+                             f"positions {filled}) cannot share one state, as each row runs on its own segment grid; "
+                             f"batch rows whose lengths agree modulo {self.segment_len}, or run them separately")
+        return super().stack_states(states)
+
+    def forward(self, x: torch.Tensor, state: MACState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
         B, T, D = x.shape
         state = self._fresh_state(x) if state is None else state
@@ -191,7 +202,7 @@ class TitansMAG(Mixer):
     z = TitansMemory(x); o = RMSNorm(y) ⊙ sigmoid(RMSNorm(z)). No segmenting.
     """
 
-    State = MAGState
+    takes_mask, takes_cu_seqlens, State = True, True, MAGState
 
     def __init__(self, dim: int, heads: int = 4, window: int = 2048, persistent_tokens: int = 128,
                  memory: dict | None = None):
@@ -212,8 +223,15 @@ class TitansMAG(Mixer):
     def state_shapes(self) -> dict:
         return {"attention": self.attn, "memory": self.lmm}
 
-    def forward(self, x: torch.Tensor, state: MAGState | None = None):
+    def stack_states(self, states: list[MAGState]) -> MAGState:
+        return MAGState(self.attn.stack_states([s.attention for s in states]),
+                        self.lmm.stack_states([s.memory for s in states]))
+
+    def forward(self, x: torch.Tensor, state: MAGState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
         attention_state, memory_state = (None, None) if state is None else state
         y, attention_state = self.attn(x, attention_state)  # (B, T, D)
@@ -237,7 +255,7 @@ class TitansMAL(Mixer):
     sliding window of ``window`` tokens with persistent tokens always visible.
     """
 
-    State = MALState
+    takes_mask, takes_cu_seqlens, State = True, True, MALState
 
     def __init__(self, dim: int, heads: int = 4, window: int = 2048, persistent_tokens: int = 128,
                  memory: dict | None = None):
@@ -258,8 +276,15 @@ class TitansMAL(Mixer):
     def state_shapes(self) -> dict:
         return {"memory": self.lmm, "attention": self.attn}
 
-    def forward(self, x: torch.Tensor, state: MALState | None = None):
+    def stack_states(self, states: list[MALState]) -> MALState:
+        return MALState(self.lmm.stack_states([s.memory for s in states]),
+                        self.attn.stack_states([s.attention for s in states]))
+
+    def forward(self, x: torch.Tensor, state: MALState | None = None, *, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
+        if mask is not None or cu_seqlens is not None:
+            return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
         memory_state, attention_state = (None, None) if state is None else state
         u, memory_state = self.lmm(x, memory_state)  # (B, T, D)
