@@ -341,7 +341,11 @@ class HMT(nn.Module):
         return torch.cat(pieces, dim=1), state
 
     # -------------------------------------------------------------------------------------------------- forward
-    def forward(self, input_ids: torch.Tensor, state: HMTState | None = None):
+    def forward(self, input_ids: torch.Tensor, state: HMTState | None = None, *,
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+        if attention_mask is not None or cu_seqlens is not None:
+            raise ValueError("HMT: attention_mask and cu_seqlens are not supported (a row's memory segments start at "
+                             "its first token); run prompts of different lengths, or documents, in separate calls")
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"HMT: input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
         if state is None:
@@ -378,15 +382,13 @@ class HMT(nn.Module):
         return logits[:, offset:], state
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_id: int | None = None) -> torch.Tensor:
-        """Continue ``input_ids`` (B, T) by ``max_new_tokens``; greedy when ``temperature == 0``.
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """Continue ``input_ids`` (B, T) by ``max_new_tokens``, with the options of ``LanguageModel.generate`` (an
+        ``attention_mask`` with padding is refused: HMT takes equal-length prompts).
 
         The prompt runs through ``forward``, then one token per call with the carried ``HMTState``: one backbone step
-        per token, plus a trailing step and a summary pass at each segment boundary. Returns (B, T + new) ids; stops
-        early when every row has produced ``eos_id``.
+        per token, plus a trailing step and a summary pass at each segment boundary. Returns (B, T + new) ids.
         """
         from zoo.models.lm import generate_with_state
 
-        return generate_with_state(self, input_ids, max_new_tokens, temperature, top_k, generator, eos_id)
+        return generate_with_state(self, input_ids, max_new_tokens, **options)
