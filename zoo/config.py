@@ -348,6 +348,13 @@ def validate(cfg: Config) -> None:
         other = f", or model.architecture={' or '.join(readers)}" if readers else ""
         raise ConfigError(f"model.architecture={cfg.model.architecture} does not fit data.name={cfg.data.name}: "
                           f"set data.name={' or '.join(accepted)}{other}")
+    if cfg.data.pack and cfg.model.architecture != "lm":
+        raise ConfigError(f"data.pack=true trains model.architecture=lm (the language model passes the document "
+                          f"boundaries to every block); model.architecture={cfg.model.architecture} takes unpacked "
+                          f"windows: set data.pack=false")
+    if cfg.data.pack and cfg.data.name not in ("kjv", "text"):
+        raise ConfigError(f"data.pack=true packs text documents; data.name={cfg.data.name} is not text data "
+                          f"(use data.name=kjv or text, or data.pack=false)")
     if cfg.data.name == "text" and not cfg.data.path:
         raise ConfigError("data.name=text needs data.path=FILE (a local .txt, .jsonl or .parquet file)")
     task = task_config(cfg.data)

@@ -241,6 +241,9 @@ class DataConfig:
     text_field: str = field(default="text", metadata={"help": "column holding text in .jsonl/.parquet files"})
     tokenizer: str = field(default="bytes", metadata={"help": "'bytes' or a path to a tokenizer.json"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training window (text data)"})
+    pack: bool = field(default=False, metadata={
+        "help": "text data: pack whole documents into the training windows with their boundaries (no state or "
+                "loss crosses one; docs/training.md#packed-documents)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per device per step"})
     eval_batch_size: int = field(default=32, metadata={"help": "sequences per evaluation batch"})
     seed: int = field(default=0, metadata={"help": "seed of the data (shuffling, synthetic examples)"})

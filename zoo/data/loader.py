@@ -43,10 +43,15 @@ def build_data(data_cfg) -> DataBundle:
 
 
 def collate(items):
-    """Stack (input_ids, labels) pairs into a batch dict."""
-    input_ids = torch.stack([i for i, _ in items])
-    labels = torch.stack([l for _, l in items])
-    return {"input_ids": input_ids, "labels": labels}
+    """Stack (input_ids, labels) pairs into a batch dict; packed items (input_ids, labels, document lengths) add
+    ``cu_seqlens``, the document boundaries of the batch's rows laid end to end (B·T tokens)."""
+    input_ids = torch.stack([item[0] for item in items])
+    labels = torch.stack([item[1] for item in items])
+    batch = {"input_ids": input_ids, "labels": labels}
+    if len(items[0]) == 3:
+        lengths = torch.cat([item[2] for item in items])
+        batch["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    return batch
 
 
 class ResumableLoader:

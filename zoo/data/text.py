@@ -2,6 +2,8 @@
 
 Documents are chapters (KJV) or records (local files); each is followed by ``<eos>``. The held-out split is the last
 10% of books (``data.split=book``, any corpus with a ``book`` field) or a random fraction of documents.
+``data.pack=true`` packs whole documents into the training windows instead (``PackedWindowDataset``), with their
+boundaries; the held-out windows stay the plain ones, so validation numbers compare across runs.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from zoo.data.tokenizer import load_tokenizer
 from zoo.errors import DataError
+from zoo.eval.metrics import IGNORE_INDEX
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -208,11 +211,67 @@ class WindowDataset(torch.utils.data.Dataset):
         return window[:-1], window[1:]
 
 
+class PackedWindowDataset(torch.utils.data.Dataset):
+    """Windows of ``seq_len`` tokens made of whole documents (each with its ``<eos>``), packed in order.
+
+    A document that does not fit the rest of a window opens the next one; one longer than ``seq_len`` is cut into
+    ``seq_len``-token pieces, each a document of its own. The unfilled end of a window is one padding document of
+    ``<eos>`` tokens that is never scored. Item i is ``(input_ids (T,), labels (T,), lengths (n,))``: labels are the
+    next token of the same document, IGNORE_INDEX at each document's last token (the first token of a document is
+    never the target of the previous one); ``lengths`` sum to T and become the batch's ``cu_seqlens``.
+    """
+
+    def __init__(self, documents: list[np.ndarray], seq_len: int, pad_id: int):
+        self.seq_len = seq_len
+        self.windows: list[list[np.ndarray]] = []
+        current, used = [], 0
+        for doc in documents:
+            pieces = [doc[i:i + seq_len] for i in range(0, len(doc), seq_len)]
+            for piece in pieces:
+                if used + len(piece) > seq_len:
+                    self.windows.append(current)
+                    current, used = [], 0
+                current.append(piece)
+                used += len(piece)
+        if current:
+            self.windows.append(current)
+        if not self.windows:
+            raise DataError("the text holds no documents to pack")
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int):
+        docs = list(self.windows[i])
+        used = sum(len(doc) for doc in docs)
+        inputs, labels = [], []
+        for doc in docs:
+            inputs.append(doc)
+            labels.append(np.append(doc[1:], IGNORE_INDEX))
+        if used < self.seq_len:
+            docs.append(np.full(self.seq_len - used, self.pad_id, dtype=np.int32))
+            inputs.append(docs[-1])
+            labels.append(np.full(self.seq_len - used, IGNORE_INDEX))
+        lengths = torch.tensor([len(doc) for doc in docs], dtype=torch.long)
+        return (torch.from_numpy(np.concatenate(inputs)).long(), torch.from_numpy(np.concatenate(labels)).long(),
+                lengths)
+
+
+def document_tokens(documents: list[str], tokenizer) -> list[np.ndarray]:
+    """Each document's token ids followed by ``<eos>``, int32."""
+    return [np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=np.int32) for doc in documents]
+
+
 def text_datasets(data_cfg):
-    """(train WindowDataset, held-out WindowDataset, tokenizer) for text data."""
+    """(train WindowDataset or PackedWindowDataset (``data.pack``), held-out WindowDataset, tokenizer) for text
+    data."""
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     train_docs, test_docs, in_effect, more = split_documents(data_cfg)
-    train = WindowDataset(token_stream(train_docs, tokenizer), data_cfg.seq_len)
+    if data_cfg.pack:
+        train = PackedWindowDataset(document_tokens(train_docs, tokenizer), data_cfg.seq_len, tokenizer.eos_id)
+    else:
+        train = WindowDataset(token_stream(train_docs, tokenizer), data_cfg.seq_len)
     test_stream = token_stream(test_docs, tokenizer)
     if len(test_stream) < data_cfg.seq_len + 1:
         raise DataError(f"the held-out split holds {len(test_stream)} tokens, fewer than data.seq_len + 1 "

@@ -27,8 +27,16 @@ class LanguageModelTask(Task):
         """The labels (B, T) the training loss scores."""
         return batch["labels"]
 
+    def logits(self, batch: dict):
+        """(logits (B, T, V), state) of the batch; packed rows (``cu_seqlens``) run end to end as one sequence."""
+        input_ids = batch["input_ids"]                                                # (B, T)
+        if "cu_seqlens" not in batch:
+            return self._forward(input_ids)
+        logits, state = self._forward(input_ids.reshape(1, -1), cu_seqlens=batch["cu_seqlens"])  # (1, B·T, V)
+        return logits.reshape(*input_ids.shape, -1), state
+
     def task_loss(self, batch: dict):
-        logits, state = self._forward(batch["input_ids"])                             # (B, T, V)
+        logits, state = self.logits(batch)                                            # (B, T, V)
         labels = self.training_labels(batch)                                          # (B, T)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, state, {}
