@@ -223,3 +223,40 @@ def test_a_directory_given_as_resume_is_reported_as_a_directory(tmp_path, capsys
     assert run_zoo("train", *TINY_MQAR, f"run.root={tmp_path}", "run.name=r", f"resume={tmp_path}") == 2
     assert f"resume={tmp_path} is a directory; give its checkpoint file ({tmp_path / 'last.ckpt'})" in \
         one_line_error(capsys)
+
+
+@pytest.mark.parametrize("option, named", [("top_p=0", "top_p=0"), ("top_p=1.5", "top_p=1.5"),
+                                           ("repetition_penalty=0", "repetition_penalty=0"),
+                                           ("repetition_penalty=nan", "repetition_penalty=nan"),
+                                           ("stream=yes", "stream=yes"), ("stop=", "stop= is empty"),
+                                           ("prompts=missing.txt", "prompts=missing.txt")])
+def test_generate_rejects_bad_sampling_stop_and_stream_options(tiny_lm, capsys, option, named):
+    assert run_zoo("generate", f"checkpoint={tiny_lm}", "prompt=ab", option) == 2
+    assert named in one_line_error(capsys)
+
+
+def test_generate_batches_prompts_of_different_lengths_like_one_by_one(tiny_lm, capsys, tmp_path):
+    common = [f"checkpoint={tiny_lm}", "max_new_tokens=5", "temperature=0", "top_p=0.9", "repetition_penalty=1.3"]
+    alone = []
+    for prompt in ("ab", "a longer prompt"):
+        assert run_zoo("generate", *common, f"prompt={prompt}") == 0
+        alone.append(capsys.readouterr().out)
+    assert run_zoo("generate", *common, "prompt=ab", "prompt=a longer prompt") == 0
+    assert capsys.readouterr().out == "".join(alone)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ab\na longer prompt\n")
+    assert run_zoo("generate", *common, f"prompts={prompts}") == 0
+    assert capsys.readouterr().out == "".join(alone)
+
+
+def test_generate_streams_tokens_and_stops_at_a_stop_string(tiny_lm, capsys):
+    common = [f"checkpoint={tiny_lm}", "prompt=ab", "max_new_tokens=8", "temperature=0"]
+    assert run_zoo("generate", *common) == 0
+    full = capsys.readouterr().out
+    assert run_zoo("generate", *common, "stream=true") == 0
+    assert capsys.readouterr().out == full
+    stop = full[4:6]                                   # the 3rd and 4th new characters (byte tokens)
+    assert run_zoo("generate", *common, f"stop={stop}") == 0
+    assert capsys.readouterr().out.rstrip("\n") == full[:full.index(stop, 2) + len(stop)]
+    assert run_zoo("generate", *common, "stream=true", "prompt=cd") == 2
+    assert "stream=true prints one row" in one_line_error(capsys)

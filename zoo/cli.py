@@ -15,6 +15,7 @@ import errno
 import math
 import os
 import sys
+from pathlib import Path
 
 from zoo.config import ConfigError, help_text, parse_args
 from zoo.errors import ZooError
@@ -24,11 +25,14 @@ VERBS = {
     "train": "train a model from a config: zoo train config=NAME.yaml [key=value ...] [resume=auto|true|PATH]",
     "eval": "evaluate an export directory on its held-out data: zoo eval checkpoint=DIR [tasks=NAME] [key=value ...]",
     "export": "write an export directory from a training checkpoint: zoo export checkpoint=FILE.ckpt out=DIR",
-    "generate": "continue a prompt: zoo generate checkpoint=DIR prompt=TEXT [max_new_tokens=N temperature=T top_k=K]",
+    "generate": "continue prompts: zoo generate checkpoint=DIR prompt=TEXT [max_new_tokens=N temperature=T top_k=K "
+                "top_p=P ...]",
     "list": "list mixers, bundled configs and shipped checkpoints",
 }
 
-GENERATE_OPTIONS = ("checkpoint", "prompt", "max_new_tokens", "temperature", "top_k", "seed")
+GENERATE_OPTIONS = ("checkpoint", "prompt", "prompts", "max_new_tokens", "temperature", "top_k", "top_p",
+                    "repetition_penalty", "stop", "stream", "seed")
+GENERATE_REPEATABLE = ("prompt", "stop")
 
 
 def usage() -> str:
@@ -52,8 +56,12 @@ def verb_help(verb: str) -> str:
     if verb == "export":
         return f"{head}\n\n  checkpoint=FILE.ckpt  out=DIR (default: <run>/model)\n"
     if verb == "generate":
-        return (f"{head}\n\n  checkpoint=DIR  prompt=TEXT  max_new_tokens=200  temperature=0.8 (0 = greedy)  "
-                f"top_k=50 (null = no cut)  seed=0\n"
+        return (f"{head}\n\n  checkpoint=DIR  prompt=TEXT (repeatable; prompts of different lengths are left-padded "
+                f"into one batch)  prompts=FILE (one prompt a line)\n"
+                f"  max_new_tokens=200  temperature=0.8 (0 = greedy)  top_k=50 (null = no cut)  top_p=null (nucleus, "
+                f"in (0, 1])  repetition_penalty=1.0 (1 = off)\n"
+                f"  stop=TEXT (repeatable: a row ends when its new text ends with it)  stream=false (true: print "
+                f"tokens as they come, one prompt)  seed=0\n"
                 f"  architectures that generate: {', '.join(generating_architectures())}\n")
     return head
 
@@ -215,6 +223,48 @@ def generate_temperature(text: str) -> float:
     return value
 
 
+def generate_fraction(options: dict, key: str, default: str, low: float, high: float | None,
+                      null_allowed: bool = False) -> float | None:
+    """A number option of zoo generate in (low, high] (no upper bound when high is None), or null."""
+    text = options.get(key, default)
+    if null_allowed and text == "null":
+        return None
+    expected = f"a number in ({low}, {high}]" if high is not None else f"a finite number > {low}"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= low or (high is not None and value > high):
+        raise ConfigError(f"zoo generate: {key}={text} is not {expected}" + (" or null" if null_allowed else ""))
+    return value
+
+
+def generate_prompts(argv: list[str], options: dict) -> list[str]:
+    """The prompts of zoo generate: every ``prompt=`` value, then the lines of ``prompts=FILE``; one empty prompt
+    when none is given."""
+    prompts = [arg.partition("=")[2] for arg in argv if arg.partition("=")[0] == "prompt"]
+    if "prompts" in options:
+        path = Path(options["prompts"])
+        if not path.is_file():
+            raise ConfigError(f"zoo generate: prompts={path} is not a file; give a text file with one prompt a line")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return prompts or [""]
+
+
+def print_stream(tokenizer):
+    """A streamer for one row: prints the text of each new token as it comes (holding back a partial character)."""
+    ids, shown = [], [0]
+
+    def put(tokens):
+        ids.append(int(tokens[0]))
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            print(text[shown[0]:], end="", flush=True)
+            shown[0] = len(text)
+
+    return put
+
+
 def cmd_generate(argv: list[str]) -> int:
     options, rest = split_options(argv, GENERATE_OPTIONS, "generate")
     if rest:
@@ -223,7 +273,19 @@ def cmd_generate(argv: list[str]) -> int:
     max_new = generate_integer(options, "max_new_tokens", "200", minimum=0)
     temperature = generate_temperature(options.get("temperature", "0.8"))
     top_k = generate_integer(options, "top_k", "50", minimum=1, null_allowed=True)
+    top_p = generate_fraction(options, "top_p", "null", 0.0, 1.0, null_allowed=True)
+    repetition_penalty = generate_fraction(options, "repetition_penalty", "1.0", 0.0, None)
     seed = generate_integer(options, "seed", "0", minimum=0)
+    stream = options.get("stream", "false")
+    if stream not in ("true", "false"):
+        raise ConfigError(f"zoo generate: stream={stream} is not true or false")
+    stop_texts = [arg.partition("=")[2] for arg in argv if arg.partition("=")[0] == "stop"]
+    if "" in stop_texts:
+        raise ConfigError("zoo generate: stop= is empty; give the text that ends a row, e.g. stop=.")
+    prompts = generate_prompts(argv, options)
+    if stream == "true" and len(prompts) > 1:
+        raise ConfigError(f"zoo generate: stream=true prints one row as it comes, got {len(prompts)} prompts; "
+                          f"give one prompt or stream=false")
     import torch
 
     from zoo.checkpoint import load_export, read_export_config
@@ -236,10 +298,27 @@ def cmd_generate(argv: list[str]) -> int:
                           f"{', '.join(generating_architectures())}")
     model = load_export(path)
     tokenizer = load_tokenizer(config.data.tokenizer)
-    ids = tokenizer.encode(options.get("prompt", "")) or [tokenizer.eos_id]
+    rows = [tokenizer.encode(prompt) or [tokenizer.eos_id] for prompt in prompts]
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.tensor([[tokenizer.eos_id] * (width - len(ids)) + ids for ids in rows])  # (B, T) left-padded
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows])
+    padded = bool((attention_mask == 0).any())
     generator = torch.Generator().manual_seed(seed)
-    out = model.generate(torch.tensor([ids]), max_new, temperature=temperature, top_k=top_k, generator=generator)
-    print(tokenizer.decode(out[0].tolist()))
+    if stream == "true":
+        print(prompts[0], end="", flush=True)
+    try:
+        out = model.generate(input_ids, max_new, attention_mask=attention_mask if padded else None,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, eos_id=None,
+                             stop=[tokenizer.encode(text) for text in stop_texts] or None,
+                             streamer=print_stream(tokenizer) if stream == "true" else None, generator=generator)
+    except ValueError as error:
+        raise ConfigError(f"zoo generate: {error}") from None
+    if stream == "true":
+        print()
+        return 0
+    for row, ids in enumerate(rows):
+        print(tokenizer.decode(out[row, width - len(ids):].tolist()))
     return 0
 
 
