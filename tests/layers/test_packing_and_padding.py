@@ -2,6 +2,8 @@
 forward equals the documents run one by one, a padded row equals that row run alone, outputs and gradients."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -117,3 +119,12 @@ def test_titans_rows_off_the_chunk_grid_are_refused():
     with pytest.raises(ValueError, match="differ modulo chunk_size=4"):
         mixer(x, mask=mask)
     assert mixer_class("titans").takes_cu_seqlens
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_mixers_declare_mask_and_cu_seqlens(name):
+    cls = mixer_class(name)
+    parameters = inspect.signature(cls.forward).parameters
+    assert cls.takes_mask and cls.takes_cu_seqlens, f"{cls.__name__} must take mask= and cu_seqlens="
+    for key in ("mask", "cu_seqlens"):
+        assert parameters[key].kind is inspect.Parameter.KEYWORD_ONLY, f"{cls.__name__}.forward: {key} keyword-only"

@@ -187,8 +187,20 @@ def test_a_mask_reaches_only_mixers_that_declare_takes_mask():
     from zoo.layers.mom import GatedDeltaNet
     from zoo.models.lm import Block
 
+    from zoo.layers.base import Mixer
+
+    class NoMask(Mixer):
+        """A causal mixer that declares no mask."""
+
+        dim = 32
+
+        def forward(self, x, state=None):
+            return x, state
+
     x, mask = torch.randn(2, 5, 32), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     encoder = Block(32, Attention(32, 2, causal=False), None, 1e-5, 0.0)
     assert encoder(x, None, mask)[0].shape == (2, 5, 32)
-    with pytest.raises(ValueError, match="GatedDeltaNet takes no mask"):
+    with pytest.raises(ValueError, match="NoMask takes no mask"):
+        Block(32, NoMask(), None, 1e-5, 0.0)(x, None, mask)
+    with pytest.raises(ValueError, match="GatedDeltaNet: mask must be left padding"):  # causal: left padding only
         Block(32, GatedDeltaNet(32, 2), None, 1e-5, 0.0)(x, None, mask)
