@@ -14,18 +14,10 @@ from zoo.registry import mixer_class
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-def grid(name: str) -> int:
-    """Rows and documents of a Titans mixer share a state only on the same chunk (segment) grid: lengths differing by
-    a multiple of the 8 tokens the contract's CASES set; other mixers take any lengths."""
-    return 8 if name.startswith("titans") else 1
-
-
-def document_lengths(name: str, T: int) -> list[int]:
-    """A document of length 1, boundaries inside chunks (at 1, 10, ...), the rest of T (cut to the grid)."""
-    step = grid(name)
-    lengths = [1, 1 + step * (9 // step or 1), 1 + step * (17 // step or 2)]
-    rest = T - sum(lengths)
-    return lengths + [rest - (rest - 1) % step]
+def document_lengths(T: int) -> list[int]:
+    """A document of length 1, then boundaries inside chunks and segments (at 1, 10, 27 with the contract's 4- and
+    8-token grids), the rest of T."""
+    return [1, 9, 17, T - 27]
 
 
 def outputs_and_gradients(run, x: torch.Tensor, mixer, weight: torch.Tensor):
@@ -41,7 +33,7 @@ def outputs_and_gradients(run, x: torch.Tensor, mixer, weight: torch.Tensor):
 @pytest.mark.parametrize("name", CAUSAL)
 def test_packed_documents_equal_separate_calls(name, dtype):
     mixer, x = build(name, dtype=dtype), inputs(name, dtype=dtype)[:1]
-    lengths = document_lengths(name, x.shape[1])
+    lengths = document_lengths(x.shape[1])
     x = x[:, :sum(lengths)]
     cu_seqlens = torch.tensor([0, *lengths]).cumsum(0)
     weight = torch.randn_like(x[..., :1].expand_as(x))
@@ -59,7 +51,7 @@ def test_packed_documents_equal_separate_calls(name, dtype):
 @pytest.mark.parametrize("name", CAUSAL)
 def test_packed_state_continues_every_document(name):
     mixer, x = build(name), inputs(name)[:1]
-    lengths = document_lengths(name, x.shape[1] - 2)
+    lengths = document_lengths(x.shape[1] - 2)
     T = sum(lengths)
     _, state = mixer(x[:, :T], cu_seqlens=torch.tensor([0, *lengths]).cumsum(0))
     follow = x[:, T:T + 1].expand(len(lengths), 1, -1)                          # one more token per document
@@ -74,7 +66,7 @@ def test_packed_state_continues_every_document(name):
 @pytest.mark.parametrize("name", CAUSAL)
 def test_left_padded_rows_equal_rows_alone_and_decode_on(name, dtype):
     mixer, x = build(name, dtype=dtype), inputs(name, dtype=dtype)
-    pads = [0, 5 if grid(name) == 1 else grid(name)]
+    pads = [0, 5]                                                                 # off every chunk grid
     T = x.shape[1]
     mask = torch.arange(T) >= torch.tensor(pads).unsqueeze(1)                    # (B, T) left padding
     weight = torch.randn_like(x)
@@ -113,12 +105,13 @@ def test_bad_cu_seqlens_and_masks_are_one_clear_error(name):
         mixer(x, mask=right_padded)
 
 
-def test_titans_rows_off_the_chunk_grid_are_refused():
-    mixer, x = build("titans"), inputs("titans")[:, :12]
-    mask = torch.arange(12) >= torch.tensor([0, 3]).unsqueeze(1)
-    with pytest.raises(ValueError, match="differ modulo chunk_size=4"):
-        mixer(x, mask=mask)
-    assert mixer_class("titans").takes_cu_seqlens
+@pytest.mark.parametrize("name", ["titans", "titans_mac"])
+def test_titans_rows_at_different_grid_places_share_one_state(name):
+    mixer, x = build(name), inputs(name)[:, :12]
+    mask = torch.arange(12) >= torch.tensor([0, 3]).unsqueeze(1)              # rows of 12 and 9 tokens
+    _, state = mixer(x, mask=mask)
+    counts = state.pending_rows if name == "titans" else state.filled_rows
+    assert counts.tolist() == ([0, 1] if name == "titans" else [4, 1])        # chunk 4, segment 8
 
 
 @pytest.mark.parametrize("name", CAUSAL)

@@ -101,27 +101,34 @@ class Mixer(nn.Module):
         if not any(starts):
             return self.forward(x, state)
         self.check_state(state, x)
-        B, T = x.shape[:2]
+        T = x.shape[1]
         groups: dict[int, list[int]] = {}
         for row, start in enumerate(starts):
             groups.setdefault(start, []).append(row)
         if T in groups and state is None:
             raise ValueError(f"{type(self).__name__}: rows {groups[T]} of mask hold no real token and there is no "
                              f"state to keep; give every row at least one real token")
+        return self.forward_row_groups(x, [(rows, start, None if state is None else select_rows(state, rows))
+                                           for start, rows in sorted(groups.items())])
+
+    def forward_row_groups(self, x: torch.Tensor, groups: list):
+        """``forward`` of x (B, T, D) as groups of rows, each ``(rows, start, state)``: the rows run alone on
+        ``x[rows, start:]`` from ``state`` (outputs before start are 0; start == T keeps the state as it is), and
+        the groups' states are stacked back in row order."""
+        B, T = x.shape[:2]
         y, order, states = None, [], []
-        for start, rows in sorted(groups.items()):
+        for rows, start, state in groups:
             index = torch.tensor(rows, device=x.device)
-            if start == T:
-                states.append(select_rows(state, index))
-            else:
-                out, group_state = self.forward(x[index, start:], None if state is None else select_rows(state, index))
+            if start < T:
+                out, state = self.forward(x[index, start:], state)
                 if y is None:
                     y = out.new_zeros(B, T, out.shape[-1])                          # (B, T, D), 0 at the pads
                 y = y.index_put((index.unsqueeze(1), torch.arange(start, T, device=x.device)), out)
-                states.append(group_state)
+            states.append(state)
             order.extend(rows)
         inverse = torch.empty(B, dtype=torch.long, device=x.device)
         inverse[torch.tensor(order, device=x.device)] = torch.arange(B, device=x.device)
+        y = x.new_zeros(B, T, x.shape[-1]) if y is None else y
         return y, select_rows(self.stack_states(states), inverse)
 
 
@@ -161,6 +168,22 @@ def select_rows(state, index):
         items = [select_rows(item, index) for item in state]
         return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
     return state
+
+
+def row_groups(counts: list[int]) -> dict[int, list[int]]:
+    """{count: the rows that have it}, by increasing count."""
+    groups: dict[int, list[int]] = {}
+    for row, count in enumerate(counts):
+        groups.setdefault(count, []).append(row)
+    return dict(sorted(groups.items()))
+
+
+def left_pad_time(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """tensor (B, t, ...) with zeros prepended along time to (B, width, ...)."""
+    missing = width - tensor.shape[1]
+    if not missing:
+        return tensor
+    return torch.cat([tensor.new_zeros(tensor.shape[0], missing, *tensor.shape[2:]), tensor], dim=1)
 
 
 def cat_rows(name: str, states: list):

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.kernels._common import compute_dtype, l2_normalize
 from zoo.kernels.titans_linear_memory import LinearMemoryState, titans_linear_memory
 from zoo.kernels.titans_mlp_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
-from zoo.layers.base import Mixer
+from zoo.layers.base import Mixer, cat_rows, left_pad_time, row_groups, select_rows
 from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm
 
@@ -47,6 +47,9 @@ class TitansState(NamedTuple):
     pending_k, pending_v: (B, p, H, d): the p < chunk_size tokens after that boundary (p is read from the shape).
     pending_gates: (B, p, H, 2 + L) = (α, η, θ^1..θ^L) of those tokens (zeros where a gate is disabled).
     conv: (B, conv_size − 1, 3·H·d): the last pre-conv q, k, v projections.
+    pending_rows: (B,) long, each row's own p when the rows of a batch stand at different places of the chunk grid
+        (left-padded rows, packed documents): the pending tensors then hold each row's p tokens at their end, after
+        zeros; None when every row has p = pending_k.shape[1].
     """
 
     weights: tuple
@@ -55,6 +58,7 @@ class TitansState(NamedTuple):
     pending_v: torch.Tensor
     pending_gates: torch.Tensor
     conv: torch.Tensor
+    pending_rows: torch.Tensor | None = None
 
 
 class TitansMemory(Mixer):
@@ -192,12 +196,28 @@ class TitansMemory(Mixer):
                 "pending_gates": (None, H, 2 + self.memory_depth), "conv": (max(self.conv_size - 1, 0), 3 * H * d)}
 
     def stack_states(self, states: list[TitansState]) -> TitansState:
-        pending = sorted({state.pending_k.shape[1] for state in states})
-        if len(pending) > 1:
-            raise ValueError(f"TitansMemory: rows whose lengths differ modulo chunk_size={self.chunk_size} (pending "
-                             f"tokens {pending}) cannot share one state, as each row updates on its own chunk grid; "
-                             f"batch rows whose lengths agree modulo {self.chunk_size}, or run them separately")
-        return super().stack_states(states)
+        """The rows of ``states`` in one state; rows at different places of the chunk grid keep their own pending
+        count in ``pending_rows``."""
+        counts = torch.cat([pending_counts(state) for state in states])                # (B,)
+        width = max(state.pending_k.shape[1] for state in states)
+        padded = [state._replace(pending_k=left_pad_time(state.pending_k, width),
+                                 pending_v=left_pad_time(state.pending_v, width),
+                                 pending_gates=left_pad_time(state.pending_gates, width), pending_rows=None)
+                  for state in states]
+        stacked = cat_rows("TitansMemory", padded)
+        return stacked if bool((counts == width).all()) else stacked._replace(pending_rows=counts)
+
+    def _forward_apart(self, x: torch.Tensor, state: TitansState):
+        """Rows at different places of the chunk grid: each group of rows with one pending count runs alone."""
+        width = state.pending_k.shape[1]
+        groups = []
+        for count, rows in row_groups(state.pending_rows.tolist()).items():
+            part = select_rows(state, rows)
+            part = part._replace(pending_k=part.pending_k[:, width - count:],
+                                 pending_v=part.pending_v[:, width - count:],
+                                 pending_gates=part.pending_gates[:, width - count:], pending_rows=None)
+            groups.append((rows, 0, part))
+        return self.forward_row_groups(x, groups)
 
     def forward(self, x: torch.Tensor, state: TitansState | None = None, *, mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None):
@@ -205,6 +225,8 @@ class TitansMemory(Mixer):
         if mask is not None or cu_seqlens is not None:
             return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
+        if state is not None and state.pending_rows is not None:
+            return self._forward_apart(x, state)
         B, T, D = x.shape
         if T == 0:  # nothing to absorb (ShortConv needs at least one token)
             return x.new_zeros(B, 0, D), (state if state is not None else self._empty_state(x))
@@ -291,6 +313,14 @@ class TitansMemory(Mixer):
         return TitansState(weights, tuple(torch.zeros_like(w) for w in weights), empty, empty.clone(),
                            x.new_zeros(B, 0, self.heads, 2 + self.memory_depth, dtype=dtype),
                            x.new_zeros(B, max(self.conv_size - 1, 0), 3 * inner))
+
+
+def pending_counts(state: TitansState) -> torch.Tensor:
+    """(B,) long: each row's number of pending tokens."""
+    if state.pending_rows is not None:
+        return state.pending_rows
+    B, p = state.pending_k.shape[:2]
+    return torch.full((B,), p, dtype=torch.long, device=state.pending_k.device)
 
 
 __all__ = ["TitansMemory", "TitansState"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from zoo.layers.attention import Attention, AttentionState
-from zoo.layers.base import Mixer
+from zoo.layers.base import Mixer, cat_rows, left_pad_time, row_groups, select_rows
 from zoo.layers.norm import RMSNorm
 from zoo.layers.titans import MEMORY_OPTIONS, TitansMemory, TitansState
 
@@ -69,6 +69,9 @@ class MACState(NamedTuple):
     read_conv: (B, conv_size − 1, H·d): conv cache of the read path's q projection on the x stream.
     memory_k, memory_v, token_k, token_v: (B, p, H_a, d_a): attention keys/values of the h and x positions of the
         current partial segment (p read from the shape; emptied when a segment completes).
+    filled_rows: (B,) long, each row's own p when the rows of a batch stand at different places of the segment grid
+        (left-padded rows, packed documents): the caches then hold each row's p positions at their end, after zeros;
+        None when every row has p = token_k.shape[1].
     """
 
     memory: TitansState | None
@@ -78,6 +81,7 @@ class MACState(NamedTuple):
     memory_v: torch.Tensor
     token_k: torch.Tensor
     token_v: torch.Tensor
+    filled_rows: torch.Tensor | None = None
 
 
 class TitansMAC(Mixer):
@@ -128,12 +132,26 @@ class TitansMAC(Mixer):
                 "memory_k": cache, "memory_v": cache, "token_k": cache, "token_v": cache}
 
     def stack_states(self, states: list[MACState]) -> MACState:
-        filled = sorted({state.token_k.shape[1] for state in states})
-        if len(filled) > 1:
-            raise ValueError(f"TitansMAC: rows whose lengths differ modulo segment_len={self.segment_len} (segment "
-                             f"positions {filled}) cannot share one state, as each row runs on its own segment grid; "
-                             f"batch rows whose lengths agree modulo {self.segment_len}, or run them separately")
-        return super().stack_states(states)
+        """The rows of ``states`` in one state; rows at different places of the segment grid keep their own
+        position in ``filled_rows``."""
+        counts = torch.cat([filled_counts(state) for state in states])                 # (B,)
+        width = max(state.token_k.shape[1] for state in states)
+        caches = [[left_pad_time(tensor, width) for tensor in state[3:7]] for state in states]
+        memories = [state.memory for state in states]
+        memory = None if all(m is None for m in memories) else self.lmm.stack_states(memories)
+        rest = cat_rows("TitansMAC", [(state.read_weights, state.read_conv) for state in states])
+        stacked = MACState(memory, *rest, *(torch.cat(column) for column in zip(*caches)))
+        return stacked if bool((counts == width).all()) else stacked._replace(filled_rows=counts)
+
+    def _forward_apart(self, x: torch.Tensor, state: MACState):
+        """Rows at different places of the segment grid: each group of rows with one position runs alone."""
+        width = state.token_k.shape[1]
+        groups = []
+        for count, rows in row_groups(state.filled_rows.tolist()).items():
+            part = select_rows(state, rows)
+            caches = (tensor[:, width - count:] for tensor in part[3:7])
+            groups.append((rows, 0, MACState(part.memory, part.read_weights, part.read_conv, *caches)))
+        return self.forward_row_groups(x, groups)
 
     def forward(self, x: torch.Tensor, state: MACState | None = None, *, mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None):
@@ -141,6 +159,8 @@ class TitansMAC(Mixer):
         if mask is not None or cu_seqlens is not None:
             return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
+        if state is not None and state.filled_rows is not None:
+            return self._forward_apart(x, state)
         B, T, D = x.shape
         state = self._fresh_state(x) if state is None else state
         outputs, start = [], 0
@@ -290,6 +310,14 @@ class TitansMAL(Mixer):
         u, memory_state = self.lmm(x, memory_state)  # (B, T, D)
         a, attention_state = self.attn(self.norm(x + u), attention_state)  # (B, T, D)
         return u + a, MALState(memory_state, attention_state)
+
+
+def filled_counts(state: MACState) -> torch.Tensor:
+    """(B,) long: each row's number of positions in its current segment."""
+    if state.filled_rows is not None:
+        return state.filled_rows
+    B, p = state.token_k.shape[:2]
+    return torch.full((B,), p, dtype=torch.long, device=state.token_k.device)
 
 
 __all__ = ["TitansMAC", "TitansMAG", "TitansMAL", "MACState", "MAGState", "MALState"]
