@@ -121,5 +121,7 @@ def test_bad_arguments_raise_clear_errors():
         Attention(32, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match="sliding window needs causal=True"):
         Attention(32, heads=4, window=8, causal=False)
-    with pytest.raises(ValueError, match="causal attention takes no mask"):
-        Attention(32, heads=4)(torch.randn(1, 3, 32), mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be left padding"):  # causal attention takes left padding only
+        Attention(32, heads=4)(torch.randn(1, 3, 32), mask=torch.tensor([[True, True, False]]))
+    with pytest.raises(ValueError, match="cu_seqlens needs causal=True"):
+        Attention(32, heads=4, causal=False)(torch.randn(1, 3, 32), cu_seqlens=torch.tensor([0, 3]))
