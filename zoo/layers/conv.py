@@ -131,3 +131,14 @@ class ShortConv(nn.Module):
         else:
             *pieces, state = _CausalConvSiLU.apply(x, state, weight, bias, sizes)
         return (pieces[0] if split is None else tuple(pieces)), state
+
+
+def conv_documents(conv: ShortConv, x: torch.Tensor, state: torch.Tensor | None, bounds: list[int]):
+    """``conv`` on packed documents x (1, T, C) with boundaries ``bounds`` [0, ..., T]: no tap reaches past a
+    document's start. state: (N, size-1, C) per document or None; returns (y (1, T, C), new states (N, size-1, C))."""
+    outputs, states = [], []
+    for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        y, new_state = conv(x[:, start:end], None if state is None else state[k:k + 1])
+        outputs.append(y)
+        states.append(new_state)
+    return torch.cat(outputs, dim=1), torch.cat(states, dim=0)

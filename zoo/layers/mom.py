@@ -24,8 +24,8 @@ from torch import nn
 
 from zoo.kernels._common import compute_dtype
 from zoo.kernels.gated_delta import gated_delta_rule
-from zoo.layers.base import Mixer, cat_rows
-from zoo.layers.conv import ShortConv
+from zoo.layers.base import Mixer, cat_rows, document_bounds
+from zoo.layers.conv import ShortConv, conv_documents
 from zoo.layers.norm import RMSNorm
 
 __all__ = ["GatedDeltaNet", "GDNState", "MixtureOfMemories", "MoMState", "CONV_SIZE", "sort_by_memory", "segment_conv",
@@ -206,6 +206,8 @@ class GatedDeltaNet(_GatedDeltaBase):
     def forward(self, x: torch.Tensor, state: GDNState | None = None, *, mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, GDNState]:
         self.check_input(x)
+        if cu_seqlens is not None and mask is None:
+            return self._forward_packed(x, state, cu_seqlens)
         if mask is not None or cu_seqlens is not None:
             return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
@@ -215,6 +217,21 @@ class GatedDeltaNet(_GatedDeltaBase):
         beta, g = self._gates(self.b_proj(x), self.a_proj(x), compute_dtype(x))    # (B, T, H) each
         o, *new_state = self._dense_memory(self.q_proj(x), self.k_proj(x), self.v_proj(x), beta, g, *state)
         return self._output(o, x), GDNState(*new_state)
+
+    def _forward_packed(self, x: torch.Tensor, state: GDNState | None, cu_seqlens: torch.Tensor):
+        """Packed documents x (1, T, D): the convs per document, then one ``gated_delta_rule`` call with the
+        boundaries; the state has one row per document."""
+        bounds = document_bounds("GatedDeltaNet", cu_seqlens, x)
+        self.check_state(state, x, batch=len(bounds) - 1)
+        caches = (None,) * 3 if state is None else state[1:]
+        q, cache_q = conv_documents(self.conv_q, self.q_proj(x), caches[0], bounds)  # (1, T, H·d)
+        k, cache_k = conv_documents(self.conv_k, self.k_proj(x), caches[1], bounds)
+        v, cache_v = conv_documents(self.conv_v, self.v_proj(x), caches[2], bounds)
+        q, k, v = (rearrange(F.silu(z), "b t (h d) -> b t h d", d=self.head_dim) for z in (q, k, v))
+        beta, g = self._gates(self.b_proj(x), self.a_proj(x), compute_dtype(x))    # (1, T, H) each
+        o, S = gated_delta_rule(q, k, v, g, beta, initial_state=None if state is None else state.S,
+                                cu_seqlens=cu_seqlens, use_qk_l2norm=True)       # (1, T, H, d), (N, H, d, d)
+        return self._output(o, x), GDNState(S, cache_q, cache_k, cache_v)
 
 
 # ------------------------------------------------------------------------------------------ Mixture-of-Memories
