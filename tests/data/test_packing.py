@@ -11,7 +11,6 @@ from zoo.data.loader import build_data, collate
 from zoo.data.text import PackedWindowDataset
 from zoo.errors import ConfigError
 from zoo.eval.metrics import IGNORE_INDEX
-from zoo.models import build_model
 from zoo.train.module import LanguageModelTask
 
 EOS = 257

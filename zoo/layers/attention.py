@@ -29,7 +29,8 @@ class AttentionState(NamedTuple):
 
 
 def stack_kv_caches(states: list[AttentionState]) -> AttentionState:
-    """One ``AttentionState`` of the rows of ``states``: shorter caches left-padded with invisible keys (position -1)."""
+    """One ``AttentionState`` of the rows of ``states``: shorter caches left-padded with keys at position -1, which
+    no query sees."""
     length = max(state.k.shape[1] for state in states)
 
     def pad(tensor: torch.Tensor, value: float) -> torch.Tensor:

@@ -203,7 +203,8 @@ class MemoryAttention(Mixer):
         if state is None:
             out = F.scaled_dot_product_attention(q_h, k_h, v_h, is_causal=True)  # (B, H, T, d)
         else:
-            allowed = (positions.unsqueeze(-1) >= k_pos.unsqueeze(-2)) & (k_pos >= 0).unsqueeze(-2)  # (B, T, T_past + T)
+            allowed = positions.unsqueeze(-1) >= k_pos.unsqueeze(-2)  # (B, T, T_past + T)
+            allowed = allowed & (k_pos >= 0).unsqueeze(-2)  # cache pads (position -1) are never seen
             out = F.scaled_dot_product_attention(q_h, k_h, v_h, attn_mask=allowed.unsqueeze(1))
         y = rearrange(out, "b h t d -> b t (h d)").to(x.dtype)  # (B, T, D), no output projection
         return y, AttentionState(k_all, v_all, k_pos)
