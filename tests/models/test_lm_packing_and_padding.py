@@ -64,3 +64,17 @@ def test_batched_generation_of_different_lengths_equals_one_by_one(name, dtype):
         alone, _ = model(prompt.unsqueeze(0))
         real = mask[row].bool()
         assert rel_err(logits[row, real], alone[0]) < TOL[dtype], f"{name}: row {row} logits"
+
+
+def test_language_model_names_a_bad_mask_or_cu_seqlens_in_one_error():
+    model = language_model("mamba", torch.float64)
+    ids = torch.ones(2, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="LanguageModel: attention_mask: mask must be left padding"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]))
+    with pytest.raises(ValueError, match="LanguageModel: cu_seqlens needs the sequences packed along time with batch "
+                                         "size 1"):
+        model(ids, cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="LanguageModel: cu_seqlens must increase strictly"):
+        model(ids[:1], cu_seqlens=torch.tensor([0, 3, 3, 6]))
+    with pytest.raises(ValueError, match="LanguageModel: attention_mask must hold 0/1"):
+        model(ids, attention_mask=torch.full((2, 6), 2))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.config import ModelConfig
+from zoo.layers.base import document_bounds, left_padding_starts
 from zoo.layers.mlp import SwiGLU, swiglu_hidden
 from zoo.layers.norm import RMSNorm
 from zoo.registry import BLOCK_MLPS, MLP_ONLY, block_mlp_class, mixer_class, mixer_section
@@ -166,6 +167,10 @@ class LanguageModel(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"LanguageModel: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         mask = padding_mask("LanguageModel", attention_mask, input_ids)
+        if mask is not None:
+            left_padding_starts("LanguageModel: attention_mask", mask, input_ids)   # one error, before any block
+        if cu_seqlens is not None:
+            document_bounds("LanguageModel", cu_seqlens, input_ids)
         h, state = self.forward_embeds(self.embed(input_ids), state, mask, cu_seqlens)
         return self.head(h), state
 
