@@ -27,6 +27,7 @@ VERBS = {
     "export": "write an export directory from a training checkpoint: zoo export checkpoint=FILE.ckpt out=DIR",
     "generate": "continue prompts: zoo generate checkpoint=DIR prompt=TEXT [max_new_tokens=N temperature=T top_k=K "
                 "top_p=P ...]",
+    "sweep": "run a grid of trainings and report them: zoo sweep config=SWEEP.yaml [jobs=N shard=i/n report=true]",
     "list": "list mixers, bundled configs and shipped checkpoints",
 }
 
@@ -63,6 +64,10 @@ def verb_help(verb: str) -> str:
                 f"  stop=TEXT (repeatable: a row ends when its new text ends with it)  stream=false (true: print "
                 f"tokens as they come, one prompt)  seed=0\n"
                 f"  architectures that generate: {', '.join(generating_architectures())}\n")
+    if verb == "sweep":
+        return (f"{head}\n\n  config=FILE|NAME (a sweep file; bundled: zoo/configs/sweeps/)  jobs=1 (cells at a time)  "
+                f"shard=0/1 (run the i-th of n slices)\n  report=true (write results.csv, results.md and figures from "
+                f"the finished cells instead of running)  list=true (print the cells and their commands)\n")
     return head
 
 
@@ -322,6 +327,37 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(argv: list[str]) -> int:
+    options, rest = split_options(argv, ("config", "jobs", "shard", "report", "list"), "sweep")
+    if rest:
+        raise ConfigError(f"zoo sweep takes config=, jobs=, shard=, report=, list=; got '{rest[0]}' (set config keys "
+                          f"in the sweep file's set: section)")
+    from zoo.sweep import load_sweep, parse_shard, run_sweep
+
+    sweep = load_sweep(require(options, "config", "sweep"))
+    jobs = options.get("jobs", "1")
+    if not jobs.isdigit() or int(jobs) < 1:
+        raise ConfigError(f"zoo sweep: jobs={jobs} is not an integer >= 1 (the number of cells run at a time)")
+    jobs = int(jobs)
+    shard = parse_shard(options.get("shard", "0/1"))
+    flags = {}
+    for name in ("report", "list"):
+        value = options.get(name, "false").lower()
+        if value not in ("true", "false"):
+            raise ConfigError(f"{name}: expected true or false, got {options[name]!r}")
+        flags[name] = value == "true"
+    if flags["list"]:
+        for cell in sweep.cells[shard[0]::shard[1]]:
+            print(f"{cell.name}: zoo train {' '.join(cell.train_args)} run.root={sweep.root}")
+        return 0
+    if flags["report"]:
+        from zoo.sweep_report import write_report
+
+        print(write_report(sweep))
+        return 0
+    return run_sweep(sweep, jobs, shard)
+
+
 def cmd_list(argv: list[str]) -> int:
     if argv:
         raise ConfigError(f"zoo list takes no arguments, got {argv[0]!r}")
@@ -332,7 +368,8 @@ def cmd_list(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate, "list": cmd_list}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate, "sweep": cmd_sweep,
+            "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
