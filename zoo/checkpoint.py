@@ -188,10 +188,13 @@ def read_export_config(path: str | Path) -> Config:
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict)."""
+    from zoo.fla_import import fla_format, load_fla
     from zoo.hf_import import foreign_format, load_foreign
     from zoo.models import build_model
 
     path = Path(path)
+    if path.is_dir() and fla_format(path):  # fla GatedDeltaNet / MoM directories
+        return load_fla(path, device)
     if path.is_dir() and foreign_format(path):  # Hugging Face / mamba_ssm Mamba directories
         return load_foreign(path, device)
     config = read_export_config(path)

@@ -104,6 +104,8 @@ class MoMConfig:
     shared_memory: bool = field(default=True, metadata={"help": "add the always-on shared memory (paper default)"})
     aux_loss_scale: float = field(default=1e-3, metadata={
         "help": "weight of the load-balancing loss (paper default: its headline row, Table 6)"})
+    use_gate: bool = field(default=True, metadata={"help": "the SiLU output gate W_G (fla's use_output_gate)"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the per-head output RMSNorm"})
 
 
 @dataclass

@@ -249,12 +249,14 @@ class MixtureOfMemories(_GatedDeltaBase):
     from its top-k of ``num_memories`` memories (router weights renormalised over the k), plus the shared memory with
     weight 1. W_q, the convs, A_log and dt_bias are shared; each memory has its own W_k, W_v, W_b, W_a. In training
     mode the state's ``aux_loss`` holds ``aux_loss_scale · M · Σ_e F_e P_e`` (Switch-style load balance).
+    ``use_gate`` and ``norm_eps`` as in ``GatedDeltaNet`` (fla's ``use_output_gate``, ``norm_eps``).
     """
 
     State = MoMState
 
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None, num_memories: int = 4,
-                 topk: int = 2, shared_memory: bool = True, aux_loss_scale: float = 1e-3):
+                 topk: int = 2, shared_memory: bool = True, aux_loss_scale: float = 1e-3, use_gate: bool = True,
+                 norm_eps: float = NORM_EPS):
         head_dim = _check_heads("MixtureOfMemories", dim, heads, head_dim)
         if num_memories < 1:
             raise ValueError(f"MixtureOfMemories: num_memories must be >= 1, got {num_memories}")
@@ -262,7 +264,7 @@ class MixtureOfMemories(_GatedDeltaBase):
             raise ValueError(f"MixtureOfMemories: topk must be in [1, num_memories={num_memories}], got {topk}")
         if not aux_loss_scale >= 0 or not math.isfinite(aux_loss_scale):
             raise ValueError(f"MixtureOfMemories: aux_loss_scale must be a finite number >= 0, got {aux_loss_scale}")
-        super().__init__(dim, heads, head_dim)
+        super().__init__(dim, heads, head_dim, use_gate=use_gate, norm_eps=norm_eps)
         self.num_memories, self.topk, self.shared_memory = num_memories, topk, bool(shared_memory)
         self.aux_loss_scale = float(aux_loss_scale)
         width, stacked = heads * head_dim, num_memories + int(shared_memory)     # M' memories with projections
