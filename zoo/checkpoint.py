@@ -187,12 +187,16 @@ def read_export_config(path: str | Path) -> Config:
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict)."""
+    """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict); imported formats
+    (Hugging Face / mamba_ssm Mamba, fla GatedDeltaNet / MoM directories, Vim ``.pth`` files) go to their readers."""
     from zoo.fla_import import fla_format, load_fla
     from zoo.hf_import import foreign_format, load_foreign
     from zoo.models import build_model
+    from zoo.vim_import import is_vim_checkpoint, load_vim
 
     path = Path(path)
+    if is_vim_checkpoint(path):  # hustvl Vision Mamba .pth files
+        return load_vim(path, device)
     if path.is_dir() and fla_format(path):  # fla GatedDeltaNet / MoM directories
         return load_fla(path, device)
     if path.is_dir() and foreign_format(path):  # Hugging Face / mamba_ssm Mamba directories

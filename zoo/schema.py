@@ -151,6 +151,8 @@ class VisionConfig:
     image_size: int = field(default=8, metadata={"help": "square input images of this many pixels per side"})
     channels: int = field(default=1, metadata={"help": "input channels"})
     patch_size: int = field(default=2, metadata={"help": "square patch side"})
+    patch_stride: Optional[int] = field(default=None, metadata={
+        "help": "pixels between patches (Vim's stride-8 models overlap 16-pixel patches); null = patch_size"})
     num_classes: int = field(default=10, metadata={"help": "output classes"})
 
 
