@@ -149,17 +149,25 @@ def eval_tasks(options: dict, config) -> dict[str, str]:
 EVAL_OPTIONS = ("checkpoint", "tasks", "harness_tasks", "harness_include", "harness_limit")
 
 
+def imported_directory(path: str) -> bool:
+    """Whether ``path`` is an imported (Hugging Face, mamba_ssm, fla) directory rather than a zoo export; an
+    unreadable config.json counts as a zoo export, whose reader names the problem."""
+    from zoo.hf_import import foreign_format
+
+    try:
+        return Path(path).is_dir() and foreign_format(path) is not None
+    except ValueError:  # not UTF-8 or not JSON
+        return False
+
+
 def eval_config(path: str, rest: list[str]):
     """The config ``zoo eval`` runs with: the export's saved config, or defaults for an imported (Hugging Face,
     fla) directory, then the overrides; the data is read with the directory's own tokenizer unless
     ``data.tokenizer=`` is given."""
-    from pathlib import Path
-
     from zoo.checkpoint import read_export_config
     from zoo.config import Config
-    from zoo.hf_import import foreign_format
 
-    base = Config() if Path(path).is_dir() and foreign_format(path) else read_export_config(path)
+    base = Config() if imported_directory(path) else read_export_config(path)
     config = parse_args(rest, options=(), base=base).config
     if not any(arg.startswith("data.tokenizer=") for arg in rest) and config.data.name != "digits":
         config.data.tokenizer = str(path)
@@ -268,9 +276,8 @@ def cmd_generate(argv: list[str]) -> int:
 
     from zoo.checkpoint import load_export, read_export_config
     from zoo.data.tokenizer import load_tokenizer
-    from zoo.hf_import import foreign_format
 
-    config = None if Path(path).is_dir() and foreign_format(path) else read_export_config(path)
+    config = None if imported_directory(path) else read_export_config(path)
     if config is not None and config.model.architecture not in generating_architectures():
         raise ConfigError(f"zoo generate: checkpoint={path} is a model.architecture={config.model.architecture} "
                           f"model, which does not generate text; architectures that generate: "

@@ -30,7 +30,7 @@ def fla_format(path: str | Path) -> str | None:
         return None
     try:
         data = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
+    except ValueError:  # not UTF-8 or not JSON: the other readers name the problem
         return None
     kind = data.get("model_type") if isinstance(data, dict) else None
     return kind if kind in FLA_MODEL_TYPES else None

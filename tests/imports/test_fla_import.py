@@ -161,3 +161,23 @@ def test_mom_with_wider_values_is_refused(tmp_path):
     directory = save_fla(tmp_path, "mom", fla_models.MomConfig, fla_models.MomForCausalLM, expand_v=2)
     with pytest.raises(CheckpointError, match="expand_v=2"):
         zoo.load(directory)
+
+
+def test_zoo_eval_and_generate_use_an_imported_directory_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.helpers import KJV_FIXTURE, run_zoo
+
+    directory = save_fla(tmp_path, "gdn", fla_models.GatedDeltaNetConfig, fla_models.GatedDeltaNetForCausalLM)
+    words = ["<eos>", "[UNK]", "the", "and", "of", "God", "earth", "In", "beginning", "created", "heaven"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    assert run_zoo("generate", f"checkpoint={directory}", "prompt=In the beginning", "max_new_tokens=4",
+                   "temperature=0") == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[:3] == ["In", "the", "beginning"] and set(printed) <= set(words) - {"<eos>"}
+    assert run_zoo("eval", f"checkpoint={directory}", "data.name=text", f"data.path={KJV_FIXTURE}",
+                   "data.seq_len=8", "data.eval_batch_size=2", "eval.max_batches=1") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] > 0 and result["checkpoint"] == str(directory)
