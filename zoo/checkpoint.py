@@ -36,7 +36,7 @@ def model_state_from_ckpt(checkpoint: dict) -> dict:
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
-EXPORT_FILES = ("config.json", "model.safetensors")
+EXPORT_FILES = ("config.json", "model.safetensors", "zoo_tokenizer.json", "tokenizer.json")
 
 
 def check_export_target(out: Path) -> None:
@@ -70,6 +70,7 @@ def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Pat
         (tmp / "config.json").write_text(dumps_strict(payload, str(out / "config.json")) + "\n")
         metadata = {"format": "pt", "zoo_version": __version__, "architecture": type(model).__name__}
         save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
+        write_tokenizer(config, tmp)
         for file in tmp.iterdir():
             os.chmod(file, 0o644)
         os.chmod(tmp, 0o755)
@@ -78,6 +79,23 @@ def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_tokenizer(config: Config, directory: Path) -> None:
+    """Record the tokenizer the model reads in ``directory`` (docs/interop.md#tokenizers): ``zoo_tokenizer.json``
+    for the byte tokenizer, a copy of a ``tokenizer.json``; nothing for image data."""
+    from zoo.data.tokenizer import RECORD_FILE, TOKENIZER_FILE, tokenizer_record
+
+    spec = config.data.tokenizer
+    if config.data.name == "digits":
+        return
+    if spec == "bytes":
+        (directory / RECORD_FILE).write_text(json.dumps(tokenizer_record(spec)) + "\n")
+        return
+    if not Path(spec).is_file():
+        raise CheckpointError(f"data.tokenizer={spec} is missing; the export copies the model's tokenizer: put the "
+                              f"tokenizer.json back there")
+    shutil.copyfile(spec, directory / TOKENIZER_FILE)
 
 
 def replace_export(new: Path, out: Path) -> None:
@@ -169,11 +187,18 @@ def read_export_config(path: str | Path) -> Config:
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict)."""
+    """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict); imported formats
+    (Hugging Face / mamba_ssm Mamba, fla GatedDeltaNet / MoM directories, Vim ``.pth`` files) go to their readers."""
+    from zoo.fla_import import fla_format, load_fla
     from zoo.hf_import import foreign_format, load_foreign
     from zoo.models import build_model
+    from zoo.vim_import import is_vim_checkpoint, load_vim
 
     path = Path(path)
+    if is_vim_checkpoint(path):  # hustvl Vision Mamba .pth files
+        return load_vim(path, device)
+    if path.is_dir() and fla_format(path):  # fla GatedDeltaNet / MoM directories
+        return load_fla(path, device)
     if path.is_dir() and foreign_format(path):  # Hugging Face / mamba_ssm Mamba directories
         return load_foreign(path, device)
     config = read_export_config(path)

@@ -53,7 +53,9 @@ def verb_help(verb: str) -> str:
         return (f"{head}\n\n  checkpoint=DIR (an export directory: config.json + model.safetensors)\n"
                 f"  tasks=NAME[,NAME] ({eval_tasks_help()}; default: the checkpoint's own data)\n"
                 f"  overrides apply to the saved config, e.g. data.eval_batch_size=64 eval.max_batches=10 "
-                f"eval.out=FILE\n")
+                f"eval.out=FILE\n"
+                f"  harness_tasks=NAME[,NAME] harness_include=DIR harness_limit=N: lm-evaluation-harness tasks "
+                f"(pip install 'memzoo[eval]'),\n  their results under \"harness\" in the output\n")
     if verb == "export":
         return f"{head}\n\n  checkpoint=FILE.ckpt  out=DIR (default: <run>/model)\n"
     if verb == "generate":
@@ -156,17 +158,60 @@ def eval_tasks(options: dict, config) -> dict[str, str]:
     return {task: offered[task] for task in tasks}
 
 
-def cmd_eval(argv: list[str]) -> int:
-    options, rest = split_options(argv, ("checkpoint", "tasks"), "eval")
-    path = require(options, "checkpoint", "eval")
-    from zoo.checkpoint import read_export_config
+EVAL_OPTIONS = ("checkpoint", "tasks", "harness_tasks", "harness_include", "harness_limit")
 
-    config = parse_args(rest, options=(), base=read_export_config(path)).config
+
+def imported_directory(path: str) -> bool:
+    """Whether ``path`` is an imported (Hugging Face, mamba_ssm, fla) directory rather than a zoo export; an
+    unreadable config.json counts as a zoo export, whose reader names the problem."""
+    from zoo.hf_import import foreign_format
+
+    try:
+        return Path(path).is_dir() and foreign_format(path) is not None
+    except ValueError:  # not UTF-8 or not JSON
+        return False
+
+
+def eval_config(path: str, rest: list[str]):
+    """The config ``zoo eval`` runs with: the export's saved config, or defaults for an imported (Hugging Face,
+    fla) directory, then the overrides; the data is read with the directory's own tokenizer unless
+    ``data.tokenizer=`` is given."""
+    from zoo.checkpoint import read_export_config
+    from zoo.config import Config
+
+    base = Config() if imported_directory(path) else read_export_config(path)
+    config = parse_args(rest, options=(), base=base).config
+    if not any(arg.startswith("data.tokenizer=") for arg in rest) and config.data.name != "digits":
+        config.data.tokenizer = str(path)
+    return config
+
+
+def harness_options(options: dict) -> tuple[list[str], str | None, int | None]:
+    """``harness_tasks=a,b``, ``harness_include=DIR`` and ``harness_limit=N`` of ``zoo eval``, checked."""
+    tasks = [t.strip() for t in options.get("harness_tasks", "").split(",") if t.strip()]
+    if not tasks and ("harness_include" in options or "harness_limit" in options):
+        raise ConfigError("harness_include= and harness_limit= go with harness_tasks=NAME[,NAME]")
+    limit = options.get("harness_limit")
+    if limit is not None and (not limit.isdigit() or int(limit) < 1):
+        raise ConfigError(f"harness_limit={limit} is not an integer >= 1 (documents per harness task)")
+    return tasks, options.get("harness_include"), None if limit is None else int(limit)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    options, rest = split_options(argv, EVAL_OPTIONS, "eval")
+    path = require(options, "checkpoint", "eval")
+    harness_tasks, harness_include, harness_limit = harness_options(options)
+    config = eval_config(path, rest)
     tasks = eval_tasks(options, config)
     from zoo.checkpoint import load_export
     from zoo.data.loader import build_data
     from zoo.eval.evaluate import evaluate
 
+    harness = None
+    if harness_tasks:  # first: a mistake in the harness options shows before the held-out evaluation runs
+        from zoo.eval.evaluate import harness_results
+
+        harness = harness_results(path, harness_tasks, harness_include, config.data.eval_batch_size, harness_limit)
     model = load_export(path)
     results = {}
     for task, data_name in (tasks or {config.data.name: config.data.name}).items():
@@ -176,6 +221,8 @@ def cmd_eval(argv: list[str]) -> int:
                                  config.data.name)
     result = next(iter(results.values())) if len(results) == 1 else {"tasks": results}
     result["checkpoint"] = str(path)
+    if harness is not None:
+        result["harness"] = harness
     text = dumps_strict(result, "eval results")
     print(text)
     out = config.eval.out  # never the checkpoint's own eval.json: a shipped card's reference numbers stay
@@ -192,8 +239,6 @@ def cmd_export(argv: list[str]) -> int:
     options, rest = split_options(argv, ("checkpoint", "out"), "export")
     if rest:
         raise ConfigError(f"zoo export takes checkpoint= and out= only, got {rest[0]!r}")
-    from pathlib import Path
-
     from zoo.checkpoint import export_from_ckpt
 
     ckpt = Path(require(options, "checkpoint", "export"))
@@ -296,13 +341,13 @@ def cmd_generate(argv: list[str]) -> int:
     from zoo.checkpoint import load_export, read_export_config
     from zoo.data.tokenizer import load_tokenizer
 
-    config = read_export_config(path)
-    if config.model.architecture not in generating_architectures():
+    config = None if imported_directory(path) else read_export_config(path)
+    if config is not None and config.model.architecture not in generating_architectures():
         raise ConfigError(f"zoo generate: checkpoint={path} is a model.architecture={config.model.architecture} "
                           f"model, which does not generate text; architectures that generate: "
                           f"{', '.join(generating_architectures())}")
     model = load_export(path)
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = load_tokenizer(Path(path))
     rows = [tokenizer.encode(prompt) or [tokenizer.eos_id] for prompt in prompts]
     width = max(len(ids) for ids in rows)
     input_ids = torch.tensor([[tokenizer.eos_id] * (width - len(ids)) + ids for ids in rows])  # (B, T) left-padded

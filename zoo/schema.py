@@ -86,6 +86,11 @@ class GDNConfig:
 
     heads: int = field(default=2, metadata={"help": "heads H (zoo default)"})
     head_dim: Optional[int] = field(default=None, metadata={"help": "per-head key/value width d; null = dim // heads"})
+    expand_v: float = field(default=1.0, metadata={"help": "value head width / d (fla's expand_v; zoo default 1)"})
+    value_heads: Optional[int] = field(default=None, metadata={
+        "help": "value heads H_v, a multiple of heads (fla's num_v_heads); null = heads"})
+    use_gate: bool = field(default=True, metadata={"help": "the SiLU output gate W_G (fla's use_gate)"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the per-head output RMSNorm"})
 
 
 @dataclass
@@ -99,6 +104,8 @@ class MoMConfig:
     shared_memory: bool = field(default=True, metadata={"help": "add the always-on shared memory (paper default)"})
     aux_loss_scale: float = field(default=1e-3, metadata={
         "help": "weight of the load-balancing loss (paper default: its headline row, Table 6)"})
+    use_gate: bool = field(default=True, metadata={"help": "the SiLU output gate W_G (fla's use_output_gate)"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the per-head output RMSNorm"})
 
 
 @dataclass
@@ -144,6 +151,8 @@ class VisionConfig:
     image_size: int = field(default=8, metadata={"help": "square input images of this many pixels per side"})
     channels: int = field(default=1, metadata={"help": "input channels"})
     patch_size: int = field(default=2, metadata={"help": "square patch side"})
+    patch_stride: Optional[int] = field(default=None, metadata={
+        "help": "pixels between patches (Vim's stride-8 models overlap 16-pixel patches); null = patch_size"})
     num_classes: int = field(default=10, metadata={"help": "output classes"})
 
 
@@ -196,6 +205,8 @@ class ModelConfig:
                           metadata={"help": "mixer names repeated to depth; 'mlp' is an MLP-only block"})
     mlp: str = field(default="swiglu", metadata=_choices("swiglu", "none", help="channel mixer of each block"))
     mlp_expansion: float = field(default=8 / 3, metadata={"help": "SwiGLU hidden width / dim"})
+    mlp_hidden: Optional[int] = field(default=None, metadata={
+        "help": "exact SwiGLU hidden width (imported checkpoints); null = mlp_expansion * dim rounded up to 16"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share the input embedding with the LM head"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the embeddings and each residual branch"})
     norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})

@@ -200,7 +200,7 @@ def test_export_never_deletes_what_is_not_an_export(tmp_path, capsys, monkeypatc
     (tmp_path / "empty").mkdir()
     for out in (tmp_path / "empty", tmp_path / "new", run / "model"):           # empty, missing, previous export
         assert run_zoo("export", f"checkpoint={ckpt}", f"out={out}") == 0
-        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "zoo_tokenizer.json"]
 
 
 def test_fresh_start_refuses_a_finished_run_without_checkpoint(tmp_path, capsys):

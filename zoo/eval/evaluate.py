@@ -47,3 +47,16 @@ def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int, max_batc
         raise ValueError("the held-out set has no scored positions")
     metrics = tally.task_metrics() if data.is_task else tally.language_model_metrics()
     return {"task": data_name, **metrics}
+
+
+def harness_results(model_dir: str, tasks: list[str], include: str | None, batch_size: int,
+                    limit: int | None = None) -> dict:
+    """lm-evaluation-harness ``tasks`` on the model directory (``zoo.eval.harness.run_harness``), for ``zoo eval
+    harness_tasks=...``; needs the ``memzoo[eval]`` extra."""
+    try:
+        from zoo.eval.harness import run_harness
+    except ImportError as error:
+        if error.name is None or not error.name.startswith("lm_eval"):
+            raise
+        raise ImportError("harness_tasks= needs lm-evaluation-harness: pip install 'memzoo[eval]'") from None
+    return run_harness(model_dir, tasks, include, batch_size, limit)

@@ -37,8 +37,8 @@ NORM_EPS = 1e-5
 
 
 class GDNState(NamedTuple):
-    """State of a ``GatedDeltaNet``: S (B, H, d, d) fp32 (fp64 for fp64 inputs); conv_q/k/v (B, w−1, H·d) pre-conv
-    rows of the last w−1 tokens."""
+    """State of a ``GatedDeltaNet``: S (B, H_v, d, d_v) fp32 (fp64 for fp64 inputs); conv_q/k (B, w−1, H·d) and
+    conv_v (B, w−1, H_v·d_v) pre-conv rows of the last w−1 tokens (H_v = H, d_v = d by default)."""
 
     S: torch.Tensor
     conv_q: torch.Tensor
@@ -111,27 +111,39 @@ def sort_by_memory(top_index: torch.Tensor, num_memories: int):
 
 
 class _GatedDeltaBase(Mixer):
-    """Parts shared by both mixers: W_q, the q/k/v convs, A_log and dt_bias, the output norm, gate and W_O."""
+    """Parts shared by both mixers: W_q, the q/k/v convs, A_log and dt_bias, the output norm, gate and W_O.
+
+    Values may be wider than keys (``value_head_dim`` d_v) and come in more heads (``value_heads`` H_v, a multiple
+    of H: value head j reads query/key head j // (H_v / H)); decays and write strengths are per value head
+    (docs/interop.md#importing-fla-and-vim-checkpoints). ``use_gate=False`` drops W_G (y = W_O RMSNorm(o)).
+    """
 
     _no_weight_decay = ("A_log", "dt_bias")
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, value_head_dim: int | None = None,
+                 value_heads: int | None = None, use_gate: bool = True, norm_eps: float = NORM_EPS):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
-        width = heads * head_dim
+        self.value_heads = heads if value_heads is None else value_heads
+        self.value_head_dim = head_dim if value_head_dim is None else value_head_dim
+        if self.value_heads < heads or self.value_heads % heads or self.value_head_dim < 1:
+            raise ValueError(f"{type(self).__name__}: value_heads ({self.value_heads}) must be a multiple of heads "
+                             f"({heads}) and the value head width positive (got {self.value_head_dim})")
+        width, value_width = heads * head_dim, self.value_heads * self.value_head_dim
         self.q_proj = nn.Linear(dim, width, bias=False)
         self.conv_q = ShortConv(width, CONV_SIZE)
         self.conv_k = ShortConv(width, CONV_SIZE)
-        self.conv_v = ShortConv(width, CONV_SIZE)
-        self.A_log = nn.Parameter(torch.empty(heads))
-        self.dt_bias = nn.Parameter(torch.empty(heads))
-        self.gate_proj = nn.Linear(dim, width, bias=False)
-        self.o_norm = RMSNorm(head_dim, NORM_EPS)
-        self.o_proj = nn.Linear(width, dim, bias=False)
+        self.conv_v = ShortConv(value_width, CONV_SIZE)
+        self.A_log = nn.Parameter(torch.empty(self.value_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.value_heads))
+        self.gate_proj = nn.Linear(dim, value_width, bias=False) if use_gate else None
+        self.o_norm = RMSNorm(self.value_head_dim, norm_eps)
+        self.o_proj = nn.Linear(value_width, dim, bias=False)
 
     def _reset_common(self) -> None:
         for linear in (self.q_proj, self.gate_proj, self.o_proj):
-            _xavier_(linear.weight)
+            if linear is not None:
+                _xavier_(linear.weight)
         for conv in (self.conv_q, self.conv_k, self.conv_v):
             conv.reset_parameters()
         _init_decay(self.A_log, self.dt_bias)
@@ -151,16 +163,23 @@ class _GatedDeltaBase(Mixer):
         q, cache_q = self.conv_q(q_raw, cache_q)                                     # (B, T, H·d)
         k, cache_k = self.conv_k(k_raw, cache_k)
         v, cache_v = self.conv_v(v_raw, cache_v)
-        q, k, v = (rearrange(F.silu(z), "b t (h d) -> b t h d", d=self.head_dim) for z in (q, k, v))
-        o, S = gated_delta_rule(q, k, v, g, beta, initial_state=S, use_qk_l2norm=True)  # (B, T, H, d)
+        q, k = (rearrange(F.silu(z), "b t (h d) -> b t h d", d=self.head_dim) for z in (q, k))
+        v = rearrange(F.silu(v), "b t (h d) -> b t h d", d=self.value_head_dim)      # (B, T, H_v, d_v)
+        if self.value_heads > self.heads:                                          # value head j reads q/k head j // r
+            q, k = (z.repeat_interleave(self.value_heads // self.heads, dim=2) for z in (q, k))  # (B, T, H_v, d)
+        o, S = gated_delta_rule(q, k, v, g, beta, initial_state=S, use_qk_l2norm=True)  # (B, T, H_v, d_v)
         return o, S, cache_q, cache_k, cache_v
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y = W_O(RMSNorm(o) ⊙ SiLU(x W_G)); o (B, T, H, d) -> (B, T, D). The norm runs per head over d."""
+        """y = W_O(RMSNorm(o) ⊙ SiLU(x W_G)), or W_O(RMSNorm(o)) without the gate; o (B, T, H_v, d_v) -> (B, T, D).
+        The norm runs per head over d_v."""
         dtype = compute_dtype(x)
-        normed = F.rms_norm(o.to(dtype), (self.head_dim,), self.o_norm.weight.to(dtype), self.o_norm.eps)
-        gate = rearrange(self.gate_proj(x), "b t (h d) -> b t h d", d=self.head_dim)  # (B, T, H, d)
-        return self.o_proj(rearrange((normed * F.silu(gate.to(dtype))).to(x.dtype), "b t h d -> b t (h d)"))
+        d_v = self.value_head_dim
+        normed = F.rms_norm(o.to(dtype), (d_v,), self.o_norm.weight.to(dtype), self.o_norm.eps)
+        if self.gate_proj is not None:
+            gate = rearrange(self.gate_proj(x), "b t (h d) -> b t h d", d=d_v)        # (B, T, H_v, d_v)
+            normed = normed * F.silu(gate.to(dtype))
+        return self.o_proj(rearrange(normed.to(x.dtype), "b t h d -> b t (h d)"))
 
     def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(x.shape[0], 0, self.dim)
@@ -173,18 +192,25 @@ class GatedDeltaNet(_GatedDeltaBase):
     ``forward(x (B, T, D), state: GDNState | None) -> (y (B, T, D), GDNState)``; H heads of width d (keys = values).
     q, k, v = SiLU(conv(x W_{q,k,v})); β = sigmoid(x W_b); g = −exp(A_log)·softplus(x W_a + dt_bias);
     (o, S) = gated_delta_rule(q, k, v, g, β, use_qk_l2norm=True); y = W_O(RMSNorm(o) ⊙ SiLU(x W_G)).
+    fla's configurations: values ``expand_v`` times as wide as keys, ``value_heads`` (grouped value heads, None = H),
+    ``use_gate`` (W_G), ``norm_eps`` of the output norm (docs/interop.md#importing-fla-and-vim-checkpoints).
     """
 
     takes_mask, takes_cu_seqlens, State = True, True, GDNState
 
-    def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None):
+    def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None, expand_v: float = 1.0,
+                 value_heads: int | None = None, use_gate: bool = True, norm_eps: float = NORM_EPS):
         head_dim = _check_heads("GatedDeltaNet", dim, heads, head_dim)
-        super().__init__(dim, heads, head_dim)
-        width = heads * head_dim
-        self.k_proj = nn.Linear(dim, width, bias=False)
-        self.v_proj = nn.Linear(dim, width, bias=False)
-        self.b_proj = nn.Linear(dim, heads, bias=False)
-        self.a_proj = nn.Linear(dim, heads, bias=False)
+        value_head_dim = round(head_dim * expand_v)
+        if not math.isclose(value_head_dim, head_dim * expand_v) or value_head_dim < 1:
+            raise ValueError(f"GatedDeltaNet: head_dim * expand_v ({head_dim} * {expand_v}) must be a positive "
+                             f"integer (the value head width)")
+        super().__init__(dim, heads, head_dim, value_head_dim, value_heads, use_gate, norm_eps)
+        value_width = self.value_heads * value_head_dim
+        self.k_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, value_width, bias=False)
+        self.b_proj = nn.Linear(dim, self.value_heads, bias=False)
+        self.a_proj = nn.Linear(dim, self.value_heads, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -194,14 +220,15 @@ class GatedDeltaNet(_GatedDeltaBase):
 
     def initial_state(self, x: torch.Tensor) -> GDNState:
         """Zeros for a fresh sequence of a batch like ``x``."""
-        B, width, d = x.shape[0], self.heads * self.head_dim, self.head_dim
-        cache = x.new_zeros(B, CONV_SIZE - 1, width)
-        return GDNState(x.new_zeros(B, self.heads, d, d, dtype=compute_dtype(x)), cache, cache, cache)
+        B, H_v, d, d_v = x.shape[0], self.value_heads, self.head_dim, self.value_head_dim
+        cache = x.new_zeros(B, CONV_SIZE - 1, self.heads * d)
+        return GDNState(x.new_zeros(B, H_v, d, d_v, dtype=compute_dtype(x)), cache, cache,
+                        x.new_zeros(B, CONV_SIZE - 1, H_v * d_v))
 
     def state_shapes(self) -> dict:
-        H, d = self.heads, self.head_dim
+        H, d, H_v, d_v = self.heads, self.head_dim, self.value_heads, self.value_head_dim
         cache = (CONV_SIZE - 1, H * d)
-        return {"S": (H, d, d), "conv_q": cache, "conv_k": cache, "conv_v": cache}
+        return {"S": (H_v, d, d_v), "conv_q": cache, "conv_k": cache, "conv_v": (CONV_SIZE - 1, H_v * d_v)}
 
     def forward(self, x: torch.Tensor, state: GDNState | None = None, *, mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, GDNState]:
@@ -242,12 +269,14 @@ class MixtureOfMemories(_GatedDeltaBase):
     from its top-k of ``num_memories`` memories (router weights renormalised over the k), plus the shared memory with
     weight 1. W_q, the convs, A_log and dt_bias are shared; each memory has its own W_k, W_v, W_b, W_a. In training
     mode the state's ``aux_loss`` holds ``aux_loss_scale · M · Σ_e F_e P_e`` (Switch-style load balance).
+    ``use_gate`` and ``norm_eps`` as in ``GatedDeltaNet`` (fla's ``use_output_gate``, ``norm_eps``).
     """
 
     takes_mask, takes_cu_seqlens, State = True, True, MoMState
 
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None, num_memories: int = 4,
-                 topk: int = 2, shared_memory: bool = True, aux_loss_scale: float = 1e-3):
+                 topk: int = 2, shared_memory: bool = True, aux_loss_scale: float = 1e-3, use_gate: bool = True,
+                 norm_eps: float = NORM_EPS):
         head_dim = _check_heads("MixtureOfMemories", dim, heads, head_dim)
         if num_memories < 1:
             raise ValueError(f"MixtureOfMemories: num_memories must be >= 1, got {num_memories}")
@@ -255,7 +284,7 @@ class MixtureOfMemories(_GatedDeltaBase):
             raise ValueError(f"MixtureOfMemories: topk must be in [1, num_memories={num_memories}], got {topk}")
         if not aux_loss_scale >= 0 or not math.isfinite(aux_loss_scale):
             raise ValueError(f"MixtureOfMemories: aux_loss_scale must be a finite number >= 0, got {aux_loss_scale}")
-        super().__init__(dim, heads, head_dim)
+        super().__init__(dim, heads, head_dim, use_gate=use_gate, norm_eps=norm_eps)
         self.num_memories, self.topk, self.shared_memory = num_memories, topk, bool(shared_memory)
         self.aux_loss_scale = float(aux_loss_scale)
         width, stacked = heads * head_dim, num_memories + int(shared_memory)     # M' memories with projections

@@ -96,7 +96,7 @@ class Block(nn.Module):
 
 def build_blocks(config: ModelConfig) -> nn.ModuleList:
     """The ``config.depth`` pre-norm blocks of ``config.pattern`` (repeated), each with its mixer and channel mixer."""
-    hidden = swiglu_hidden(config.dim, config.mlp_expansion)
+    hidden = config.mlp_hidden or swiglu_hidden(config.dim, config.mlp_expansion)
     blocks = []
     for i in range(config.depth):
         name = config.pattern[i % len(config.pattern)]

@@ -21,21 +21,25 @@ class VisionClassifier(nn.Module):
 
     ``forward(images (B, C, H, W), state=None) -> (logits (B, num_classes), None)``. The mixers of ``model.pattern``
     must be bidirectional (``bimamba``, or ``attention`` with ``causal: false``); ``model.vision`` sets image size,
-    channels, patch size and classes. Patch embedding is ``Conv2d(C, dim, patch, stride=patch)``: M = (H/patch)²
-    tokens, M + 1 with the class token.
+    channels, patch size, patch stride and classes. Patch embedding is ``Conv2d(C, dim, patch, stride)``:
+    M = ((H − patch)/stride + 1)² tokens ((H/patch)² when stride = patch), M + 1 with the class token.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         vision, D = config.vision, config.dim
-        if vision.image_size % vision.patch_size:
+        stride = vision.patch_size if vision.patch_stride is None else vision.patch_stride
+        if vision.image_size % vision.patch_size and vision.patch_stride is None:
             raise ValueError(f"VisionClassifier: image_size {vision.image_size} is not a multiple of patch_size "
                              f"{vision.patch_size}")
-        side = vision.image_size // vision.patch_size
+        if stride < 1 or vision.image_size < vision.patch_size or (vision.image_size - vision.patch_size) % stride:
+            raise ValueError(f"VisionClassifier: patches of {vision.patch_size} pixels every {stride} do not tile "
+                             f"image_size {vision.image_size}; choose patch_stride dividing image_size - patch_size")
+        side = (vision.image_size - vision.patch_size) // stride + 1
         self.num_patches = side * side
         self.class_position = self.num_patches // 2
-        self.patch_embed = nn.Conv2d(vision.channels, D, kernel_size=vision.patch_size, stride=vision.patch_size)
+        self.patch_embed = nn.Conv2d(vision.channels, D, kernel_size=vision.patch_size, stride=stride)
         self.class_token = nn.Parameter(torch.empty(1, 1, D))
         self.position = nn.Parameter(torch.empty(1, self.num_patches + 1, D))
         self.embed_dropout = nn.Dropout(config.dropout)
