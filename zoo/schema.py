@@ -156,13 +156,14 @@ class HMTConfig:
     cache_size: int = field(default=32, metadata={"help": "memory embeddings N kept in the FIFO cache"})
     summary_fraction: float = field(default=0.5, metadata={"help": "summary tokens j = floor(fraction * L)"})
     recall_dim: Optional[int] = field(default=None, metadata={"help": "recall width d_h; null = dim"})
-    summary_source: str = field(default="previous", metadata=_choices(
-        "previous", "current", help="recall query from the previous segment (causal) or the current one (paper)"))
+    summary_source: str = field(default="current", metadata=_choices(
+        "previous", "current", help="recall query from the current segment's start (paper default) or the previous "
+                                    "segment's end (strictly causal)"))
     recall: bool = field(default=True, metadata={"help": "false = stage 1 (P_n = M_{n-1}, no cache recall)"})
     checkpoint_segments: bool = field(default=False, metadata={"help": "activation checkpointing of each main pass"})
     freeze_backbone: bool = field(default=False, metadata={"help": "train only m0, T, Wq and Wk"})
-    loss_last_segments: Optional[int] = field(default=None, metadata={
-        "help": "score only the last s segments of each window (the reference's loss); null = all"})
+    loss_last_segments: Optional[int] = field(default=1, metadata={
+        "help": "score only the last s segments of each window (1 = the reference's loss); null = every segment"})
 
 
 @dataclass
