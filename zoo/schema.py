@@ -131,8 +131,12 @@ class MemoryFormerConfig:
 
     heads: int = field(default=4, metadata={"help": "attention heads"})
     tau: int = field(default=8, metadata={"help": "bits per hash chunk: each table has 2^tau rows (paper default)"})
-    score: str = field(default="prob", metadata=_choices(
-        "prob", "l1prob", help="bucket weight: the paper's product of sigmoids, or the released code's L1 form"))
+    score: str = field(default="l1prob", metadata=_choices(
+        "prob", "l1prob", help="bucket weight: the released code's L1 form ||z||_1 * p (default), or the paper's p"))
+    temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature t of p(z) = exp(<sign z, z>/t) / sum_h exp(<h, z>/t) (paper; 1 = plain softmax)"})
+    table_weight_decay: float = field(default=0.1, metadata={
+        "help": "weight decay of the hash tables (released recipe default; 0 = never decayed)"})
     rotary_pct: float = field(default=0.25, metadata={
         "help": "fraction of each head's channels rotated by RoPE (released code default)"})
 
