@@ -97,8 +97,11 @@ class MoMConfig:
     num_memories: int = field(default=4, metadata={"help": "routed memories M (paper default)"})
     topk: int = field(default=2, metadata={"help": "memories each token is routed to (paper default)"})
     shared_memory: bool = field(default=True, metadata={"help": "add the always-on shared memory (paper default)"})
-    aux_loss_scale: float = field(default=1e-3, metadata={
-        "help": "weight of the load-balancing loss (paper default: its headline row, Table 6)"})
+    aux_loss_scale: float = field(default=0.01, metadata={
+        "help": "weight of the load-balancing loss (the official code's default)"})
+    aux_loss_form: str = field(default="global", metadata=_choices(
+        "global", "layer_mean", help="one loss over all layers' routing (official code) or the mean of per-layer "
+                                     "losses (zoo before, at scale 1e-3)"))
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zoo.layers.base import Mixer
+from zoo.layers.base import Mixer, combine_aux_losses
 
 __all__ = ["HMT", "HMTState"]
 
@@ -64,8 +64,9 @@ class HMTState:
     mem: (B, D), P_n of the open segment (valid when offset > 0).
     backbone_state: the backbone's state after [P_n; sensory; cur_ids[:offset]] ("previous" mode), else None.
     n_done: completed segments so far. offset: tokens already in the open segment, 0 <= offset < L.
-    aux_loss: mean of the ``aux_loss`` fields of the backbone's block states over the backbone calls of the last
-        forward (MoM's load balance; training adds it to the loss), or None when no block returns one.
+    aux_loss: the ``aux_loss`` fields of the backbone's block states over the backbone calls of the last forward as
+        one loss (``combine_aux_losses``: MoM's load balance; training adds it to the loss), or None when no block
+        returns one.
     """
 
     cache: torch.Tensor
@@ -355,7 +356,7 @@ class HMT(nn.Module):
             logits, state = self._reopen_segment(input_ids, state, aux)
         else:
             logits, state = self._decode(input_ids, state, aux)
-        return logits, replace(state, aux_loss=torch.stack([t.float() for t in aux]).mean() if aux else None)
+        return logits, replace(state, aux_loss=combine_aux_losses(aux))
 
     def _decode(self, input_ids: torch.Tensor, state: HMTState, aux: list):
         """Strict-mode continuation of an open segment, then new segments: (logits (B, T, V), new state)."""

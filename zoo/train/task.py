@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from zoo.config import Config, to_dict
+from zoo.layers.base import combine_aux_losses
 from zoo.eval.metrics import Tally
 from zoo.models import build_model
 
@@ -33,15 +34,15 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
 
 
 def auxiliary_loss(state) -> torch.Tensor | None:
-    """Mean of the ``aux_loss`` fields of the block states (MoM's load balance), or None when no block has one.
+    """The ``aux_loss`` fields of the block states (MoM's load balance) as one loss (``combine_aux_losses``), or None
+    when no block has one.
 
     This is the zoo's convention for auxiliary losses: a mixer returns them in its state, never through a global. A
-    model whose state is one object (``HMTState``) carries the mean over its backbone calls in its own ``aux_loss``.
+    model whose state is one object (``HMTState``) carries the loss over its backbone calls in its own ``aux_loss``.
     """
     if hasattr(state, "aux_loss"):
         return state.aux_loss
-    terms = [s.aux_loss for s in (state or ()) if getattr(s, "aux_loss", None) is not None]
-    return torch.stack([t.float() for t in terms]).mean() if terms else None
+    return combine_aux_losses([s.aux_loss for s in (state or ()) if getattr(s, "aux_loss", None) is not None])
 
 
 def weight_decay_overrides(model: torch.nn.Module) -> dict[str, float]:
