@@ -288,7 +288,7 @@ def test_layer_mean_form_is_the_mean_of_per_layer_losses_and_old_configs_keep_it
     x, other = make_x(2, 30), make_x(2, 30, seed=3)
     terms = [layer(x)[1].aux_loss, layer(other)[1].aux_loss]
     assert all(t.dim() == 0 for t in terms)
-    assert float(combine_aux_losses(terms)) == pytest.approx(float(sum(terms)) / 2, rel=1e-14)
+    assert float(combine_aux_losses(terms).detach()) == pytest.approx(float(sum(terms).detach()) / 2, rel=1e-14)
     old = {"heads": 2, "head_dim": 16, "num_memories": 4, "topk": 2, "shared_memory": True, "aux_loss_scale": 0.001}
     section = from_dict({"model": {"pattern": ["mom"], "mom": old}}).model.mom
     assert (section.aux_loss_form, section.aux_loss_scale) == ("layer_mean", 0.001)   # saved before the option
