@@ -400,13 +400,15 @@ _HYBRID_OPTIONS = {"titans_mac": ("heads", "segment_len", "persistent_tokens"),
 def migrate_layout(data: dict) -> dict:
     """A saved config (``config.json``, a checkpoint's hyper-parameters) in the current section layout.
 
-    Two rules, each for a layout that older zoo versions wrote:
+    Three rules, each for a layout that older zoo versions wrote:
     - ``model.titans`` holding ``segment_len``, ``window`` or ``persistent_tokens`` is the old shared Titans section:
       its memory options stay in ``model.titans`` and also become the ``memory`` of each hybrid section, whose own
       options (``heads``, ``segment_len`` / ``window``, ``persistent_tokens``) come from it too. A hybrid section the
       config already has is kept.
     - ``model.mom`` without a ``model.gdn`` section: Gated DeltaNet read ``heads`` and ``head_dim`` from
       ``model.mom``, so ``model.gdn`` takes them from there.
+    - ``model.mom`` without ``aux_loss_form``: it was saved when the load-balancing loss was the mean of per-layer
+      losses, so it gets ``aux_loss_form: layer_mean`` (its ``aux_loss_scale`` is recorded).
     """
     model = data.get("model")
     if not isinstance(model, dict):
@@ -423,6 +425,8 @@ def migrate_layout(data: dict) -> dict:
     mom = model.get("mom")
     if "gdn" not in model and isinstance(mom, dict):
         model["gdn"] = {key: mom[key] for key in ("heads", "head_dim") if key in mom}
+    if isinstance(mom, dict) and "aux_loss_form" not in mom:
+        model["mom"] = {**mom, "aux_loss_form": "layer_mean"}
     return {**data, "model": model}
 
 

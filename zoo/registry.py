@@ -32,7 +32,7 @@ MIXERS: dict[str, tuple[str, str]] = {
 # Blocks whose channel mixer is part of the layer family (instead of ``model.mlp``): name -> (import path, the fields
 # of the mixer's section it takes). Built as ``cls(dim=model.dim, **those fields)``; maps (B, T, D) -> (B, T, D).
 BLOCK_MLPS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "memoryformer": ("zoo.layers.memoryformer:MemoryFFN", ("tau", "score")),
+    "memoryformer": ("zoo.layers.memoryformer:MemoryFFN", ("tau", "score", "temperature", "table_weight_decay")),
 }
 
 # A pattern entry that is not a mixer: a block with only the channel MLP (Mamba-2-Hybrid's MLP layers).

@@ -102,8 +102,11 @@ class MoMConfig:
     num_memories: int = field(default=4, metadata={"help": "routed memories M (paper default)"})
     topk: int = field(default=2, metadata={"help": "memories each token is routed to (paper default)"})
     shared_memory: bool = field(default=True, metadata={"help": "add the always-on shared memory (paper default)"})
-    aux_loss_scale: float = field(default=1e-3, metadata={
-        "help": "weight of the load-balancing loss (paper default: its headline row, Table 6)"})
+    aux_loss_scale: float = field(default=0.01, metadata={
+        "help": "weight of the load-balancing loss (the official code's default)"})
+    aux_loss_form: str = field(default="global", metadata=_choices(
+        "global", "layer_mean", help="one loss over all layers' routing (official code) or the mean of per-layer "
+                                     "losses (zoo before, at scale 1e-3)"))
     use_gate: bool = field(default=True, metadata={"help": "the SiLU output gate W_G (fla's use_output_gate)"})
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the per-head output RMSNorm"})
 
@@ -138,8 +141,12 @@ class MemoryFormerConfig:
 
     heads: int = field(default=4, metadata={"help": "attention heads"})
     tau: int = field(default=8, metadata={"help": "bits per hash chunk: each table has 2^tau rows (paper default)"})
-    score: str = field(default="prob", metadata=_choices(
-        "prob", "l1prob", help="bucket weight: the paper's product of sigmoids, or the released code's L1 form"))
+    score: str = field(default="l1prob", metadata=_choices(
+        "prob", "l1prob", help="bucket weight: the released code's L1 form ||z||_1 * p (default), or the paper's p"))
+    temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature t of p(z) = exp(<sign z, z>/t) / sum_h exp(<h, z>/t) (paper; 1 = plain softmax)"})
+    table_weight_decay: float = field(default=0.1, metadata={
+        "help": "weight decay of the hash tables (released recipe default; 0 = never decayed)"})
     rotary_pct: float = field(default=0.25, metadata={
         "help": "fraction of each head's channels rotated by RoPE (released code default)"})
 
@@ -165,13 +172,14 @@ class HMTConfig:
     cache_size: int = field(default=32, metadata={"help": "memory embeddings N kept in the FIFO cache"})
     summary_fraction: float = field(default=0.5, metadata={"help": "summary tokens j = floor(fraction * L)"})
     recall_dim: Optional[int] = field(default=None, metadata={"help": "recall width d_h; null = dim"})
-    summary_source: str = field(default="previous", metadata=_choices(
-        "previous", "current", help="recall query from the previous segment (causal) or the current one (paper)"))
+    summary_source: str = field(default="current", metadata=_choices(
+        "previous", "current", help="recall query from the current segment's start (paper default) or the previous "
+                                    "segment's end (strictly causal)"))
     recall: bool = field(default=True, metadata={"help": "false = stage 1 (P_n = M_{n-1}, no cache recall)"})
     checkpoint_segments: bool = field(default=False, metadata={"help": "activation checkpointing of each main pass"})
     freeze_backbone: bool = field(default=False, metadata={"help": "train only m0, T, Wq and Wk"})
-    loss_last_segments: Optional[int] = field(default=None, metadata={
-        "help": "score only the last s segments of each window (the reference's loss); null = all"})
+    loss_last_segments: Optional[int] = field(default=1, metadata={
+        "help": "score only the last s segments of each window (1 = the reference's loss); null = every segment"})
 
 
 @dataclass

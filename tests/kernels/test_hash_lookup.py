@@ -174,6 +174,50 @@ def test_closed_form_equals_softmax_over_sign_vectors():
     torch.testing.assert_close(softmax.gather(-1, code[..., None]).squeeze(-1), p, atol=1e-14, rtol=1e-12)
 
 
+def softmax_score_at_temperature(x, tau, score, temperature):
+    """s (N, K) from the paper's definition: p = exp(⟨sign z, z⟩/t) / Σ_h exp(⟨h, z⟩/t) over all 2^τ sign vectors h."""
+    signs = 2.0 * torch.tensor(list(itertools.product([0, 1], repeat=tau)), dtype=x.dtype) - 1  # (2^τ, τ)
+    z = x.unflatten(-1, (-1, tau))                                                            # (N, K, τ)
+    logits = torch.einsum("nkt,ct->nkc", z, signs) / temperature                              # (N, K, 2^τ)
+    p = torch.exp(z.abs().sum(-1) / temperature - torch.logsumexp(logits, dim=-1))            # ⟨sign z, z⟩ = ‖z‖₁
+    return p * z.abs().sum(-1) if score == "l1prob" else p
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("score", ["prob", "l1prob"])
+@pytest.mark.parametrize("temperature", [0.5, 3.0])
+def test_score_at_temperature_equals_the_papers_softmax(backend, score, temperature):
+    """y and all gradients at temperature t equal Σ_k s_k(t) · tables[k, code_k] + bias with s from the definition."""
+    tau = 4
+    inputs = make_inputs()
+
+    def formula(x, tables, bias):
+        code, _ = hash_codes(x.detach(), tau)
+        s = softmax_score_at_temperature(x, tau, score, temperature)                          # (N, K)
+        rows = tables[torch.arange(tables.shape[0]), code]                                    # (N, K, d_out)
+        return (s[..., None] * rows).sum(1) + bias
+
+    expected = outputs_and_gradients(formula, inputs)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    moved = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in inputs]
+    results = outputs_and_gradients(lambda x, t, b: hash_lookup(x, t, tau, b, score=score, temperature=temperature,
+                                                                backend=backend), moved)
+    errors = rel_errors([r.detach().cpu().double() for r in results], expected, RESULT_NAMES)
+    assert max(errors.values()) < (1e-5 if dtype == torch.float32 else 1e-12), errors
+    x, tables, bias = inputs
+    at_one = hash_lookup(x, tables, tau, bias, score=score, backend="reference")
+    assert not torch.allclose(results[0].detach().cpu().double(), at_one, atol=1e-3)       # t changes the output
+
+
+def test_temperature_one_is_the_old_score_and_bad_temperatures_are_refused():
+    x, tables, bias = make_inputs()
+    assert torch.equal(hash_lookup(x, tables, 4, bias, temperature=1.0), hash_lookup(x, tables, 4, bias))
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="hash_lookup: temperature must be a finite number > 0"):
+            hash_lookup(x, tables, 4, bias, temperature=bad)
+
+
 # ------------------------------------------------------------------------------------------------------ gradients
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_table_gradient_is_a_sparse_scatter_add(backend):

@@ -9,10 +9,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers import KJV_FIXTURE, check_decode_equals_full, check_future_does_not_leak, check_stream_split
-from zoo.config import MemoryFormerConfig, ModelConfig
+from zoo.config import Config, MemoryFormerConfig, ModelConfig, OptimConfig
 from zoo.kernels.hash_lookup import EMBEDDING_BAG_FLOPS, hash_lookup
 from zoo.layers.memoryformer import MemoryAttention, MemoryFFN, MemoryLinear, bucket_usage
 from zoo.models.lm import LanguageModel, build_block_mlp, build_mixer
+from zoo.train.module import LanguageModelTask
 
 DIM, HEADS, TAU = 64, 2, 4
 
@@ -168,12 +169,19 @@ def test_score_option_changes_the_weighting():
 
 
 def test_config_section_reaches_both_layers():
-    section = MemoryFormerConfig(heads=2, tau=4, score="l1prob", rotary_pct=0.5)
+    section = MemoryFormerConfig(heads=2, tau=4, score="prob", temperature=2.0, table_weight_decay=0.0, rotary_pct=0.5)
     config = ModelConfig(dim=DIM, memoryformer=section)
     mixer = build_mixer("memoryformer", config)
-    assert (mixer.heads, mixer.tau, mixer.score, mixer.rotary_dims) == (2, 4, "l1prob", 16)
+    assert (mixer.heads, mixer.tau, mixer.score, mixer.temperature, mixer.rotary_dims) == (2, 4, "prob", 2.0, 16)
+    assert mixer.weight_decay_overrides == {"tables_qkv": 0.0}
     ffn = build_block_mlp("memoryformer", config, hidden=0)
-    assert (ffn.tau, ffn.expand.score, ffn.contract.score) == (4, "l1prob", "l1prob")
+    assert (ffn.tau, ffn.expand.score, ffn.contract.score) == (4, "prob", "prob")
+    assert ffn.expand.temperature == ffn.contract.temperature == 2.0
+    assert ffn.contract.weight_decay_overrides == {"tables": 0.0}
+    x = torch.randn(2, 3, DIM, dtype=torch.float64)
+    expected = hash_lookup(x, ffn.expand.tables.double(), 4, ffn.expand.bias.double(), score="prob", temperature=2.0,
+                           backend="reference")
+    torch.testing.assert_close(ffn.expand.double()(x), expected, atol=1e-12, rtol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -186,9 +194,26 @@ def tiny_model(seed=0) -> LanguageModel:
 def test_model_blocks_are_memory_attention_and_memory_ffn():
     model = tiny_model()
     assert all(isinstance(b.mixer, MemoryAttention) and isinstance(b.mlp, MemoryFFN) for b in model.blocks)
-    no_decay = model.no_weight_decay()
     tables = {n for n, p in model.named_parameters() if n.endswith(("tables", "tables_qkv"))}
-    assert len(tables) == 2 * 3 and tables <= no_decay
+    assert len(tables) == 2 * 3
+
+
+@pytest.mark.parametrize("table_weight_decay", [0.1, 0.0])
+def test_hash_tables_decay_at_table_weight_decay_whatever_optim_weight_decay(table_weight_decay):
+    section = MemoryFormerConfig(heads=HEADS, tau=TAU, table_weight_decay=table_weight_decay)
+    config = Config(model=ModelConfig(dim=DIM, depth=2, pattern=["memoryformer"], memoryformer=section),
+                    optim=OptimConfig(weight_decay=0.3))
+    task = LanguageModelTask(config)
+    optimizer = task.configure_optimizers()["optimizer"]
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in task.model.named_parameters():
+        if name.endswith(("tables", "tables_qkv")):
+            assert decay_of[id(param)] == table_weight_decay, name
+        elif name.endswith("embed.weight") or param.dim() < 2:
+            assert decay_of[id(param)] == 0.0, name
+        else:
+            assert decay_of[id(param)] == 0.3, name                          # dense matrices keep optim's
+    assert len(decay_of) == sum(1 for _ in task.model.parameters())
 
 
 def test_model_streaming_equals_full():
@@ -241,4 +266,5 @@ def test_memoryformer_layers_compile_fullgraph_free_of_host_syncs():
 
 def test_dataclass_defaults_build_the_paper_layer():
     section = MemoryFormerConfig()
-    assert dataclasses.asdict(section) == {"heads": 4, "tau": 8, "score": "prob", "rotary_pct": 0.25}
+    assert dataclasses.asdict(section) == {"heads": 4, "tau": 8, "score": "l1prob", "temperature": 1.0,
+                                           "table_weight_decay": 0.1, "rotary_pct": 0.25}     # the released recipe

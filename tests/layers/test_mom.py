@@ -9,10 +9,11 @@ from einops import rearrange
 import zoo.layers.mom as mom_module
 from tests.helpers import check_decode_equals_full, check_stream_split, rel_err
 from tests.layers.contract import check_meta_init_equals_init
-from zoo.config import GDNConfig, MoMConfig, ModelConfig
+from zoo.config import GDNConfig, MoMConfig, ModelConfig, from_dict
 from zoo.kernels.gated_delta import gated_delta_rule_reference
 from zoo.layers.mom import (CONV_SIZE, GatedDeltaNet, MixtureOfMemories, MoMState, segment_delta_rule,
                             sort_by_memory)
+from zoo.layers.base import combine_aux_losses
 from zoo.models.lm import LanguageModel, build_mixer
 from zoo.train.task import auxiliary_loss
 
@@ -223,7 +224,7 @@ def test_gated_deltanet_streams_and_decodes():
 
 # -------------------------------------------------------------------------------------------------- aux loss
 def test_aux_loss_equals_switch_formula_and_is_none_in_eval():
-    layer = make_mom(aux_loss_scale=0.5).train()
+    layer = make_mom(aux_loss_scale=0.5, aux_loss_form="layer_mean").train()
     x = make_x(2, 50)
     _, state = layer(x)
     probs = (x @ layer.router.weight.detach().T).softmax(-1)                            # (B, T, M)
@@ -235,14 +236,14 @@ def test_aux_loss_equals_switch_formula_and_is_none_in_eval():
 
 
 def test_aux_loss_is_topk_for_uniform_routing():
-    layer = make_mom(aux_loss_scale=1.0).train()
+    layer = make_mom(aux_loss_scale=1.0, aux_loss_form="layer_mean").train()
     with torch.no_grad():
         layer.router.weight.zero_()
     assert abs(float(layer(make_x(2, 30))[1].aux_loss.detach()) - layer.topk) < 1e-12
 
 
 def test_aux_loss_gradient_reaches_router_only_through_probabilities():
-    layer = make_mom(aux_loss_scale=1.0).train()
+    layer = make_mom(aux_loss_scale=1.0, aux_loss_form="layer_mean").train()
     x = make_x(2, 50)
     aux = layer(x)[1].aux_loss
     grads = torch.autograd.grad(aux, list(layer.parameters()), allow_unused=True)
@@ -256,11 +257,51 @@ def test_aux_loss_gradient_reaches_router_only_through_probabilities():
     assert rel_err(named["router.weight"], expected) < 1e-12
 
 
+def test_global_aux_loss_is_one_switch_loss_over_the_concatenated_layers_at_scale_0_01():
+    """The official form: F and P over the router outputs of all layers together, M · Σ_e F_e P_e, times 0.01."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, dim=32, depth=3, pattern=["mom"], mom=MoMConfig(heads=2, head_dim=8,
+                                                                                          num_memories=3, topk=2))
+    model = LanguageModel(config).double().train()
+    assert all(b.mixer.aux_loss_form == "global" and b.mixer.aux_loss_scale == 0.01 for b in model.blocks)
+    inputs = []
+    for block in model.blocks:
+        block.mixer.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    _, state = model(tokens)
+    aux = auxiliary_loss(state)
+    probs = torch.cat([(x @ b.mixer.router.weight.T).softmax(-1).flatten(0, 1)               # (L·B·T, M)
+                       for x, b in zip(inputs, model.blocks)])
+    fraction = F.one_hot(probs.topk(2, dim=-1).indices, 3).sum(1).double().mean(0)            # (M,), no gradient
+    expected = 0.01 * 3 * (fraction * probs.mean(0)).sum()
+    assert abs(float(aux.detach()) - float(expected.detach())) < 1e-14
+    per_layer = torch.stack([3 * (F.one_hot(p.topk(2, -1).indices, 3).sum(1).double().mean(0) * p.mean(0)).sum()
+                             for p in probs.chunk(3)]).mean() * 0.01
+    assert abs(float(aux.detach()) - float(per_layer.detach())) > 1e-6    # not the mean of the per-layer losses
+    (grad,) = torch.autograd.grad(aux, model.blocks[1].mixer.router.weight, retain_graph=True)
+    (want,) = torch.autograd.grad(expected, model.blocks[1].mixer.router.weight)
+    assert rel_err(grad, want) < 1e-12 and grad.abs().sum() > 0
+
+
+def test_layer_mean_form_is_the_mean_of_per_layer_losses_and_old_configs_keep_it():
+    layer = make_mom(aux_loss_scale=1e-3, aux_loss_form="layer_mean").train()
+    x, other = make_x(2, 30), make_x(2, 30, seed=3)
+    terms = [layer(x)[1].aux_loss, layer(other)[1].aux_loss]
+    assert all(t.dim() == 0 for t in terms)
+    assert float(combine_aux_losses(terms).detach()) == pytest.approx(float(sum(terms).detach()) / 2, rel=1e-14)
+    old = {"heads": 2, "head_dim": 16, "num_memories": 4, "topk": 2, "shared_memory": True, "aux_loss_scale": 0.001}
+    section = from_dict({"model": {"pattern": ["mom"], "mom": old}}).model.mom
+    assert (section.aux_loss_form, section.aux_loss_scale) == ("layer_mean", 0.001)   # saved before the option
+    assert MoMConfig().aux_loss_form == "global"
+    with pytest.raises(ValueError, match="MixtureOfMemories: aux_loss_form must be 'global' or 'layer_mean'"):
+        make_mom(aux_loss_form="per_token")
+
+
 def test_gradients_reach_every_parameter():
     layer = make_mom(num_memories=4).train()
     x = make_x(2, 80)
     y, state = layer(x)
-    (y.pow(2).sum() + state.aux_loss).backward()
+    (y.pow(2).sum() + combine_aux_losses([state.aux_loss])).backward()
     for name, param in layer.named_parameters():
         assert param.grad is not None, name
         per_memory = param.grad.flatten(1).abs().sum(1) if param.dim() == 3 else param.grad.abs().sum()[None]
@@ -349,6 +390,7 @@ def test_compile_path_equals_eager_path_float64(monkeypatch, options):
         start = MoMState(*(None if z is None else z.detach().requires_grad_() for z in start))
         xs = x.clone().requires_grad_()
         y, state = layer(xs, start)
+        state = state._replace(aux_loss=combine_aux_losses([state.aux_loss]))             # the pooled loss, 0-dim
         tensors = [y, *(z for z in state if z is not None)]
         generator = torch.Generator().manual_seed(2)
         loss = sum((z * torch.randn(z.shape, generator=generator, dtype=z.dtype)).sum() for z in tensors)
@@ -402,7 +444,7 @@ def test_language_model_with_mom_trains_and_reports_aux_loss():
         losses.append(float(loss.detach()))
         assert torch.isfinite(loss)
     assert losses[-1] < losses[0] - 0.1
-    assert 0 < float(aux.detach()) < 1e-2                            # ~ scale · k per layer
+    assert 0 < float(aux.detach()) < 5e-2                            # ~ scale · k (0.01 · 2), one global loss
     assert model.blocks[0].mixer.router.weight.grad.abs().sum() > 0
     model.eval()
     assert all(s.aux_loss is None for s in model(tokens[:, :-1])[1])

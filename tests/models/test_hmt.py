@@ -116,6 +116,33 @@ def test_stage1_second_segment_reads_previous_memory_and_sensory_tail():
     assert torch.allclose(logits[:, 2 * L:], expected, rtol=0, atol=1e-12)   # P_2 = M_1: no recall in stage 1
 
 
+@torch.no_grad()
+def test_default_recall_query_is_the_papers_first_half_of_the_current_segment():
+    """HMT paper eq. 1-2: S_n = F([T; E(x_n[:j]); T])[-1], P_n = softmax(S_n Wq (C Wk)^T / sqrt(d_h)) C."""
+    hmt = HMT(make_backbone(dtype=torch.float64), L, K, N, 0.5).double().eval()
+    assert hmt.summary_source == "current" and hmt.summary_len == J
+    with torch.no_grad():
+        hmt.w_q.weight.mul_(8.0)                                           # recall weights far from uniform
+    x = make_ids(2, 4 * L)
+    logits, _ = hmt(x)
+    _, m_0 = oracle_segment(hmt, hmt.m0.expand(2, D), x[:, :L])
+    _, m_1 = oracle_segment(hmt, m_0, x[:, L:2 * L], sensory_ids=x[:, L - K:L])
+    memories = [m_0, m_1]
+    for n in (2, 3):
+        segment = x[:, n * L:(n + 1) * L]
+        prompt = hmt.summary_prompt.expand(2, 1, D)
+        hidden, _ = hmt.backbone.forward_embeds(torch.cat([prompt, hmt.backbone.embed(segment[:, :J]), prompt], 1))
+        cache = torch.stack(memories, dim=1)                                 # (B, n, D)
+        scores = torch.einsum("bd,bcd->bc", hidden[:, -1] @ hmt.w_q.weight.T, cache @ hmt.w_k.weight.T) / math.sqrt(D)
+        recalled = torch.einsum("bc,bcd->bd", scores.softmax(-1), cache)   # P_n (B, D)
+        expected, m_n = oracle_segment(hmt, recalled, segment, sensory_ids=x[:, n * L - K:n * L])
+        assert torch.allclose(logits[:, n * L:(n + 1) * L], expected, rtol=0, atol=1e-10), n
+        memories.append(m_n)
+    previous = HMT(make_backbone(dtype=torch.float64), L, K, N, 0.5, summary_source="previous").double().eval()
+    previous.load_state_dict(hmt.state_dict())
+    assert not torch.allclose(previous(x)[0][:, 2 * L:], logits[:, 2 * L:], atol=1e-6)  # the option differs
+
+
 # ---------------------------------------------------------------------------------------------------- 3: recall
 def random_recall_inputs(batch=3, slots=N, dtype=torch.float64, seed=2):
     gen = torch.Generator().manual_seed(seed)
@@ -180,7 +207,7 @@ def test_cache_holds_the_last_n_memories_in_fifo_order():
 # ----------------------------------------------------------------------------------------------- 5: bookkeeping
 @torch.no_grad()
 def test_pass_lengths_sensory_ids_and_counters():
-    hmt = make_hmt()
+    hmt = make_hmt(summary_source="previous")
     calls = spy_backbone(hmt)
     T = 3 * L + 5
     x = make_ids(2, T)
@@ -213,7 +240,7 @@ def test_without_sensory_or_recall_the_passes_shrink():
 # ------------------------------------------------------------------------------------------------ 6: streaming
 @torch.no_grad()
 def test_stream_split_equals_full_at_every_split():
-    hmt = make_hmt(sharp_recall=True)
+    hmt = make_hmt(sharp_recall=True, summary_source="previous")
     T = 3 * L + 5
     x = make_ids(2, T)
     full, full_state = hmt(x)
@@ -227,7 +254,7 @@ def test_stream_split_equals_full_at_every_split():
 
 @torch.no_grad()
 def test_token_by_token_decoding_equals_full():
-    hmt = make_hmt(sharp_recall=True)
+    hmt = make_hmt(sharp_recall=True, summary_source="previous")
     x = make_ids(2, 3 * L + 5)
     full, _ = hmt(x)
     state, outs = None, []
@@ -257,7 +284,7 @@ def test_paper_mode_streams_exactly_only_at_segment_boundaries():
 
 # ------------------------------------------------------------------------------------------------ 7: causality
 def test_strict_mode_logits_have_zero_gradient_to_later_embeddings():
-    hmt = make_hmt(dtype=torch.float64, sharp_recall=True)
+    hmt = make_hmt(dtype=torch.float64, sharp_recall=True, summary_source="previous")
     x = make_ids(1, 3 * L)
     leaves = capture_embeddings(hmt)
     logits, _ = hmt(x)
@@ -273,7 +300,7 @@ def test_strict_mode_logits_have_zero_gradient_to_later_embeddings():
 
 @torch.no_grad()
 def test_perturbing_a_token_leaves_earlier_logits_bitwise_unchanged():
-    hmt = make_hmt(sharp_recall=True)
+    hmt = make_hmt(sharp_recall=True, summary_source="previous")
     x = make_ids(2, 3 * L)
     logits, _ = hmt(x)
     for t in (1, L - 1, L, 2 * L, 2 * L + J - 1, 3 * L - 1):
@@ -467,7 +494,7 @@ def test_meta_init_then_reset_equals_a_normal_build():
 
 
 def test_state_detach_copies_every_tensor_without_history():
-    hmt = make_hmt()
+    hmt = make_hmt(summary_source="previous")
     _, state = hmt(make_ids(2, L + 3))
     detached = state.detach()
     assert isinstance(detached, HMTState) and (detached.n_done, detached.offset) == (1, 3)
@@ -515,6 +542,11 @@ def test_task_scores_last_segments_and_freezes_the_backbone():
     assert torch.equal(scored[:, 3 * L:], labels[:, 3 * L:]) and bool((scored[:, :3 * L] == IGNORE_INDEX).all())
     assert torch.equal(last_segments_labels(labels, L, None), labels)
     assert torch.equal(last_segments_labels(labels, L, 9), labels)
+    window = {"labels": labels}
+    default, every = HMTTask(tiny_config()), HMTTask(tiny_config(loss_last_segments=None))
+    assert default.loss_last_segments == 1                                # the reference: the last segment only
+    assert torch.equal(default.training_labels(window), last_segments_labels(labels, L, 1))
+    assert torch.equal(every.training_labels(window), labels)             # the option: every segment
     task = HMTTask(tiny_config(freeze_backbone=True))
     trained = [n for n, p in task.model.named_parameters() if p.requires_grad]
     assert sorted(trained) == ["m0", "summary_prompt", "w_k.weight", "w_q.weight"]

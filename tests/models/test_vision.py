@@ -122,3 +122,22 @@ def test_evaluate_scores_a_classifier():
     torch.manual_seed(0)
     result = evaluate(build_model(cfg), data, 128, max_batches=1, data_name="digits")
     assert result["scored_positions"] == 128 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_vim_init_patch_embedding_is_lecun_normal_and_out_proj_is_rescaled_by_depth():
+    """Released Vim init: patch embedding std 1/sqrt(fan_in), zero bias; out_proj std / sqrt(depth) without MLP."""
+    from zoo.layers.mamba import BiMamba
+
+    torch.manual_seed(0)
+    config = ModelConfig(architecture="vision", dim=64, depth=8, pattern=["bimamba"], mlp="none")
+    config.vision.channels, config.vision.patch_size = 3, 4                            # fan_in = 3 · 4 · 4 = 48
+    model = VisionClassifier(config)
+    weight = model.patch_embed.weight
+    assert abs(float(weight.std()) * 48 ** 0.5 - 1.0) < 0.05 and not model.patch_embed.bias.any()
+    assert float(weight.abs().max()) <= 2 * 48 ** -0.5 / 0.87962566103423978 + 1e-6    # truncated at 2 sigma
+    torch.manual_seed(1)
+    plain = BiMamba(64).out_proj.weight.std()                                          # PyTorch's Linear init
+    for block in model.blocks:
+        assert abs(float(block.mixer.out_proj.weight.std() / plain) * 8 ** 0.5 - 1.0) < 0.05
+    with_mlp = VisionClassifier(ModelConfig(architecture="vision", dim=64, depth=8, pattern=["bimamba"]))
+    assert abs(float(with_mlp.blocks[0].mixer.out_proj.weight.std() / plain) * 16 ** 0.5 - 1.0) < 0.05

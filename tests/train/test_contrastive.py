@@ -279,3 +279,19 @@ def test_embedding_architecture_refuses_text_data(tmp_path, capsys):
     assert run_zoo("train", *TINY_EMBED, "data.name=text", f"data.path={KJV_FIXTURE}", f"run.root={tmp_path}",
                    "trainer.max_steps=1") != 0
     assert "set data.name=ict or needle" in capsys.readouterr().err
+
+
+def test_bundled_nv_embed_configs_carry_a_task_instruction_that_reaches_the_query():
+    from zoo.config import parse_args
+    from zoo.data.retrieval import query_prefix
+
+    configs = [parse_args([f"config={name}.yaml"]).config for name in ("nv-embed", "embed_stage1", "embed_stage2")]
+    instructions = {config.data.retrieval.instruction for config in configs}
+    assert len(instructions) == 1 and all(instructions)                    # the same ICT task in every stage
+    instruction = instructions.pop()
+    bundle = retrieval_bundle(ict_config(instruction=instruction, query_len=configs[0].data.retrieval.query_len))
+    query = bundle.tokenizer.decode(bundle.train[0]["query"][0])
+    assert query.startswith(query_prefix(instruction)) and len(query) > len(query_prefix(instruction))
+    passage = bundle.tokenizer.decode(bundle.train[0]["positive"])
+    assert instruction not in passage                                      # passages carry no instruction
+

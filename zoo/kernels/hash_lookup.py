@@ -3,7 +3,7 @@
 For one token x ∈ R^{Kτ}, cut into K contiguous chunks z_k of τ values:
 
     code_k = Σ_i [z_{k,i} >= 0] · 2^{τ−1−i}                   (MSB first; 0 and −0.0 give bit 1, NaN bit 0)
-    p_k    = Π_i σ(2|z_{k,i}|) = exp(−Σ_i softplus(−2|z_{k,i}|))
+    p_k    = exp(⟨sign z_k, z_k⟩/t) / Σ_h exp(⟨h, z_k⟩/t) = Π_i σ(2|z_{k,i}|/t)    (temperature t, h ∈ {−1, 1}^τ)
     s_k    = p_k ("prob", the paper)   or   ‖z_k‖₁ · p_k ("l1prob", the released code)
     y      = Σ_k s_k · tables[k, code_k, :] + bias
 
@@ -28,13 +28,13 @@ SCORES = ("prob", "l1prob")
 MAX_TAU = 16  # codes fit int32 and tables stay addressable (2^16 rows per table)
 
 
-def hash_codes(x: torch.Tensor, tau: int, score: str = "prob",
-               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hash_codes(x: torch.Tensor, tau: int, score: str = "l1prob", dtype: torch.dtype | None = None,
+               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucket indices and differentiable weights of every chunk of ``x`` (docs/memoryformer.md#differentiable-weight).
 
     Args:
         x: (..., K·τ). tau: bits per chunk. score: "prob" (s = p) or "l1prob" (s = ‖z‖₁·p).
-        dtype: dtype of s; None means float32 (float64 for float64 x).
+        dtype: dtype of s; None means float32 (float64 for float64 x). temperature: t > 0 of p = Π σ(2|z|/t).
 
     Returns:
         code: (..., K) int64 in [0, 2^τ), MSB first, from the signs of x in its own dtype (no gradient);
@@ -46,7 +46,7 @@ def hash_codes(x: torch.Tensor, tau: int, score: str = "prob",
     powers = 2 ** torch.arange(tau - 1, -1, -1, device=x.device)  # (τ,) 2^{τ−1−i}
     code = ((z >= 0).long() * powers).sum(-1)  # (..., K)
     magnitude = z.to(dtype).abs()  # (..., K, τ)
-    log_p = -F.softplus(-2.0 * magnitude).sum(-1)  # (..., K) log Π σ(2|z|)
+    log_p = -F.softplus(-2.0 * magnitude / temperature).sum(-1)  # (..., K) log Π σ(2|z|/t)
     s = log_p.exp()
     if score == "l1prob":
         s = magnitude.sum(-1) * s
@@ -58,7 +58,7 @@ def hash_codes(x: torch.Tensor, tau: int, score: str = "prob",
 # ----------------------------------------------------------------------------------------------------------------------
 
 def hash_lookup_reference(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias: torch.Tensor | None = None,
-                          *, score: str = "prob") -> torch.Tensor:
+                          *, score: str = "l1prob", temperature: float = 1.0) -> torch.Tensor:
     """The plainest correct hash lookup: ``y = Σ_k (s_k · onehot(code_k, 2^τ)) @ tables[k] + bias`` (the oracle).
 
     Same arguments and return as :func:`hash_lookup` (without ``backend``); no input validation. Works in float64;
@@ -67,7 +67,7 @@ def hash_lookup_reference(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, b
     K, rows, d_out = tables.shape
     dtype = compute_dtype(x, tables)
     lead = x.shape[:-1]
-    code, s = hash_codes(x.reshape(-1, x.shape[-1]), tau, score, dtype)  # (N, K) each
+    code, s = hash_codes(x.reshape(-1, x.shape[-1]), tau, score, dtype, temperature)  # (N, K) each
     y = x.new_zeros(code.shape[0], d_out, dtype=dtype)  # (N, d_out)
     for k in range(K):
         weights = F.one_hot(code[:, k], rows).to(dtype) * s[:, k, None]  # (N, 2^τ): W_k = onehot · s
@@ -82,7 +82,7 @@ def hash_lookup_reference(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, b
 # ----------------------------------------------------------------------------------------------------------------------
 
 def hash_lookup_torch(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias: torch.Tensor | None = None,
-                      *, score: str = "prob") -> torch.Tensor:
+                      *, score: str = "l1prob", temperature: float = 1.0) -> torch.Tensor:
     """The PyTorch hash lookup (``backend="torch"``); same arguments and return as the public op.
 
     One ``F.embedding_bag`` over the flattened (K·2^τ, d_out) tables with bags of the K row ids ``k·2^τ + code_k``
@@ -92,7 +92,7 @@ def hash_lookup_torch(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias:
     K, rows, d_out = tables.shape
     dtype = compute_dtype(x, tables)
     lead = x.shape[:-1]
-    code, s = hash_codes(x.reshape(-1, x.shape[-1]), tau, score, dtype)  # (N, K) each
+    code, s = hash_codes(x.reshape(-1, x.shape[-1]), tau, score, dtype, temperature)  # (N, K) each
     row_ids = code + torch.arange(K, device=x.device) * rows  # (N, K) rows of the flattened tables
     weight = tables.reshape(K * rows, d_out).to(dtype)  # (K·2^τ, d_out); no copy when already in dtype
     y = F.embedding_bag(row_ids, weight, per_sample_weights=s, mode="sum")  # (N, d_out)
@@ -121,17 +121,17 @@ EMBEDDING_BAG_FLOPS = {
 # 3. Triton path: the kernels and their autograd.Function live in hash_lookup_triton.py (imported only when used).
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _hash_lookup_triton(x, tables, tau, bias, score):
+def _hash_lookup_triton(x, tables, tau, bias, score, temperature):
     from zoo.kernels.hash_lookup_triton import hash_lookup_triton
 
-    return hash_lookup_triton(x, tables, tau, bias, score=score)
+    return hash_lookup_triton(x, tables, tau, bias, score=score, temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. The public op.
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _validate(x, tables, tau, bias, score, backend) -> str:
+def _validate(x, tables, tau, bias, score, temperature, backend) -> str:
     """One-line errors for inputs that disagree; returns the concrete backend."""
     if isinstance(tau, bool) or not isinstance(tau, int):
         raise TypeError(f"{OP}: tau must be an int, got {type(tau).__name__}")
@@ -139,6 +139,9 @@ def _validate(x, tables, tau, bias, score, backend) -> str:
         raise ValueError(f"{OP}: tau must be in [1, {MAX_TAU}], got {tau}")
     if score not in SCORES:
         raise ValueError(f"{OP}: score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ValueError(f"{OP}: temperature must be a finite number > 0, got {temperature!r}; 1 is the paper's "
+                         f"plain softmax over the 2**tau buckets")
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"{OP}: x must be a tensor of shape (..., K*tau), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -166,15 +169,16 @@ def _validate(x, tables, tau, bias, score, backend) -> str:
 
 
 def hash_lookup(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias: torch.Tensor | None = None, *,
-                score: str = "prob", backend: str = "auto") -> torch.Tensor:
+                score: str = "l1prob", temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
     """MemoryFormer's Memory Layer (Ding et al., NeurIPS 2024, arXiv 2411.12992): a linear map by hashing.
 
     x is cut into K = x.shape[-1] / τ contiguous chunks z_k; the signs of chunk k form a τ-bit index
     ``code_k = Σ_i [z_{k,i} >= 0] 2^{τ−1−i}`` (MSB first; 0 and −0.0 give bit 1) into table k, and
 
-        ``y = Σ_k s_k · tables[k, code_k, :] + bias``,  with  p_k = Π_i σ(2|z_{k,i}|),
+        ``y = Σ_k s_k · tables[k, code_k, :] + bias``,  with  p_k = Π_i σ(2|z_{k,i}|/t),
 
-    s_k = p_k for ``score="prob"`` (the paper) or s_k = ‖z_k‖₁ · p_k for ``score="l1prob"`` (the released code).
+    s_k = p_k for ``score="prob"`` (the paper) or s_k = ‖z_k‖₁ · p_k for ``score="l1prob"`` (the released code);
+    p_k is the softmax mass exp(⟨sign z_k, z_k⟩/t) / Σ_h exp(⟨h, z_k⟩/t) of the chosen bucket at temperature t.
     Gradients reach x only through s (the code is piecewise constant; sgn(0) = 0 at exact zeros) and reach the
     tables only on the rows that were hit (a scatter-add of s · ∂L/∂y).
 
@@ -182,7 +186,7 @@ def hash_lookup(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias: torch
         x: (..., K·τ), any float dtype. Codes and scores are computed in float32 (float64 if x or the tables are).
         tables: (K, 2^τ, d_out). bias: (d_out,) or None.
         tau: bits per chunk, 1 ≤ τ ≤ 16.
-        score: "prob" or "l1prob".
+        score: "prob" or "l1prob". temperature: t > 0 (1 = the plain softmax).
         backend: "auto" (Triton for CUDA tensors, torch otherwise), "reference" (dense one-hot loop, the oracle),
             "torch" (``F.embedding_bag``, autograd) or "triton" (kernels with a hand-written backward; the table
             gradient uses float atomics, so it is reproducible to fp32 rounding only, unless
@@ -205,9 +209,10 @@ def hash_lookup(x: torch.Tensor, tables: torch.Tensor, tau: int = 8, bias: torch
         >>> int((tables.grad.abs().sum(-1) > 0).sum()) <= 2 * 10 * K      # only the rows that were hit
         True
     """
-    backend = _validate(x, tables, tau, bias, score, backend)
+    backend = _validate(x, tables, tau, bias, score, temperature, backend)
+    temperature = float(temperature)
     if backend == "reference":
-        return hash_lookup_reference(x, tables, tau, bias, score=score)
+        return hash_lookup_reference(x, tables, tau, bias, score=score, temperature=temperature)
     if backend == "torch":
-        return hash_lookup_torch(x, tables, tau, bias, score=score)
-    return _hash_lookup_triton(x, tables, tau, bias, score)
+        return hash_lookup_torch(x, tables, tau, bias, score=score, temperature=temperature)
+    return _hash_lookup_triton(x, tables, tau, bias, score, temperature)

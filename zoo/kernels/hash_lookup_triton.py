@@ -27,22 +27,22 @@ WARPS = 4
 
 
 @triton.jit
-def _score(z, valid, SCORE_L1: tl.constexpr):
-    """s, p, ‖z‖₁ and σ(−2|z|) of each row of z (BN, TAU_P) float32; masked lanes contribute nothing."""
+def _score(z, valid, inv_t, SCORE_L1: tl.constexpr):
+    """s, p, ‖z‖₁ and σ(−2|z|/t) of each row of z (BN, TAU_P) float32 (inv_t = 1/t); masked lanes contribute nothing."""
     a = tl.where(valid, tl.abs(z), 0.0)  # (BN, TAU_P)
-    softplus = tl.where(valid, tl.log(1.0 + tl.exp(-2.0 * a)), 0.0)  # softplus(−2|z|)
-    p = tl.exp(-tl.sum(softplus, axis=1))  # (BN,) Π σ(2|z|)
+    softplus = tl.where(valid, tl.log(1.0 + tl.exp(-2.0 * inv_t * a)), 0.0)  # softplus(−2|z|/t)
+    p = tl.exp(-tl.sum(softplus, axis=1))  # (BN,) Π σ(2|z|/t)
     l1 = tl.sum(a, axis=1)  # (BN,)
     if SCORE_L1:
         s = l1 * p
     else:
         s = p
-    sig = 1.0 / (1.0 + tl.exp(2.0 * a))  # (BN, TAU_P) σ(−2|z|)
+    sig = 1.0 / (1.0 + tl.exp(2.0 * inv_t * a))  # (BN, TAU_P) σ(−2|z|/t)
     return s, p, l1, sig
 
 
 @triton.jit
-def _hash_kernel(x, code_out, s_out, N, K, TAU: tl.constexpr, TAU_P: tl.constexpr, SCORE_L1: tl.constexpr,
+def _hash_kernel(x, code_out, s_out, N, K, inv_t, TAU: tl.constexpr, TAU_P: tl.constexpr, SCORE_L1: tl.constexpr,
                  SIGN_IN_F64: tl.constexpr, BN: tl.constexpr):
     """code[n, k] = Σ_i [z_i >= 0] 2^{τ−1−i} and s[n, k] for one block of tokens and one chunk k."""
     i_n = tl.cast(tl.program_id(0), tl.int64)
@@ -58,7 +58,7 @@ def _hash_kernel(x, code_out, s_out, N, K, TAU: tl.constexpr, TAU_P: tl.constexp
         bits = tl.where(valid & (z >= 0), 1, 0)
     shift = tl.where(lanes < TAU, TAU - 1 - lanes, 0)  # (TAU_P,) MSB first
     code = tl.sum(bits * (1 << shift)[None, :], axis=1)  # (BN,)
-    s, _, _, _ = _score(z, valid, SCORE_L1)
+    s, _, _, _ = _score(z, valid, inv_t, SCORE_L1)
     live = rows < N
     tl.store(code_out + rows * K + k, tl.cast(code, tl.int32), mask=live)
     tl.store(s_out + rows * K + k, s, mask=live)
@@ -88,7 +88,7 @@ def _gather_kernel(code, s, tables, bias, y_out, N, K, ROWS, D, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _dx_kernel(x, code, tables, dy, dx_out, N, K, ROWS, D, TAU: tl.constexpr, TAU_P: tl.constexpr,
+def _dx_kernel(x, code, tables, dy, dx_out, N, K, ROWS, D, inv_t, TAU: tl.constexpr, TAU_P: tl.constexpr,
                SCORE_L1: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """dx[n, chunk k] = G[n, k] · ∂s/∂z with G = ⟨dy[n], tables[k·2^τ + code[n, k]]⟩ (s recomputed from x)."""
     i_n = tl.cast(tl.program_id(0), tl.int64)
@@ -107,12 +107,12 @@ def _dx_kernel(x, code, tables, dy, dx_out, N, K, ROWS, D, TAU: tl.constexpr, TA
     valid = live[:, None] & (lanes[None, :] < TAU)  # (BN, TAU_P)
     offsets = rows[:, None] * (K * TAU) + k * TAU + lanes[None, :]
     z = tl.cast(tl.load(x + offsets, mask=valid, other=0.0), tl.float32)  # (BN, TAU_P)
-    s, p, l1, sig = _score(z, valid, SCORE_L1)
+    s, p, l1, sig = _score(z, valid, inv_t, SCORE_L1)
     sign = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))  # sgn(0) = 0, the torch ``abs`` convention
     if SCORE_L1:
-        ds = sign * p[:, None] * (1.0 + 2.0 * l1[:, None] * sig)  # ∂(‖z‖₁ p)/∂z_i
+        ds = sign * p[:, None] * (1.0 + 2.0 * inv_t * l1[:, None] * sig)  # ∂(‖z‖₁ p)/∂z_i
     else:
-        ds = s[:, None] * 2.0 * sign * sig  # ∂p/∂z_i
+        ds = s[:, None] * 2.0 * inv_t * sign * sig  # ∂p/∂z_i
     tl.store(dx_out + offsets, G[:, None] * ds, mask=valid)
 
 
@@ -158,13 +158,13 @@ def _dtables_sorted_kernel(order, sorted_rows, run_length, s, dy, dtables, K, D,
 # Launchers and the autograd function
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _hash(x: torch.Tensor, K: int, tau: int, score_l1: bool):
-    """code (N, K) int32 and s (N, K) float32 of x (N, K·τ)."""
+def _hash(x: torch.Tensor, K: int, tau: int, score_l1: bool, inv_t: float):
+    """code (N, K) int32 and s (N, K) float32 of x (N, K·τ) at temperature 1/inv_t."""
     N = x.shape[0]
     code = torch.empty(N, K, dtype=torch.int32, device=x.device)
     s = torch.full((N, K), float("nan"), dtype=torch.float32, device=x.device)
     if N:
-        _hash_kernel[(triton.cdiv(N, BLOCK_N), K)](x, code, s, N, K, TAU=tau, TAU_P=triton.next_power_of_2(tau),
+        _hash_kernel[(triton.cdiv(N, BLOCK_N), K)](x, code, s, N, K, inv_t, TAU=tau, TAU_P=triton.next_power_of_2(tau),
                                                    SCORE_L1=score_l1, SIGN_IN_F64=x.dtype == torch.float64, BN=BLOCK_N,
                                                    num_warps=WARPS)
     return code, s
@@ -212,17 +212,17 @@ class HashLookupTriton(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, tables, bias, tau, score_l1):
+    def forward(ctx, x, tables, bias, tau, score_l1, inv_t):
         N = x.shape[0]
         K, rows, D = tables.shape
-        code, s = _hash(x, K, tau, score_l1)
+        code, s = _hash(x, K, tau, score_l1, inv_t)
         y = torch.full((N, D), float("nan"), dtype=tables.dtype, device=x.device)  # poisoned before the kernel
         if N:
             _gather_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))](
                 code, s, tables, bias if bias is not None else tables, y, N, K, rows, D,
                 HAS_BIAS=bias is not None, BN=BLOCK_N, BD=BLOCK_D, num_warps=WARPS)
         ctx.save_for_backward(x, tables, code, s)
-        ctx.tau, ctx.score_l1, ctx.has_bias = tau, score_l1, bias is not None
+        ctx.tau, ctx.score_l1, ctx.inv_t, ctx.has_bias = tau, score_l1, inv_t, bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
@@ -238,17 +238,17 @@ class HashLookupTriton(torch.autograd.Function):
             dx = torch.full(x.shape, float("nan"), dtype=torch.float32, device=x.device)  # (N, K·τ)
             if N:
                 _dx_kernel[(triton.cdiv(N, BLOCK_N), K)](
-                    x, code, tables, dy, dx, N, K, rows, D, TAU=tau, TAU_P=triton.next_power_of_2(tau),
+                    x, code, tables, dy, dx, N, K, rows, D, ctx.inv_t, TAU=tau, TAU_P=triton.next_power_of_2(tau),
                     SCORE_L1=ctx.score_l1, BN=BLOCK_N, BD=BLOCK_D, num_warps=WARPS)
             dx = dx.to(x.dtype)
         if ctx.needs_input_grad[1]:
             dtables = _table_gradient(code, s, dy, K, rows, D).reshape(K, rows, D).to(tables.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy.float().sum(0).to(ctx.bias_dtype)
-        return dx, dtables, dbias, None, None
+        return dx, dtables, dbias, None, None, None
 
 
-def hash_lookup_triton(x, tables, tau=8, bias=None, *, score="prob"):
+def hash_lookup_triton(x, tables, tau=8, bias=None, *, score="l1prob", temperature=1.0):
     """The Triton path of ``hash_lookup`` (same arguments and return; inputs already validated).
 
     Codes, scores and sums are float32 (float64 inputs are hashed and summed in float32, then cast back).
@@ -257,5 +257,5 @@ def hash_lookup_triton(x, tables, tau=8, bias=None, *, score="prob"):
     D = tables.shape[-1]
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (N, K·τ)
     y = HashLookupTriton.apply(x2d, tables.contiguous(), bias.contiguous() if bias is not None else None, tau,
-                               score == "l1prob")
+                               score == "l1prob", 1.0 / temperature)
     return y.reshape(*lead, D)

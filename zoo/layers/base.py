@@ -270,3 +270,21 @@ def _check_trailing(name: str, tensor, path: str, shape: tuple, index: int | Non
     where = path if index is None else f"{path}[{index}]"
     raise ValueError(f"{name}: {where} must have shape {expected} for this layer, got {_describe(tensor)}; "
                      f"pass the state {name} returned")
+
+
+def combine_aux_losses(terms: list) -> torch.Tensor | None:
+    """One auxiliary loss from the ``aux_loss`` fields of block states (of one or several backbone calls), or None.
+
+    The mean over loss terms: each 0-dim tensor is one term, and the pooled terms of one kind (objects whose type has
+    ``pool(terms) -> 0-dim tensor``, MoM's global load balance) give one term together.
+    """
+    losses = [term for term in terms if isinstance(term, torch.Tensor)]
+    pooled: dict[type, list] = {}
+    for term in terms:
+        if not isinstance(term, torch.Tensor):
+            pooled.setdefault(type(term), []).append(term)
+    losses += [kind.pool(group) for kind, group in pooled.items()]
+    if not losses:
+        return None
+    dtype = torch.promote_types(torch.float32, losses[0].dtype)                      # at least fp32, fp64 stays
+    return torch.stack([loss.to(dtype) for loss in losses]).mean()

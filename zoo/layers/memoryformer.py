@@ -41,32 +41,42 @@ def _check_divisible(owner: str, name: str, size: int, tau: int) -> None:
                          f"tau={tau} (the input is cut into chunks of tau values)")
 
 
-def _check_score(owner: str, score: str) -> None:
+def _check_score(owner: str, score: str, temperature: float, table_weight_decay: float) -> None:
     if score not in SCORES:
         raise ValueError(f"{owner}: score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"{owner}: temperature must be a finite number > 0, got {temperature!r}; 1 is the paper's "
+                         f"plain softmax over the buckets")
+    if isinstance(table_weight_decay, bool) or not isinstance(table_weight_decay, (int, float)) \
+            or not 0 <= table_weight_decay < math.inf:
+        raise ValueError(f"{owner}: table_weight_decay must be a finite number >= 0, got {table_weight_decay!r}; "
+                         f"0.1 is the released recipe's, 0 never decays the tables")
 
 
 class MemoryLinear(nn.Module):
     """Memory Layer: a (in_dim → out_dim) projection by hashing, ``y = Σ_k s_k · tables[k, code_k] + bias``.
 
     ``forward(x (..., in_dim)) -> (..., out_dim)``. K = in_dim / τ chunks; each chunk's sign pattern picks one of
-    2^τ rows of its table and s_k = Π σ(2|z_k|) (``score="prob"``) or ‖z_k‖₁·Π σ(2|z_k|) (``"l1prob"``) weights it.
+    2^τ rows of its table and s_k = ‖z_k‖₁·p_k (``score="l1prob"``, the released code's, default) or p_k (``"prob"``,
+    the paper's) weights it, p_k = Π σ(2|z_k|/t) at ``temperature`` t.
     Parameters: ``tables`` (K, 2^τ, out_dim) and ``bias`` (out_dim,): K·2^τ·out_dim + out_dim in all, about 2^τ/τ
     times a dense layer; a forward costs about 2·K·out_dim FLOPs per token, τ times fewer than 2·in_dim·out_dim.
     Put a norm in front: the bucket distribution (and in ``l1prob`` the output scale) follows the input norm.
-    The tables are excluded from weight decay (rows that are never hit get no gradient back).
+    The tables are decayed at ``table_weight_decay`` (the released recipe's 0.1; 0 excludes them), whatever
+    ``optim.weight_decay`` is (docs/memoryformer.md#dead-buckets).
     """
 
-    _no_weight_decay = ("tables",)
-
-    def __init__(self, in_dim: int, out_dim: int, tau: int = 8, *, score: str = "prob", bias: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, tau: int = 8, *, score: str = "l1prob", temperature: float = 1.0,
+                 table_weight_decay: float = 0.1, bias: bool = True):
         super().__init__()
         _check_tau("MemoryLinear", "tau", tau)
         _check_divisible("MemoryLinear", "in_dim", in_dim, tau)
-        _check_score("MemoryLinear", score)
+        _check_score("MemoryLinear", score, temperature, table_weight_decay)
         if out_dim <= 0:
             raise ValueError(f"MemoryLinear: out_dim must be positive, got {out_dim}")
         self.in_dim, self.out_dim, self.tau, self.score = in_dim, out_dim, tau, score
+        self.temperature = float(temperature)
+        self.weight_decay_overrides = {"tables": float(table_weight_decay)}
         self.num_tables = in_dim // tau  # K
         self.tables = nn.Parameter(torch.empty(self.num_tables, 2 ** tau, out_dim))
         self.bias = nn.Parameter(torch.empty(out_dim)) if bias else None
@@ -80,11 +90,11 @@ class MemoryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"MemoryLinear: x has {x.shape[-1]} features, expected in_dim={self.in_dim}")
-        return hash_lookup(x, self.tables, self.tau, self.bias, score=self.score)
+        return hash_lookup(x, self.tables, self.tau, self.bias, score=self.score, temperature=self.temperature)
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, out_dim={self.out_dim}, tau={self.tau}, tables={self.num_tables}, "
-                f"score={self.score!r}, bias={self.bias is not None}")
+                f"score={self.score!r}, temperature={self.temperature}, bias={self.bias is not None}")
 
 
 class MemoryFFN(nn.Module):
@@ -92,22 +102,25 @@ class MemoryFFN(nn.Module):
 
     ``forward(x (B, T, D)) -> (B, T, D)``: h = MemoryLinear(D → K(τ+2), τ)(x); h = LayerNorm(h);
     y = MemoryLinear(K(τ+2) → D, τ+2)(h), where K = D / τ, so the contraction hashes K chunks of τ+2 bits into
-    tables of 2^(τ+2) rows (the released ``extra_bit`` expansion).
+    tables of 2^(τ+2) rows (the released ``extra_bit`` expansion). ``score``, ``temperature`` and
+    ``table_weight_decay`` are both layers'.
     """
 
-    def __init__(self, dim: int, tau: int = 8, *, score: str = "prob"):
+    def __init__(self, dim: int, tau: int = 8, *, score: str = "l1prob", temperature: float = 1.0,
+                 table_weight_decay: float = 0.1):
         super().__init__()
         _check_tau("MemoryFFN", "tau", tau)
         if tau + 2 > MAX_TAU:
             raise ValueError(f"MemoryFFN: tau must be <= {MAX_TAU - 2} (the contraction hashes tau+2 bits), got {tau}")
         _check_divisible("MemoryFFN", "dim", dim, tau)
-        _check_score("MemoryFFN", score)
+        _check_score("MemoryFFN", score, temperature, table_weight_decay)
         self.dim, self.tau = dim, tau
         hidden = (dim // tau) * (tau + 2)  # K(τ+2)
         self.hidden = hidden
-        self.expand = MemoryLinear(dim, hidden, tau, score=score)
+        options = {"score": score, "temperature": temperature, "table_weight_decay": table_weight_decay}
+        self.expand = MemoryLinear(dim, hidden, tau, **options)
         self.norm = nn.LayerNorm(hidden, eps=1e-5)
-        self.contract = MemoryLinear(hidden, dim, tau + 2, score=score)
+        self.contract = MemoryLinear(hidden, dim, tau + 2, **options)
 
     def reset_parameters(self) -> None:
         self.expand.reset_parameters()
@@ -130,23 +143,25 @@ class MemoryAttention(Mixer):
 
     The state is an ``AttentionState`` KV cache (rotated keys, values, positions), so a split call and
     token-by-token decoding equal one full call; positions continue from the cache length. Sharing the hash is exact
-    because Q, K and V read the same input with no projection in front.
+    because Q, K and V read the same input with no projection in front. ``score``, ``temperature`` and
+    ``table_weight_decay`` (of ``tables_qkv``) are as in ``MemoryLinear``.
     """
 
     takes_mask, takes_cu_seqlens, State = True, True, AttentionState
 
-    _no_weight_decay = ("tables_qkv",)
-
-    def __init__(self, dim: int, heads: int, tau: int = 8, *, score: str = "prob", rotary_pct: float = 0.25):
+    def __init__(self, dim: int, heads: int, tau: int = 8, *, score: str = "l1prob", temperature: float = 1.0,
+                 table_weight_decay: float = 0.1, rotary_pct: float = 0.25):
         super().__init__()
         _check_tau("MemoryAttention", "tau", tau)
         if heads <= 0 or dim % heads:
             raise ValueError(f"MemoryAttention: dim ({dim}) must be divisible by heads ({heads})")
         _check_divisible("MemoryAttention", "dim", dim, tau)
-        _check_score("MemoryAttention", score)
+        _check_score("MemoryAttention", score, temperature, table_weight_decay)
         if not 0.0 <= rotary_pct <= 1.0:
             raise ValueError(f"MemoryAttention: rotary_pct must be in [0, 1], got {rotary_pct}")
         self.dim, self.heads, self.tau, self.score, self.rotary_pct = dim, heads, tau, score, rotary_pct
+        self.temperature = float(temperature)
+        self.weight_decay_overrides = {"tables_qkv": float(table_weight_decay)}
         self.head_dim = dim // heads
         self.num_tables = dim // tau  # K
         self.rotary_dims = 2 * int(rotary_pct * self.head_dim // 2)  # rounded down to even
@@ -163,11 +178,12 @@ class MemoryAttention(Mixer):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, tau={self.tau}, tables={self.num_tables}, "
-                f"score={self.score!r}, rotary_dims={self.rotary_dims}")
+                f"score={self.score!r}, temperature={self.temperature}, rotary_dims={self.rotary_dims}")
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
         """q, k (rotated at ``positions`` (B, T)) and v of x (B, T, D), each (B, T, H, d), from one lookup."""
-        qkv = hash_lookup(x, self.tables_qkv, self.tau, self.bias_qkv, score=self.score)  # (B, T, 3D)
+        qkv = hash_lookup(x, self.tables_qkv, self.tau, self.bias_qkv, score=self.score,
+                          temperature=self.temperature)  # (B, T, 3D)
         q, k, v = (rearrange(part, "b t (h d) -> b t h d", d=self.head_dim) for part in qkv.chunk(3, dim=-1))
         if self.rotary is not None:
             r = self.rotary_dims

@@ -15,6 +15,7 @@ synchronisation in the layer:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -28,8 +29,8 @@ from zoo.layers.base import Mixer, cat_rows, document_bounds
 from zoo.layers.conv import ShortConv, conv_documents
 from zoo.layers.norm import RMSNorm
 
-__all__ = ["GatedDeltaNet", "GDNState", "MixtureOfMemories", "MoMState", "CONV_SIZE", "sort_by_memory", "segment_conv",
-           "segment_cache", "segment_delta_rule"]
+__all__ = ["GatedDeltaNet", "GDNState", "MixtureOfMemories", "MoMState", "LoadBalanceTerms", "CONV_SIZE",
+           "sort_by_memory", "segment_conv", "segment_cache", "segment_delta_rule"]
 
 CONV_SIZE = 4                # w: taps of the short convs on q, k, v (a module constant, docs/mom.md#parameters)
 INIT_GAIN = 2 ** -2.5        # xavier_uniform gain of every projection (the fla parameterisation)
@@ -46,14 +47,40 @@ class GDNState(NamedTuple):
     conv_v: torch.Tensor
 
 
+AUX_LOSS_FORMS = ("global", "layer_mean")
+
+
+@dataclass(frozen=True)
+class LoadBalanceTerms:
+    """One MoM call's routing statistics for the official load-balancing loss, one loss over all layers
+    (docs/mom.md#load-balancing-loss): counts (M,) routed slots per memory (no gradient), prob_sums (M,) Σ_t p_e over
+    the call's ``tokens`` = B·T tokens, and the layer's ``scale``. Not a tuple: state checks never walk into it."""
+
+    counts: torch.Tensor
+    prob_sums: torch.Tensor
+    tokens: int
+    scale: float
+
+    @staticmethod
+    def pool(terms: list) -> torch.Tensor:
+        """scale · M · Σ_e F_e P_e with F and P over the tokens of every term together (as if the router outputs of
+        all layers and calls were concatenated, the official code's form); 0-dim."""
+        tokens = sum(term.tokens for term in terms)
+        counts = torch.stack([term.counts for term in terms]).sum(0)                   # (M,)
+        prob_sums = torch.stack([term.prob_sums for term in terms]).sum(0)             # (M,)
+        return terms[0].scale * counts.shape[0] * ((counts / tokens) * (prob_sums / tokens)).sum()
+
+
 class MoMState(NamedTuple):
     """State of a ``MixtureOfMemories`` (docs/mom.md#state-across-calls), batch-first.
 
     - S: (B, M, H, d, d), the routed memories; S_shared: (B, H, d, d) or None without a shared memory.
     - conv_q, conv_k, conv_v: (B, M', w−1, H·d), pre-conv rows of each memory's last w−1 routed tokens; M' = M + 1
       with a shared memory (index M), else M.
-    - aux_loss: the load-balancing loss of this call (0-dim, already scaled) in training mode, else None. It is an
-      output only: a state passed back in is read for S and the conv caches, never for aux_loss.
+    - aux_loss: in training mode, this call's load-balancing loss (0-dim, already scaled) with
+      ``aux_loss_form="layer_mean"``, or its ``LoadBalanceTerms`` with ``"global"`` (pooled over the layers by
+      ``zoo.layers.base.combine_aux_losses``); else None. It is an output only: a state passed back in is read for S
+      and the conv caches, never for aux_loss.
     """
 
     S: torch.Tensor
@@ -61,7 +88,7 @@ class MoMState(NamedTuple):
     conv_q: torch.Tensor
     conv_k: torch.Tensor
     conv_v: torch.Tensor
-    aux_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | LoadBalanceTerms | None = None
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -268,15 +295,17 @@ class MixtureOfMemories(_GatedDeltaBase):
     ``forward(x (B, T, D), state: MoMState | None) -> (y (B, T, D), MoMState)``. Each token is written into and read
     from its top-k of ``num_memories`` memories (router weights renormalised over the k), plus the shared memory with
     weight 1. W_q, the convs, A_log and dt_bias are shared; each memory has its own W_k, W_v, W_b, W_a. In training
-    mode the state's ``aux_loss`` holds ``aux_loss_scale · M · Σ_e F_e P_e`` (Switch-style load balance).
+    mode the state's ``aux_loss`` carries the Switch-style load balance ``aux_loss_scale · M · Σ_e F_e P_e``:
+    ``aux_loss_form="global"`` (default, the official code's) returns this call's ``LoadBalanceTerms`` so that F and
+    P are pooled over all layers into one loss; ``"layer_mean"`` returns the layer's own loss, averaged over layers.
     ``use_gate`` and ``norm_eps`` as in ``GatedDeltaNet`` (fla's ``use_output_gate``, ``norm_eps``).
     """
 
     takes_mask, takes_cu_seqlens, State = True, True, MoMState
 
     def __init__(self, dim: int, heads: int = 2, head_dim: int | None = None, num_memories: int = 4,
-                 topk: int = 2, shared_memory: bool = True, aux_loss_scale: float = 1e-3, use_gate: bool = True,
-                 norm_eps: float = NORM_EPS):
+                 topk: int = 2, shared_memory: bool = True, aux_loss_scale: float = 0.01,
+                 aux_loss_form: str = "global", use_gate: bool = True, norm_eps: float = NORM_EPS):
         head_dim = _check_heads("MixtureOfMemories", dim, heads, head_dim)
         if num_memories < 1:
             raise ValueError(f"MixtureOfMemories: num_memories must be >= 1, got {num_memories}")
@@ -284,9 +313,11 @@ class MixtureOfMemories(_GatedDeltaBase):
             raise ValueError(f"MixtureOfMemories: topk must be in [1, num_memories={num_memories}], got {topk}")
         if not aux_loss_scale >= 0 or not math.isfinite(aux_loss_scale):
             raise ValueError(f"MixtureOfMemories: aux_loss_scale must be a finite number >= 0, got {aux_loss_scale}")
+        if aux_loss_form not in AUX_LOSS_FORMS:
+            raise ValueError(f"MixtureOfMemories: aux_loss_form must be 'global' or 'layer_mean', got {aux_loss_form!r}")
         super().__init__(dim, heads, head_dim, use_gate=use_gate, norm_eps=norm_eps)
         self.num_memories, self.topk, self.shared_memory = num_memories, topk, bool(shared_memory)
-        self.aux_loss_scale = float(aux_loss_scale)
+        self.aux_loss_scale, self.aux_loss_form = float(aux_loss_scale), aux_loss_form
         width, stacked = heads * head_dim, num_memories + int(shared_memory)     # M' memories with projections
         self.router = nn.Linear(dim, num_memories, bias=False)
         # Per-memory projections, stacked along dim 0 (index M is the shared memory): (M', out, D) each.
@@ -304,7 +335,8 @@ class MixtureOfMemories(_GatedDeltaBase):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, num_memories={self.num_memories}, "
-                f"topk={self.topk}, shared_memory={self.shared_memory}, aux_loss_scale={self.aux_loss_scale}")
+                f"topk={self.topk}, shared_memory={self.shared_memory}, aux_loss_scale={self.aux_loss_scale}, "
+                f"aux_loss_form={self.aux_loss_form!r}")
 
     def initial_state(self, x: torch.Tensor) -> MoMState:
         """Zeros for a fresh sequence of a batch like ``x`` (the M+1 states and their conv caches)."""
@@ -322,13 +354,17 @@ class MixtureOfMemories(_GatedDeltaBase):
         top_probs, top_index = probs.topk(self.topk, dim=-1)                          # (B, T, k) each
         return probs, top_index, top_probs / top_probs.sum(dim=-1, keepdim=True)
 
-    def load_balance_loss(self, probs: torch.Tensor, top_index: torch.Tensor) -> torch.Tensor:
-        """L_aux = M · Σ_e F_e P_e (unscaled): F_e the fraction of tokens routed to e (no gradient), P_e the mean p_e."""
+    def load_balance_terms(self, probs: torch.Tensor, top_index: torch.Tensor) -> LoadBalanceTerms:
+        """The routing statistics of probs (B, T, M) and top_index (B, T, k), at this layer's scale."""
         B, T, M = probs.shape
         counts = probs.new_zeros(B, M).scatter_add_(1, top_index.reshape(B, -1),
                                                     probs.new_ones(B, T * self.topk))  # (B, M)
-        fraction = counts.sum(0) / (B * T)                                              # (M,) F_e
-        return M * (fraction * probs.mean(dim=(0, 1))).sum()
+        return LoadBalanceTerms(counts.sum(0), probs.sum(dim=(0, 1)), B * T, self.aux_loss_scale)
+
+    def load_balance_loss(self, probs: torch.Tensor, top_index: torch.Tensor) -> torch.Tensor:
+        """L_aux = M · Σ_e F_e P_e (unscaled): F_e the fraction of tokens routed to e (no gradient), P_e the mean p_e."""
+        terms = self.load_balance_terms(probs, top_index)
+        return terms.counts.shape[0] * ((terms.counts / terms.tokens) * (terms.prob_sums / terms.tokens)).sum()
 
     # ------------------------------------------------------------------------------------------------ forward
     def state_shapes(self) -> dict:
@@ -361,7 +397,9 @@ class MixtureOfMemories(_GatedDeltaBase):
         projected = F.linear(x, stacked.flatten(0, 1)).unflatten(-1, stacked.shape[:2])  # (B, T, M', O)
 
         aux = None
-        if self.training and self.aux_loss_scale > 0:
+        if self.training and self.aux_loss_scale > 0 and self.aux_loss_form == "global":
+            aux = self.load_balance_terms(probs, top_index)
+        elif self.training and self.aux_loss_scale > 0:
             aux = self.aux_loss_scale * self.load_balance_loss(probs, top_index)
         if T == 1:                                                                     # decoding: k + 1 updates
             o, S, S_shared, caches = self._step(x, q_raw, projected, top_index, weights, state)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zoo.layers.base import Mixer
+from zoo.layers.base import Mixer, combine_aux_losses
 
 __all__ = ["HMT", "HMTState"]
 
@@ -64,8 +64,9 @@ class HMTState:
     mem: (B, D), P_n of the open segment (valid when offset > 0).
     backbone_state: the backbone's state after [P_n; sensory; cur_ids[:offset]] ("previous" mode), else None.
     n_done: completed segments so far. offset: tokens already in the open segment, 0 <= offset < L.
-    aux_loss: mean of the ``aux_loss`` fields of the backbone's block states over the backbone calls of the last
-        forward (MoM's load balance; training adds it to the loss), or None when no block returns one.
+    aux_loss: the ``aux_loss`` fields of the backbone's block states over the backbone calls of the last forward as
+        one loss (``combine_aux_losses``: MoM's load balance; training adds it to the loss), or None when no block
+        returns one.
     """
 
     cache: torch.Tensor
@@ -96,8 +97,9 @@ class HMT(nn.Module):
     Args (docs/hmt.md#api): ``segment_len`` L text tokens per segment; ``sensory_len`` k tokens of the previous
     segment re-read (0 disables); ``cache_size`` N memories in the FIFO cache; ``summary_fraction`` gives the
     j = max(1, floor(fraction * L)) summary tokens; ``recall_dim`` d_h of the recall query/key projections (None = D);
-    ``summary_source`` "previous" (the recall query reads the last j tokens of segment n-1: strictly causal, streams
-    at any split) or "current" (the paper: the first j tokens of segment n, a small look-ahead); ``recall=False`` is
+    ``summary_source`` "current" (the default, the paper's eq. 1 and the reference: the recall query reads the first j
+    tokens of segment n, a small look-ahead) or "previous" (the last j tokens of segment n-1: strictly causal, streams
+    at any split); ``recall=False`` is
     training stage 1 (P_n = M_{n-1}, no cache recall); ``checkpoint_segments`` recomputes each main pass in backward.
 
     Per segment n with ids x_n (B, L): (1) S_n = F([T; E(src); T])[:, -1]; (2) P_n = m0 (n = 0), M_{n-1}
@@ -109,7 +111,7 @@ class HMT(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, segment_len: int, sensory_len: int = 32, cache_size: int = 300,
-                 summary_fraction: float = 0.5, *, recall_dim: int | None = None, summary_source: str = "previous",
+                 summary_fraction: float = 0.5, *, recall_dim: int | None = None, summary_source: str = "current",
                  recall: bool = True, checkpoint_segments: bool = False):
         super().__init__()
         self._check_options(segment_len, sensory_len, cache_size, summary_fraction, recall_dim, summary_source)
@@ -358,7 +360,7 @@ class HMT(nn.Module):
             logits, state = self._reopen_segment(input_ids, state, aux)
         else:
             logits, state = self._decode(input_ids, state, aux)
-        return logits, replace(state, aux_loss=torch.stack([t.float() for t in aux]).mean() if aux else None)
+        return logits, replace(state, aux_loss=combine_aux_losses(aux))
 
     def _decode(self, input_ids: torch.Tensor, state: HMTState, aux: list):
         """Strict-mode continuation of an open segment, then new segments: (logits (B, T, V), new state)."""

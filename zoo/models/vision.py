@@ -53,14 +53,26 @@ class VisionClassifier(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Class token and positions trunc-normal(0.02); head trunc-normal(0.02) with zero bias; mixers their own."""
-        self.patch_embed.reset_parameters()
+        """As the released Vim code: patch embedding lecun-normal (truncated normal of std 1/sqrt(fan_in), zero bias);
+        class token, positions and head trunc-normal(0.02), zero head bias; mixers their own, then every block's
+        ``out_proj`` weight divided by sqrt(n · depth), n = residual branches per block (1 without an MLP, as in Vim).
+        """
+        fan_in = self.patch_embed.weight[0].numel()                                # C · patch²
+        # std / 0.8796 before truncation at ±2 std gives std after it (the lecun-normal of the released code)
+        nn.init.trunc_normal_(self.patch_embed.weight, std=fan_in ** -0.5 / 0.87962566103423978,
+                              a=-2 * fan_in ** -0.5 / 0.87962566103423978, b=2 * fan_in ** -0.5 / 0.87962566103423978)
+        nn.init.zeros_(self.patch_embed.bias)
         nn.init.trunc_normal_(self.class_token, std=0.02)
         nn.init.trunc_normal_(self.position, std=0.02)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         for block in self.blocks:
             block.reset_parameters()
+            out_proj = getattr(block.mixer, "out_proj", None)
+            if out_proj is not None:
+                branches = 1 + int(block.mlp is not None)
+                with torch.no_grad():
+                    out_proj.weight.div_((branches * len(self.blocks)) ** 0.5)
         self.norm.reset_parameters()
 
     def no_weight_decay(self) -> set[str]:

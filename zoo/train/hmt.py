@@ -2,7 +2,8 @@
 
 Each training window of ``data.seq_len`` tokens holds several HMT segments and is unrolled in one forward, with
 gradients through every segment and the cached memories. The two training options of ``model.hmt`` live here:
-``loss_last_segments=s`` scores only the last s segments of each window (the reference's loss), and
+``loss_last_segments=s`` scores only the last s segments of each window (default 1, the reference's loss; null
+scores every segment), and
 ``freeze_backbone`` trains only m0, T, Wq and Wk. Loss, validation and the scaffolding are ``LanguageModelTask``'s.
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from zoo.config import Config, to_dict
+from zoo.layers.base import combine_aux_losses
 from zoo.eval.metrics import Tally
 from zoo.models import build_model
 
@@ -33,15 +34,23 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
 
 
 def auxiliary_loss(state) -> torch.Tensor | None:
-    """Mean of the ``aux_loss`` fields of the block states (MoM's load balance), or None when no block has one.
+    """The ``aux_loss`` fields of the block states (MoM's load balance) as one loss (``combine_aux_losses``), or None
+    when no block has one.
 
     This is the zoo's convention for auxiliary losses: a mixer returns them in its state, never through a global. A
-    model whose state is one object (``HMTState``) carries the mean over its backbone calls in its own ``aux_loss``.
+    model whose state is one object (``HMTState``) carries the loss over its backbone calls in its own ``aux_loss``.
     """
     if hasattr(state, "aux_loss"):
         return state.aux_loss
-    terms = [s.aux_loss for s in (state or ()) if getattr(s, "aux_loss", None) is not None]
-    return torch.stack([t.float() for t in terms]).mean() if terms else None
+    return combine_aux_losses([s.aux_loss for s in (state or ()) if getattr(s, "aux_loss", None) is not None])
+
+
+def weight_decay_overrides(model: torch.nn.Module) -> dict[str, float]:
+    """{parameter name: its own weight decay} from the ``weight_decay_overrides`` of the modules (MemoryFormer's hash
+    tables); these parameters leave the ``optim.weight_decay`` and no-decay groups."""
+    return {f"{module_name}.{name}" if module_name else name: decay
+            for module_name, module in model.named_modules()
+            for name, decay in getattr(module, "weight_decay_overrides", {}).items()}
 
 
 def accuracy_values(tally: Tally) -> dict:
@@ -149,12 +158,18 @@ class Task(pl.LightningModule, abc.ABC):
     def configure_optimizers(self):
         optim = self.config.optim
         no_decay = self.model.no_weight_decay()
-        decay_params, plain_params = [], []
+        own_decay = weight_decay_overrides(self.model)
+        decay_params, plain_params, own_params = [], [], {}
         for name, param in self.model.named_parameters():
-            if param.requires_grad:
+            if not param.requires_grad:
+                continue
+            if name in own_decay:
+                own_params.setdefault(own_decay[name], []).append(param)
+            else:
                 (plain_params if name in no_decay else decay_params).append(param)
         groups = [{"params": decay_params, "weight_decay": optim.weight_decay},
                   {"params": plain_params, "weight_decay": 0.0}]
+        groups += [{"params": params, "weight_decay": decay} for decay, params in sorted(own_params.items())]
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(optim.warmup_steps, optim.decay_steps or self.config.trainer.max_steps,
