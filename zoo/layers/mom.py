@@ -374,10 +374,17 @@ class MixtureOfMemories(_GatedDeltaBase):
         return {"S": (M, H, d, d), "conv_q": cache, "conv_k": cache, "conv_v": cache, **shared}
 
     def stack_states(self, states: list[MoMState]) -> MoMState:
-        """The rows of ``states`` in one state; aux_loss is the mean of theirs (each group or document's own)."""
+        """The rows of ``states`` in one state; aux_loss: the routing statistics of every group or document summed
+        (``global``: as if they had run as one call), or the mean of their losses (``layer_mean``)."""
         losses = [state.aux_loss for state in states if state.aux_loss is not None]
         stacked = cat_rows("MixtureOfMemories", [state._replace(aux_loss=None) for state in states])
-        return stacked._replace(aux_loss=torch.stack(losses).mean() if losses else None)
+        if not losses:
+            return stacked
+        if isinstance(losses[0], LoadBalanceTerms):
+            return stacked._replace(aux_loss=LoadBalanceTerms(
+                torch.stack([t.counts for t in losses]).sum(0), torch.stack([t.prob_sums for t in losses]).sum(0),
+                sum(t.tokens for t in losses), losses[0].scale))
+        return stacked._replace(aux_loss=torch.stack(losses).mean())
 
     def forward(self, x: torch.Tensor, state: MoMState | None = None, *, mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MoMState]:
