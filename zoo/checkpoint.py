@@ -66,7 +66,8 @@ def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Pat
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.", dir=parent))
     try:
-        payload = {"architecture": type(model).__name__, "zoo_version": __version__, **to_dict(config)}
+        payload = {"architecture": type(model).__name__, "zoo_version": __version__, **transformers_fields(config),
+                   **to_dict(config)}
         (tmp / "config.json").write_text(dumps_strict(payload, str(out / "config.json")) + "\n")
         metadata = {"format": "pt", "zoo_version": __version__, "architecture": type(model).__name__}
         save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
@@ -78,6 +79,20 @@ def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# What makes an export of a causal LM a transformers model directory too (zoo.hf.modeling.ZooForCausalLM); the
+# loaders of zoo read past these keys.
+TRANSFORMERS_KEYS = ("model_type", "architectures")
+
+
+def transformers_fields(config: Config) -> dict:
+    """``model_type`` "zoo" and ``architectures`` for an export of a generating architecture (lm, hmt), else nothing."""
+    from zoo.registry import architecture
+
+    if not architecture(config.model.architecture).generates:
+        return {}
+    return {"model_type": "zoo", "architectures": ["ZooForCausalLM"]}
 
 
 def replace_export(new: Path, out: Path) -> None:
@@ -163,8 +178,8 @@ def read_export_config(path: str | Path) -> Config:
     if not isinstance(data, dict):
         raise CheckpointError(f"{config_file} holds a JSON {type(data).__name__}, not a zoo config object; "
                               f"re-export the checkpoint (zoo export)")
-    data.pop("architecture", None)
-    data.pop("zoo_version", None)
+    for key in ("architecture", "zoo_version", *TRANSFORMERS_KEYS):
+        data.pop(key, None)
     return from_dict(data)
 
 
