@@ -184,10 +184,17 @@ def read_export_config(path: str | Path) -> Config:
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict)."""
+    """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict).
+
+    ``path`` is a directory, or a hub id (``owner/name``) that is no local path: its snapshot in the local Hugging Face
+    cache is read (never downloaded).
+    """
+    from zoo.hf.hub import is_hub_id, resolve_hub_id
     from zoo.hf_import import foreign_format, load_foreign
     from zoo.models import build_model
 
+    if not Path(path).exists() and is_hub_id(str(path)):
+        path = resolve_hub_id(str(path))
     path = Path(path)
     if path.is_dir() and foreign_format(path):  # Hugging Face / mamba_ssm Mamba directories
         return load_foreign(path, device)

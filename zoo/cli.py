@@ -23,7 +23,8 @@ from zoo.strict_json import dumps_strict
 VERBS = {
     "train": "train a model from a config: zoo train config=NAME.yaml [key=value ...] [resume=auto|true|PATH]",
     "eval": "evaluate an export directory on its held-out data: zoo eval checkpoint=DIR [tasks=NAME] [key=value ...]",
-    "export": "write an export directory from a training checkpoint: zoo export checkpoint=FILE.ckpt out=DIR",
+    "export": "write an export directory from a training checkpoint: zoo export checkpoint=FILE.ckpt out=DIR "
+              "[format=zoo|hf]",
     "generate": "continue a prompt: zoo generate checkpoint=DIR prompt=TEXT [max_new_tokens=N temperature=T top_k=K]",
     "list": "list mixers, bundled configs and shipped checkpoints",
 }
@@ -50,7 +51,9 @@ def verb_help(verb: str) -> str:
                 f"  overrides apply to the saved config, e.g. data.eval_batch_size=64 eval.max_batches=10 "
                 f"eval.out=FILE\n")
     if verb == "export":
-        return f"{head}\n\n  checkpoint=FILE.ckpt  out=DIR (default: <run>/model)\n"
+        return (f"{head}\n\n  checkpoint=FILE.ckpt  out=DIR (default: <run>/model)\n"
+                f"  format=zoo|hf (hf: a pure Mamba / Mamba-2 LM as a Hugging Face directory; checkpoint= may be "
+                f"an export directory; out= required)\n")
     if verb == "generate":
         return (f"{head}\n\n  checkpoint=DIR  prompt=TEXT  max_new_tokens=200  temperature=0.8 (0 = greedy)  "
                 f"top_k=50 (null = no cut)  seed=0\n"
@@ -175,15 +178,27 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+EXPORT_FORMATS = ("zoo", "hf")
+
+
 def cmd_export(argv: list[str]) -> int:
-    options, rest = split_options(argv, ("checkpoint", "out"), "export")
+    options, rest = split_options(argv, ("checkpoint", "out", "format"), "export")
     if rest:
-        raise ConfigError(f"zoo export takes checkpoint= and out= only, got {rest[0]!r}")
+        raise ConfigError(f"zoo export takes checkpoint=, out= and format= only, got {rest[0]!r}")
     from pathlib import Path
 
+    form = options.get("format", "zoo")
+    if form not in EXPORT_FORMATS:
+        raise ConfigError(f"zoo export: format={form} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
+    ckpt = Path(require(options, "checkpoint", "export"))
+    if form == "hf":
+        from zoo.hf.export import export_hf_from
+
+        out = export_hf_from(ckpt, require(options, "out", "export"))
+        print(f"exported {ckpt} to {out} (Hugging Face format)")
+        return 0
     from zoo.checkpoint import export_from_ckpt
 
-    ckpt = Path(require(options, "checkpoint", "export"))
     out = export_from_ckpt(ckpt, options.get("out") or ckpt.parent / "model")
     print(f"exported {ckpt} to {out}")
     return 0
