@@ -7,9 +7,12 @@
 """
 from __future__ import annotations
 
+from zoo.hf import register_when_imported
 from zoo.version import __version__
 
 __all__ = ["__version__", "build", "load", "list_models"]
+
+register_when_imported()  # transformers' AutoModelForCausalLM reads zoo LM exports (docs/interop.md)
 
 
 def build(config, *, device=None):

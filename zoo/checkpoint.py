@@ -66,7 +66,8 @@ def export_model(model: torch.nn.Module, config: Config, out: str | Path) -> Pat
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.", dir=parent))
     try:
-        payload = {"architecture": type(model).__name__, "zoo_version": __version__, **to_dict(config)}
+        payload = {"architecture": type(model).__name__, "zoo_version": __version__, **transformers_fields(config),
+                   **to_dict(config)}
         (tmp / "config.json").write_text(dumps_strict(payload, str(out / "config.json")) + "\n")
         metadata = {"format": "pt", "zoo_version": __version__, "architecture": type(model).__name__}
         save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
@@ -96,6 +97,20 @@ def write_tokenizer(config: Config, directory: Path) -> None:
         raise CheckpointError(f"data.tokenizer={spec} is missing; the export copies the model's tokenizer: put the "
                               f"tokenizer.json back there")
     shutil.copyfile(spec, directory / TOKENIZER_FILE)
+
+
+# What makes an export of a causal LM a transformers model directory too (zoo.hf.modeling.ZooForCausalLM); the
+# loaders of zoo read past these keys.
+TRANSFORMERS_KEYS = ("model_type", "architectures")
+
+
+def transformers_fields(config: Config) -> dict:
+    """``model_type`` "zoo" and ``architectures`` for an export of a generating architecture (lm, hmt), else nothing."""
+    from zoo.registry import architecture
+
+    if not architecture(config.model.architecture).generates:
+        return {}
+    return {"model_type": "zoo", "architectures": ["ZooForCausalLM"]}
 
 
 def replace_export(new: Path, out: Path) -> None:
@@ -181,19 +196,26 @@ def read_export_config(path: str | Path) -> Config:
     if not isinstance(data, dict):
         raise CheckpointError(f"{config_file} holds a JSON {type(data).__name__}, not a zoo config object; "
                               f"re-export the checkpoint (zoo export)")
-    data.pop("architecture", None)
-    data.pop("zoo_version", None)
+    for key in ("architecture", "zoo_version", *TRANSFORMERS_KEYS):
+        data.pop(key, None)
     return from_dict(data)
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """``zoo.load``: build the model from ``config.json`` and load ``model.safetensors`` (strict); imported formats
-    (Hugging Face / mamba_ssm Mamba, fla GatedDeltaNet / MoM directories, Vim ``.pth`` files) go to their readers."""
+    (Hugging Face / mamba_ssm Mamba, fla GatedDeltaNet / MoM directories, Vim ``.pth`` files) go to their readers.
+
+    ``path`` is a directory, or a hub id (``owner/name``) that is no local path: its snapshot in the local Hugging Face
+    cache is read (never downloaded).
+    """
     from zoo.fla_import import fla_format, load_fla
+    from zoo.hf.hub import is_hub_id, resolve_hub_id
     from zoo.hf_import import foreign_format, load_foreign
     from zoo.models import build_model
     from zoo.vim_import import is_vim_checkpoint, load_vim
 
+    if not Path(path).exists() and is_hub_id(str(path)):
+        path = resolve_hub_id(str(path))
     path = Path(path)
     if is_vim_checkpoint(path):  # hustvl Vision Mamba .pth files
         return load_vim(path, device)

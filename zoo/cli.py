@@ -24,7 +24,8 @@ from zoo.strict_json import dumps_strict
 VERBS = {
     "train": "train a model from a config: zoo train config=NAME.yaml [key=value ...] [resume=auto|true|PATH]",
     "eval": "evaluate an export directory on its held-out data: zoo eval checkpoint=DIR [tasks=NAME] [key=value ...]",
-    "export": "write an export directory from a training checkpoint: zoo export checkpoint=FILE.ckpt out=DIR",
+    "export": "write an export directory from a training checkpoint: zoo export checkpoint=FILE.ckpt out=DIR "
+              "[format=zoo|hf]",
     "generate": "continue prompts: zoo generate checkpoint=DIR prompt=TEXT [max_new_tokens=N temperature=T top_k=K "
                 "top_p=P ...]",
     "sweep": "run a grid of trainings and report them: zoo sweep config=SWEEP.yaml [jobs=N shard=i/n report=true]",
@@ -57,7 +58,9 @@ def verb_help(verb: str) -> str:
                 f"  harness_tasks=NAME[,NAME] harness_include=DIR harness_limit=N: lm-evaluation-harness tasks "
                 f"(pip install 'memzoo[eval]'),\n  their results under \"harness\" in the output\n")
     if verb == "export":
-        return f"{head}\n\n  checkpoint=FILE.ckpt  out=DIR (default: <run>/model)\n"
+        return (f"{head}\n\n  checkpoint=FILE.ckpt  out=DIR (default: <run>/model)\n"
+                f"  format=zoo|hf (hf: a pure Mamba / Mamba-2 LM as a Hugging Face directory; checkpoint= may be "
+                f"an export directory; out= required)\n")
     if verb == "generate":
         return (f"{head}\n\n  checkpoint=DIR  prompt=TEXT (repeatable; prompts of different lengths are left-padded "
                 f"into one batch)  prompts=FILE (one prompt a line)\n"
@@ -235,13 +238,26 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+EXPORT_FORMATS = ("zoo", "hf")
+
+
 def cmd_export(argv: list[str]) -> int:
-    options, rest = split_options(argv, ("checkpoint", "out"), "export")
+    options, rest = split_options(argv, ("checkpoint", "out", "format"), "export")
     if rest:
-        raise ConfigError(f"zoo export takes checkpoint= and out= only, got {rest[0]!r}")
+        raise ConfigError(f"zoo export takes checkpoint=, out= and format= only, got {rest[0]!r}")
+
+    form = options.get("format", "zoo")
+    if form not in EXPORT_FORMATS:
+        raise ConfigError(f"zoo export: format={form} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
+    ckpt = Path(require(options, "checkpoint", "export"))
+    if form == "hf":
+        from zoo.hf.export import export_hf_from
+
+        out = export_hf_from(ckpt, require(options, "out", "export"))
+        print(f"exported {ckpt} to {out} (Hugging Face format)")
+        return 0
     from zoo.checkpoint import export_from_ckpt
 
-    ckpt = Path(require(options, "checkpoint", "export"))
     out = export_from_ckpt(ckpt, options.get("out") or ckpt.parent / "model")
     print(f"exported {ckpt} to {out}")
     return 0

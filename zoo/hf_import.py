@@ -37,6 +37,8 @@ def foreign_format(path: str | Path) -> str | None:
     data = _read_json(config_file)
     if not isinstance(data, dict):
         return None
+    if data.get("model_type") == "zoo":
+        return None  # a zoo export that transformers reads too (zoo.hf)
     if "model_type" in data or "architectures" in data:
         return "hf"
     if "d_model" in data and "ssm_cfg" in data:
