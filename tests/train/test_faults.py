@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -131,6 +132,23 @@ def test_disk_full_in_the_run_directory_is_one_line_and_resumable(tmp_path, monk
     assert ckpt_step(run / "last.ckpt") == 2 and stray_files(run) == []
     assert run_zoo("train", *args(tmp_path, "full", "trainer.max_steps=6"), "resume=auto") == 0
     assert ckpt_step(run / "last.ckpt") == 6
+
+
+def test_disk_full_inside_torch_save_names_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """torch.save's zip writer turns a full disk into "RuntimeError: ... unexpected pos"; the line still names the
+    file and says how to continue."""
+    import zoo.checkpoint
+
+    run = tmp_path / "full"
+    with monkeypatch.context() as patch:
+        faulty_save(patch, fail_on_call=2, fault=RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                               "unexpected pos 13888 vs 13782"), scratch=tmp_path)
+        patch.setattr(zoo.checkpoint.shutil, "disk_usage", lambda _: SimpleNamespace(free=0))
+        capsys.readouterr()
+        assert run_zoo("train", *args(tmp_path, "full", "trainer.max_steps=6")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left" in err[0] and str(run / "last.ckpt") in err[0], err
+    assert "resume=auto" in err[0] and ckpt_step(run / "last.ckpt") == 2 and stray_files(run) == []
 
 
 def test_missing_tmpdir_does_not_stop_checkpoints(tmp_path, monkeypatch):
