@@ -123,6 +123,9 @@ def replace_export(new: Path, out: Path) -> None:
     new.rename(out)
 
 
+DISK_FULL_BYTES = 64 * 1024  # less free space than this after a failed checkpoint write: the disk filled up
+
+
 def write_atomically(path: str | Path, write) -> None:
     """Write ``path`` through ``write(handle)`` into a temporary file beside it, fsync, then ``os.replace`` it.
 
@@ -143,9 +146,13 @@ def write_atomically(path: str | Path, write) -> None:
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException as error:
+        # torch.save's zip writer reports a full disk as "RuntimeError: ... unexpected pos": read the free space
+        # while the partial file still holds it
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or (
+            isinstance(error, RuntimeError) and shutil.disk_usage(path.parent).free < DISK_FULL_BYTES)
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            raise OSError(error.errno, os.strerror(error.errno), str(path)) from None  # the CLI names the file
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None  # the CLI names the file
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:

@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -134,6 +134,23 @@ def test_disk_full_in_the_run_directory_is_one_line_and_resumable(tmp_path, monk
     assert ckpt_step(run / "last.ckpt") == 6
 
 
+def test_disk_full_inside_torch_save_names_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """torch.save's zip writer turns a full disk into "RuntimeError: ... unexpected pos"; the line still names the
+    file and says how to continue."""
+    import zoo.checkpoint
+
+    run = tmp_path / "full"
+    with monkeypatch.context() as patch:
+        faulty_save(patch, fail_on_call=2, fault=RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                               "unexpected pos 13888 vs 13782"), scratch=tmp_path)
+        patch.setattr(zoo.checkpoint.shutil, "disk_usage", lambda _: SimpleNamespace(free=0))
+        capsys.readouterr()
+        assert run_zoo("train", *args(tmp_path, "full", "trainer.max_steps=6")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left" in err[0] and str(run / "last.ckpt") in err[0], err
+    assert "resume=auto" in err[0] and ckpt_step(run / "last.ckpt") == 2 and stray_files(run) == []
+
+
 def test_missing_tmpdir_does_not_stop_checkpoints(tmp_path, monkeypatch):
     missing = tmp_path / "no-such-tmp"
     monkeypatch.setenv("TMPDIR", str(missing))
@@ -161,23 +178,35 @@ def test_checkpoints_are_never_staged_in_a_foreign_tmpdir(tmp_path, monkeypatch)
     assert list(foreign.iterdir()) == []
 
 
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_exits_non_zero_and_resume_completes(tmp_path, signum, code):
+def test_signal_saves_the_last_step_exits_non_zero_and_resume_is_bit_exact(tmp_path, signum, code):
+    """The signal lands after step 3 with no periodic checkpoint written: the run saves the step it completed, exits
+    128 + the signal, and resuming it ends bitwise where an uninterrupted run does."""
     run = tmp_path / "s"
-    command = [sys.executable, "-m", "zoo.cli", "train", *args(tmp_path, "s", "trainer.max_steps=100000")]
+    common = ["trainer.checkpoint_every_n_steps=1000", "optim.decay_steps=40"]
+    command = [sys.executable, "-m", "zoo.cli", "train", *args(tmp_path, "s", "trainer.max_steps=100000"), *common]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                cwd=Path(__file__).parents[2])
-    deadline = time.monotonic() + 120
-    while not (run / "last.ckpt").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            break
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == code, err
-    assert "interrupted at step" in err and "resume=auto" in err
     step = ckpt_step(run / "last.ckpt")
-    assert run_zoo("train", *args(tmp_path, "s", f"trainer.max_steps={step + 2}"), "resume=auto") == 0
+    assert step >= 3 and f"saved step {step} to {run / 'last.ckpt'}" in err, err
+    assert "interrupted at step" in err and "resume=auto" in err and stray_files(run) == []
+    assert run_zoo("train", *args(tmp_path, "s", f"trainer.max_steps={step + 2}"), *common, "resume=auto") == 0
+    assert run_zoo("train", *args(tmp_path, "straight", f"trainer.max_steps={step + 2}"), *common) == 0
     assert ckpt_step(run / "last.ckpt") == step + 2
+    resumed, straight = final_weights(run), final_weights(tmp_path / "straight")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight), "resume after a signal is not exact"
 
 
 def test_export_never_deletes_what_is_not_an_export(tmp_path, capsys, monkeypatch):

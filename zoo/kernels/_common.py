@@ -163,3 +163,38 @@ def rel_rms_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().to(ref.device, torch.float64), ref.detach().double()
     denom = ref64.norm().clamp_min(1e-300)
     return float((out64 - ref64).norm() / denom)
+
+
+def non_finite_tokens(*tensors: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) bool: any of ``tensors`` ((B, T, H) or (B, T, H, ...) each) holds NaN or ±inf at token t of head h."""
+    bad = None
+    for tensor in tensors:
+        here = ~torch.isfinite(tensor)
+        here = here.flatten(3).any(-1) if here.dim() > 3 else here  # (B, T, H)
+        bad = here if bad is None else bad | here
+    return bad
+
+
+def zero_where(bad: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (B, T, H, ...) with the tokens ``bad`` (B, T, H) marks set to 0, so no masked product meets them."""
+    return tensor.masked_fill(bad.view(*bad.shape, *(1,) * (tensor.dim() - 3)), 0.0)
+
+
+def nan_from(bad: torch.Tensor, out: torch.Tensor, bounds: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """``out`` (B, T, H, ...) set to NaN from each head's first ``bad`` (B, T, H) token on: where a recurrence carries
+    a non-finite input, and nowhere before it. ``bounds`` (``sequence_bounds``) restarts the count at each packed
+    sequence."""
+    count = bad.cumsum(1)  # (B, T, H)
+    if bounds is not None:
+        before = F.pad(count, (0, 0, 1, 0))[:, [start for start, end in bounds for _ in range(end - start)]]
+        count = count - before  # bad tokens since the start of each token's sequence
+    reached = count > 0  # (B, T, H)
+    return out.masked_fill(reached.view(*reached.shape, *(1,) * (out.dim() - 3)), float("nan"))
+
+
+def ever_bad(bad: torch.Tensor, bounds: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """(B or N sequences, H) bool: a ``bad`` (B, T, H) token anywhere in the row (in the packed sequence)."""
+    if bounds is None:
+        return bad.any(1)
+    count = F.pad(bad.cumsum(1), (0, 0, 1, 0))[0]  # (T + 1, H)
+    return torch.stack([count[end] - count[start] > 0 for start, end in bounds]) if bounds else bad[0, :0]

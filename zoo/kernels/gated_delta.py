@@ -16,7 +16,8 @@ import torch
 from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_floating, check_range, check_shape,
-                                 compute_dtype, l2_normalize, resolve_backend, sequence_bounds)
+                                 compute_dtype, ever_bad, l2_normalize, nan_from, non_finite_tokens, resolve_backend,
+                                 sequence_bounds, zero_where)
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "CHUNK_SIZE"]
 
@@ -107,7 +108,7 @@ def _chunk_dense(q, k, v, g, beta, state, scale, chunk_size):
     WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # T·rhs, T = (I + A)^-1
     W, U_tilde = WU.split([K, V], dim=-1)  # (N, H, NT, C, K), (N, H, NT, C, V)
 
-    QKL = (q @ k.transpose(-1, -2)) * Lam  # (N, H, NT, C, C), zero above the diagonal
+    QKL = ((q @ k.transpose(-1, -2)) * Lam).masked_fill(~inclusive, 0.0)  # (N, H, NT, C, C), zero above the diagonal
     q_decayed = q * G.exp()[..., None]  # (N, H, NT, C, K): diag(e^G) Q
     G_last = G[..., -1]  # (N, H, NT)
     k_decayed = k * (G_last[..., None] - G).exp()[..., None]  # (N, H, NT, C, K): diag(e^{G_n − G}) K
@@ -119,7 +120,11 @@ def _chunk_dense(q, k, v, g, beta, state, scale, chunk_size):
                     G_last.exp().unbind(2), k_decayed.unbind(2))
     for u_tilde_c, w_c, q_c, qkl_c, decay_c, k_c in per_chunk:
         U = u_tilde_c - w_c @ state  # (N, H, C, V): the true pseudo-values u_i
-        outputs.append(scale * (q_c @ state + qkl_c @ U))  # (N, H, C, V)
+        # QKL's zeros above the diagonal would still multiply a later non-finite u (0 · NaN): it enters as 0 and the
+        # outputs from it on get NaN, so it reaches no earlier output (the state keeps the true U)
+        finite = torch.isfinite(U).all(-1, keepdim=True)  # (N, H, C, 1)
+        o_c = scale * (q_c @ state + qkl_c @ U.masked_fill(~finite, 0.0))  # (N, H, C, V)
+        outputs.append(o_c.masked_fill((~finite).cumsum(-2) > 0, float("nan")))
         state = decay_c[..., None, None] * state + k_c.transpose(-1, -2) @ U  # (N, H, K, V)
     o = torch.stack(outputs, dim=2)  # (N, H, NT, C, V)
     return rearrange(o, "n h c l d -> n (c l) h d"), state
@@ -174,7 +179,13 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, cu_seqlens=No
 def _gated_delta_rule_triton(q, k, v, g, beta, **arguments):
     from zoo.kernels.gated_delta_triton import gated_delta_rule_triton
 
-    return gated_delta_rule_triton(q, k, v, g, beta, **arguments)
+    # the kernels' masked in-chunk products multiply by 0 (0 · NaN = NaN): non-finite keys, values and gates enter as
+    # 0, and the outputs from them on and the final states after them are NaN (a query reaches only its own output)
+    bad = non_finite_tokens(k, v, g, beta)  # (B, T, H)
+    o, final = gated_delta_rule_triton(q, *(zero_where(bad, x) for x in (k, v, g, beta)), **arguments)
+    cu_seqlens = arguments["cu_seqlens"]
+    bounds = None if cu_seqlens is None else sequence_bounds(cu_seqlens)
+    return nan_from(bad, o, bounds), final.masked_fill(ever_bad(bad, bounds)[..., None, None], float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

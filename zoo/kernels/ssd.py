@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_finite, check_floating, check_range,
-                                 check_shape, compute_dtype, discretise_delta, resolve_backend, sequence_bounds)
+                                 check_shape, compute_dtype, discretise_delta, nan_from, non_finite_tokens,
+                                 resolve_backend, sequence_bounds, zero_where)
 
 __all__ = ["ssd", "ssd_reference"]
 
@@ -136,6 +137,11 @@ def _per_head_products(M: torch.Tensor, V: torch.Tensor, transpose: bool = False
     return products
 
 
+def _reached_per_head(bad: torch.Tensor) -> torch.Tensor:
+    """(s, Q, H, 1) bool -> (H, s, Q, 1): True from each chunk's first True on (the positions a bad X reaches)."""
+    return (bad.cumsum(1) > 0).permute(2, 0, 1, 3)
+
+
 def _time_major(per_head: torch.Tensor) -> torch.Tensor:
     """(H, s, Q, P) -> a (s, Q, H, P) view."""
     return per_head.permute(1, 2, 0, 3)
@@ -197,7 +203,11 @@ class _ChunkedSSD(torch.autograd.Function):
         Λ = torch.cumsum(a, 2)                                                          # in-chunk log decays
         L = _decay_matrix(a)                                                             # (H, s, Q, Q)
         M = _times_CB(L, _masked_CB(C_c, B_c))                                            # C·Bᵀ ⊙ L
-        Y_diag = _per_head_products(M, X)                                                # (C·Bᵀ ⊙ L)·X
+        # M's masked zeros would still multiply a later non-finite X (0 · NaN): it enters the intra-chunk product as
+        # 0, and the outputs from it on get NaN, so it reaches no earlier output (the states keep the true X)
+        finite = torch.isfinite(X).all(-1, keepdim=True)                                 # (s, Q, H, 1)
+        Y_diag = _per_head_products(M, X.masked_fill(~finite, 0.0))                      # (C·Bᵀ ⊙ L)·X
+        Y_diag.masked_fill_(_reached_per_head(~finite), float("nan"))
         Xw = X.mul_(torch.exp(Λ[:, :, -1:] - Λ).view(-1, Q, H, 1))                       # decayed to the chunk end
         S_chunk = _outer_over_time(Xw, B_c).view(batch, T // Q, H, P, N)
         S_all = _pass_states(S_chunk, torch.exp(Λ[:, :, -1]), S0)                       # (b, nc+1, H, P, N)
@@ -325,13 +335,23 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_st
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. Triton path: the kernels and their autograd.Function live in ssd_triton.py (imported only when used)
 # ---------------------------------------------------------------------------------------------------------------------
-def _ssd_triton(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens=None):
+def _ssd_triton_dense(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, seq_lens=None):
+    """The kernels with non-finite x, Δ and B entering as 0 and the outputs from them on and the final states after
+    them NaN: their masked in-chunk products multiply by 0 (0 · NaN = NaN). C reaches only its own output."""
     from zoo.kernels.ssd_triton import ssd_triton
 
+    bad_B = non_finite_tokens(B)  # (B, T, G)
+    bad = non_finite_tokens(x, dt) | bad_B.repeat_interleave(x.shape[2] // B.shape[2], dim=2)  # (B, T, H)
+    y, final = ssd_triton(zero_where(bad, x), zero_where(bad, dt), A, zero_where(bad_B, B), C, chunk_size, D, dt_bias,
+                          dt_softplus, initial_state, seq_lens=seq_lens)
+    return nan_from(bad, y), final.masked_fill(bad.any(1)[..., None, None], float("nan"))
+
+
+def _ssd_triton(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens=None):
     args = (x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state)
     if cu_seqlens is None:
-        return ssd_triton(*args)
-    return _varlen(ssd_triton, *args, cu_seqlens)
+        return _ssd_triton_dense(*args)
+    return _varlen(_ssd_triton_dense, *args, cu_seqlens)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

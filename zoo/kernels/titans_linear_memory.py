@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_finite, check_floating, check_range, check_shape,
-                                 compute_dtype, resolve_backend)
+                                 compute_dtype, nan_from, non_finite_tokens, resolve_backend, zero_where)
 
 _OP = "titans_linear_memory"
 
@@ -252,6 +252,19 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, backend) ->
     return resolved
 
 
+def _non_finite_stays_causal(run):
+    """``run`` (a chunked path) fed zeros in place of the non-finite keys, values and gates, whose outputs from such a
+    token on and end state are NaN: its dense in-chunk products multiply masked entries by 0 (0 · NaN = NaN), so a NaN
+    would otherwise reach the earlier tokens of its chunk."""
+    def guarded(q, k, v, alpha, eta, theta, chunk_size, state):
+        bad = non_finite_tokens(k, v, alpha, eta, theta)  # (B, T, H)
+        o, (memory, momentum) = run(q, zero_where(bad, k), zero_where(bad, v), *(zero_where(bad, gate) for gate in
+                                    (alpha, eta, theta)), chunk_size, state)
+        ever = bad.any(1)[..., None, None]  # (B, H, 1, 1)
+        return nan_from(bad, o), (memory.masked_fill(ever, float("nan")), momentum.masked_fill(ever, float("nan")))
+    return guarded
+
+
 def _stream(run, q, k, v, alpha, eta, theta, chunk_size, initial_state):
     """Prepend the pending tokens of ``initial_state``, run the chunk-aligned prefix (its end is the new boundary
     state) and then the tail from it; returns (o (B, T, H, V), LinearMemoryState)."""
@@ -323,7 +336,8 @@ def titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size: int = 16, initi
         (torch.Size([2, 40, 3, 8]), torch.Size([2, 3, 8, 8]), torch.Size([2, 8, 3, 8]))
     """
     backend = _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, backend)
-    return _stream(_RUNS[backend], q, k, v, alpha, eta, theta, chunk_size, initial_state)
+    run = _RUNS[backend] if backend == "reference" else _non_finite_stays_causal(_RUNS[backend])
+    return _stream(run, q, k, v, alpha, eta, theta, chunk_size, initial_state)
 
 
 __all__ = ["LinearMemoryState", "titans_linear_memory", "titans_linear_memory_reference"]

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from zoo.kernels._common import check_chunk_size, check_shape, compute_dtype, resolve_backend
+from zoo.kernels._common import (check_chunk_size, check_shape, compute_dtype, nan_from, non_finite_tokens,
+                                 resolve_backend, zero_where)
 from zoo.kernels.titans_linear_memory import _chunk_gate_coefficients, _to_chunks, check_values
 
 _OP = "titans_mlp_memory"
@@ -200,6 +201,12 @@ def _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, in
     L = len(W)
     if total == 0:
         return _finish(q.new_zeros(q.shape, dtype=dtype), k, v, gates, pending, chunk_size, W, S, out_dtype)
+    # the dense in-chunk products multiply masked entries by 0 (0 · NaN = NaN): non-finite keys, values and gates enter
+    # as 0, and the outputs from them on and the states after them are NaN, so they reach no earlier output; the
+    # pending tokens keep their true values
+    bad = non_finite_tokens(k, v, gates)  # (B, T', H)
+    raw_k, raw_v, raw_gates = k, v, gates
+    k, v, gates = zero_where(bad, k), zero_where(bad, v), zero_where(bad, gates)
     with torch.autocast(q.device.type, enabled=False):
         coef = _chunk_gate_coefficients(gates[..., 0], gates[..., 1], chunk_size, dtype)
         pad = coef["pad"]
@@ -231,7 +238,9 @@ def _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, in
                     new_S.append(_sub_outer_(torch.mul(s, m_end, out=S_out), at, e * g))
                 W, S = tuple(new_W), tuple(new_S)
         o = rearrange(torch.stack(outputs, dim=2), "b h n c d -> b (n c) h d")[:, :total]  # (B, T', H, d)
-    return _finish(o, k, v, gates, pending, chunk_size, W, S, out_dtype)
+    ever = bad[:, :(total // chunk_size) * chunk_size].any(1)[..., None, None]  # (B, H, 1, 1): in a completed chunk
+    W, S = (tuple(t.masked_fill(ever, float("nan")) for t in state) for state in (W, S))
+    return _finish(nan_from(bad, o), raw_k, raw_v, raw_gates, pending, chunk_size, W, S, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

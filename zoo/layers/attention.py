@@ -13,6 +13,26 @@ from zoo.layers.conv import ShortConv
 from zoo.layers.rotary import RotaryEmbedding
 
 
+def nan_safe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                       is_causal: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of q (B, H, T, d) over k, v (B, H, S, d) with ``mask`` (B, 1 or H, T, S)
+    bool or None, where a non-finite key or value reaches only the queries that may see it.
+
+    SDPA still multiplies a masked key's score and value by 0 (0 · NaN = NaN), so one NaN token would reach every
+    query: non-finite keys and values enter as 0 and the queries that see one get NaN.
+    """
+    finite = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)                    # (B, H, S)
+    k, v = k.masked_fill(~finite[..., None], 0.0), v.masked_fill(~finite[..., None], 0.0)
+    if mask is not None:
+        reached = (mask & ~finite.unsqueeze(-2)).any(-1)                              # (B, H, T)
+    elif is_causal:
+        reached = (~finite).cumsum(-1) > 0                                            # (B, H, T), T == S
+    else:
+        reached = (~finite).any(-1, keepdim=True).expand(*q.shape[:3])                # (B, H, T)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, d)
+    return out.masked_fill(reached[..., None], float("nan"))
+
+
 class AttentionState(NamedTuple):
     """KV cache of a causal ``Attention``: rotated keys, values and their absolute positions.
 
@@ -144,7 +164,7 @@ class Attention(Mixer):
         v = repeat(v, "b s h d -> b (h g) s d", g=group)
         q = rearrange(q, "b t h d -> b h t d")                                         # (B, H, T, d)
         mask = None if allowed is None else allowed.unsqueeze(1)                       # (B, 1, T, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, d)
+        out = nan_safe_attention(q, k, v, mask, is_causal)                        # (B, H, T, d)
         return rearrange(out, "b h t d -> b t (h d)")
 
     def causal_allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:

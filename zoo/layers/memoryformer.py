@@ -15,12 +15,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from zoo.kernels.hash_lookup import MAX_TAU, SCORES, hash_codes, hash_lookup
-from zoo.layers.attention import AttentionState, stack_kv_caches
+from zoo.layers.attention import AttentionState, nan_safe_attention, stack_kv_caches
 from zoo.layers.base import Mixer
 from zoo.layers.rotary import RotaryEmbedding
 
@@ -217,11 +216,11 @@ class MemoryAttention(Mixer):
             k_all, v_all, k_pos = k, v, positions
         q_h, k_h, v_h = (rearrange(t, "b t h d -> b h t d") for t in (q, k_all, v_all))
         if state is None:
-            out = F.scaled_dot_product_attention(q_h, k_h, v_h, is_causal=True)  # (B, H, T, d)
+            out = nan_safe_attention(q_h, k_h, v_h, is_causal=True)  # (B, H, T, d)
         else:
             allowed = positions.unsqueeze(-1) >= k_pos.unsqueeze(-2)  # (B, T, T_past + T)
             allowed = allowed & (k_pos >= 0).unsqueeze(-2)  # cache pads (position -1) are never seen
-            out = F.scaled_dot_product_attention(q_h, k_h, v_h, attn_mask=allowed.unsqueeze(1))
+            out = nan_safe_attention(q_h, k_h, v_h, allowed.unsqueeze(1))
         y = rearrange(out, "b h t d -> b t (h d)").to(x.dtype)  # (B, T, D), no output projection
         return y, AttentionState(k_all, v_all, k_pos)
 

@@ -1,7 +1,9 @@
-"""Callbacks: RNG states for exact resume, plain progress lines; the atomic checkpoint writer."""
+"""Callbacks: RNG states for exact resume, a save at an interruption, plain progress lines; the atomic checkpoint
+writer."""
 from __future__ import annotations
 
 import random
+import signal
 import sys
 import time
 
@@ -84,6 +86,63 @@ class ResumeState(pl.Callback):
         if self._pending is not None:
             restore_rng_states(self._pending)
             self._pending = None
+
+
+class SaveOnInterrupt(pl.Callback):
+    """On SIGINT or SIGTERM, finishes the optimizer step under way, saves it to ``path`` (every rank takes part, as
+    Lightning's ``save_checkpoint`` requires), prints the step saved, then stops the run: SIGINT as Lightning's
+    graceful Ctrl-C shutdown, SIGTERM as its ``SIGTERMException``.
+
+    The signals only set a flag, read at the end of each training batch: an exception inside ``optimizer.step`` would
+    leave half the weights updated, and Lightning's own SIGTERM handling stops at the end of whatever batch is under
+    way, before a save. A second Ctrl-C interrupts at once, keeping the checkpoints already written. A signal in
+    the middle of gradient accumulation waits for the accumulation's optimizer step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, path):
+        self.path = path
+        self.received = None  # the signal number, once one arrived
+        self._previous_handlers: dict = {}
+        self._step_at_batch_start = 0
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning registered its SIGTERM handler at the start of fit: this one replaces it until the end
+        self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_at_batch_start:  # accumulating: no optimizer step completed yet
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        trainer.save_checkpoint(self.path)
+        if trainer.is_global_zero:
+            print(f"zoo: interrupted; saved step {trainer.global_step} to {self.path}", file=sys.stderr, flush=True)
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        raise SIGTERMException
 
 
 class ProgressLines(pl.Callback):

@@ -115,7 +115,7 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
 
     quiet_lightning(verbose)  # after the import: lightning sets its loggers to INFO when imported
 
-    from zoo.train.callbacks import ResumeState
+    from zoo.train.callbacks import ResumeState, SaveOnInterrupt
     pl.seed_everything(cfg.seed, verbose=False)
     if is_global_rank_zero():
         write_run_start(cfg, directory, argv, cfg.trainer.devices * cfg.trainer.num_nodes,
@@ -127,12 +127,14 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
 
         load_init_weights(module.model, cfg.init_from)
     interactive = use_progress_bar()
-    trainer = build_trainer(cfg, directory, [ResumeState(), *progress_callbacks(cfg, interactive)], interactive)
+    callbacks = [ResumeState(), SaveOnInterrupt(directory / "last.ckpt"), *progress_callbacks(cfg, interactive)]
+    trainer = build_trainer(cfg, directory, callbacks, interactive)
     try:
         trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None)
     except SystemExit as stop:
-        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1), SIGTERM into SIGTERMException (exit 0);
-        # nothing is saved mid-step. Either exits 128 + the signal's number, so no caller takes it for success.
+        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1), SIGTERM into SIGTERMException (exit 0),
+        # after SaveOnInterrupt saved the last completed step. Either exits 128 + the signal's number, so no caller
+        # takes it for success.
         if not trainer.interrupted:
             raise
         if trainer.is_global_zero:
