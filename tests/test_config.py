@@ -100,7 +100,7 @@ def test_a_negative_or_non_finite_learning_rate_exits_2_before_data_loading(tmp_
     (["data.name=mqar", "data.mqar.num_kv_pairs=40", "data.mqar.seq_len=32", "model.vocab_size=512"],
      "mqar: 4*num_kv_pairs (160) must be <= seq_len (32)"),
     (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "16-mixed needs a GPU"),
-    (["trainer.strategy=fsdp", "trainer.accelerator=cpu"], "trainer.strategy=fsdp needs GPUs"),
+    (["trainer.activation_checkpointing=maybe"], "trainer.activation_checkpointing: expected bool"),
 ])
 def test_bad_value_one_line_error(args, message):
     with pytest.raises(ConfigError) as info:

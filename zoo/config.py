@@ -336,8 +336,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr must be a finite number >= 0, got {cfg.optim.lr}")
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
-    if cfg.trainer.strategy == "fsdp" and cfg.trainer.accelerator == "cpu":
-        raise ConfigError("trainer.strategy=fsdp needs GPUs (Lightning's FSDP refuses CPU); use ddp on CPU")
     if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
     if cfg.data.batch_size < 1 or cfg.data.seq_len < 2:

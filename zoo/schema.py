@@ -300,7 +300,7 @@ class TrainerConfig:
     devices: int = field(default=1, metadata={"help": "devices (processes) per node"})
     num_nodes: int = 1
     strategy: str = field(default="auto", metadata=_choices(
-        "auto", "ddp", "fsdp", help="ddp runs on CPU (gloo) and GPU; fsdp (sharded) needs GPUs"))
+        "auto", "ddp", "fsdp", help="ddp replicates, fsdp shards every block (FSDP2); both run on CPU (gloo) and GPU"))
     precision: str = field(default="32-true", metadata=_choices(
         "32-true", "bf16-mixed", "16-mixed", "bf16-true", help="numeric precision"))
     gradient_clip_val: float = field(default=1.0, metadata={"help": "clip the gradient norm; 0 disables"})
@@ -310,6 +310,8 @@ class TrainerConfig:
     limit_val_batches: int = field(default=20, metadata={"help": "held-out batches per validation"})
     checkpoint_every_n_steps: int = field(default=100, metadata={"help": "write last.ckpt every N steps"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each block in backward: less activation memory for about one more forward"})
     stop_at_accuracy: Optional[float] = field(default=None, metadata={
         "help": "stop once val/accuracy reaches this (synthetic tasks; Zoology stops at 0.99)"})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +17,14 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "reference", "torch", "triton")
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile reads the answer instead of tracing importlib
 def triton_available() -> bool:
     """True when the ``triton`` package is importable (a GPU is not required: see ``triton_interpreted``)."""
+    return _triton_importable()
+
+
+@functools.cache
+def _triton_importable() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:
@@ -34,17 +40,87 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, reference_tensor: torch.Tensor, op: str) -> str:
+BACKEND_ENV = "ZOO_BACKEND"  # overrides what backend="auto" picks: "auto", "torch" or "triton"
+MIN_CAPABILITY = (8, 0)  # auto runs Triton from Ampere on: the kernels were validated there (tl.dot, bf16)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the exact torch path under auto
+_warned: set[str] = set()
+
+
+@torch.compiler.assume_constant_result  # runs once at trace time instead of breaking a compiled graph
+def warn_once(message: str) -> bool:
+    """Warn with ``message`` the first time it is seen in this process; returns whether it warned."""
+    if message in _warned:
+        return False
+    _warned.add(message)
+    warnings.warn(message, stacklevel=4)
+    return True
+
+
+@torch.compiler.assume_constant_result
+def cuda_capability(index: int) -> tuple[int, int]:
+    """(major, minor) compute capability of CUDA device ``index``."""
+    return _capability(index)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def backend_override(op: str) -> str:
+    """The value of ``ZOO_BACKEND`` ("auto" when unset); a value outside auto/torch/triton raises one clear error."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "torch", "triton"):
+        raise ValueError(f"{op}: {BACKEND_ENV} must be 'auto', 'torch' or 'triton', got "
+                         f"{os.environ[BACKEND_ENV]!r}; unset it or pick one of those")
+    return value
+
+
+def auto_fallback_reason(on_cuda: bool, capability: tuple[int, int] | None, dtype: torch.dtype,
+                         has_triton: bool) -> str | None:
+    """Why ``auto`` must not use Triton for CUDA inputs (None when it may); CPU inputs need no reason."""
+    if not on_cuda:
+        return None
+    if not has_triton:
+        return "triton is not installed (pip install triton)"
+    if capability is not None and tuple(capability) < MIN_CAPABILITY:
+        return (f"the GPU has compute capability {capability[0]}.{capability[1]}, the Triton kernels are validated "
+                f"from {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ampere) on")
+    if dtype not in TRITON_DTYPES:
+        return f"the Triton kernels compute in float32, the inputs are {dtype} (kept exact on the torch path)"
+    return None
+
+
+def resolve_backend(backend: str, reference_tensor: torch.Tensor, op: str, *, auto_triton: bool = True,
+                    triton_path: bool = True) -> str:
     """Map ``backend`` to a concrete one.
 
-    ``"auto"`` picks Triton for CUDA tensors when Triton is installed, else the chunked torch path.
-    Forcing ``"triton"`` without Triton, or on CPU tensors outside the interpreter, raises a one-line error.
+    ``"auto"`` follows ``ZOO_BACKEND`` when set; otherwise it picks Triton for CUDA tensors where the kernels are
+    known to work (triton installed, compute capability >= 8.0, float32/bfloat16/float16 inputs; ``auto_triton``
+    False keeps an op on the torch path), and warns once with the reason when CUDA inputs fall back to torch.
+    ``triton_path`` False marks an op without kernels: ``ZOO_BACKEND=triton`` then runs its torch path (with a
+    warning). Forcing ``"triton"`` without Triton, or on CPU tensors outside the interpreter, raises a one-line error.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     on_gpu = reference_tensor.is_cuda
     if backend == "auto":
-        return "triton" if on_gpu and triton_available() else "torch"
+        override = backend_override(op)
+        if override == "triton" and not triton_path:
+            warn_once(f"{op}: {BACKEND_ENV}=triton, but the op has no Triton path; running its torch path")
+            return "torch"
+        if override != "auto":
+            backend = override
+        elif not (on_gpu and auto_triton and triton_path):
+            return "torch"
+        else:
+            capability = cuda_capability(reference_tensor.device.index or 0)
+            reason = auto_fallback_reason(on_gpu, capability, reference_tensor.dtype, triton_available())
+            if reason is None:
+                return "triton"
+            warn_once(f"{op}: backend='auto' runs the torch path because {reason}; set {BACKEND_ENV}=triton or "
+                      f"backend='triton' to force the kernels")
+            return "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton); "

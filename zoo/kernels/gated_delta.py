@@ -6,7 +6,7 @@ Per head, with a K×V state S (keys first) and row vectors:
 
 The file holds the four numbered parts of the kernel contract: 1 the sequential reference (the oracle), 2 the chunked
 PyTorch form (WY representation through the UT transform, linear in T, the CPU path), 3 the entry to the Triton kernels
-and their autograd function in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for), and
+and their registered ops in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for), and
 4 the public op with validation (``_validate``) and dispatch.
 See docs/mom.md#chunk-parallel-form for the derivation.
 """
@@ -173,7 +173,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, cu_seqlens=No
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 3. Triton path: the kernels and their autograd.Function live in gated_delta_triton.py (imported only when used).
+# 3. Triton path: the kernels and their registered ops live in gated_delta_triton.py (imported only when used).
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _gated_delta_rule_triton(q, k, v, g, beta, **arguments):

@@ -329,7 +329,7 @@ def _chunk_bwd_kernel(q, k, v, beta, G, u, du, do, h, dh, cu_seqlens, chunk_seq,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launchers and the autograd function
+# Launchers and the registered ops (forward, backward, fake implementations and autograd)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _chunk_map(cu_seqlens: torch.Tensor, total: int, chunk_size: int):
@@ -406,31 +406,59 @@ def _backward(q, k, v, beta, h0, cu_seqlens, scale, chunk_size, do, dht, saved):
     return dq, dk, dv, dg, dbeta, dh0
 
 
-class GatedDeltaRuleTriton(torch.autograd.Function):
-    """Chunked gated delta rule on packed sequences with the hand-written backward of docs/mom.md#backward-of-one-chunk.
+# The forward and backward are registered ops (docs/training.md#compiling-a-model): torch.compile traces through them
+# with their fake implementations instead of breaking the graph at an opaque autograd.Function.
 
-    Inputs are (T, H, ·) contiguous with ``cu_seqlens`` (N + 1,). The backward recomputes G, T, W, U and the
-    chunk-start states from the saved inputs, runs the reverse state kernel (dS per chunk and dU), then the per-chunk
-    kernel for dq, dk, dv, dβ and dg.
-    """
+@torch.library.custom_op("zoo::gated_delta_rule_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor, scale: float,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (T, H, V) in v's dtype and the final state (N, H, K, V) in float32 of packed (T, H, ·) inputs."""
+    return _forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size)
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size):
-        o, final_state = _forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
-        return o, final_state
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
-        _, saved = _states(q, k, v, g, beta, initial_state, cu_seqlens, ctx.chunk_size)
-        dq, dk, dv, dg, dbeta, dh0 = _backward(
-            q, k, v, beta, initial_state, cu_seqlens, ctx.scale, ctx.chunk_size,
-            do.contiguous() if do is not None else torch.zeros_like(v),
-            dht.contiguous() if dht is not None else None, saved)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
-                dh0.to(initial_state.dtype) if initial_state is not None else None, None, None, None)
+@_forward_op.register_fake
+def _forward_fake(q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size):
+    T, H, K = k.shape
+    N = cu_seqlens.shape[0] - 1
+    return v.new_empty(T, H, v.shape[-1]), q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("zoo::gated_delta_rule_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                 initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor, scale: float, chunk_size: int,
+                 do: torch.Tensor, dht: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dg, dβ in the inputs' dtypes and dh0 (N, H, K, V) in float32. The backward recomputes G, T, W, U
+    and the chunk-start states from the inputs, runs the reverse state kernel (dS per chunk and dU), then the
+    per-chunk kernel for dq, dk, dv, dβ and dg (docs/mom.md#backward-of-one-chunk)."""
+    _, saved = _states(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, beta, initial_state, cu_seqlens, scale, chunk_size,
+                                           do.contiguous(), dht.contiguous(), saved)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype), dh0
+
+
+@_backward_op.register_fake
+def _backward_fake(q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size, do, dht):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            torch.empty_like(beta), torch.empty_like(dht, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    ctx.scale, ctx.chunk_size = scale, chunk_size
+
+
+def _autograd_backward(ctx, do, dht):
+    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, dh0 = _backward_op(q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale, ctx.chunk_size,
+                                              do, dht)
+    return (dq, dk, dv, dg, dbeta, dh0.to(initial_state.dtype) if initial_state is not None else None,
+            None, None, None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, cu_seqlens=None, scale=None, use_qk_l2norm=False,
@@ -452,5 +480,5 @@ def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, cu_seqlens=Non
     q, k, v = (kernel_dtype(x).reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))  # (B·T, H, ·)
     g, beta = (x.float().reshape(B * T, H).contiguous() for x in (g, beta))  # (B·T, H)
     h0 = initial_state.float().contiguous() if initial_state is not None else None  # (N, H, K, V)
-    o, final_state = GatedDeltaRuleTriton.apply(q, k, v, g, beta, h0, cu_seqlens.contiguous(), scale, chunk_size)
+    o, final_state = _forward_op(q, k, v, g, beta, h0, cu_seqlens.contiguous(), scale, chunk_size)
     return o.reshape(B, T, H, V).to(out_dtype), final_state.to(state_dtype)

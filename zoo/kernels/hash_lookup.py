@@ -118,7 +118,7 @@ EMBEDDING_BAG_FLOPS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 3. Triton path: the kernels and their autograd.Function live in hash_lookup_triton.py (imported only when used).
+# 3. Triton path: the kernels and their registered ops live in hash_lookup_triton.py (imported only when used).
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _hash_lookup_triton(x, tables, tau, bias, score, temperature):

@@ -155,7 +155,7 @@ def _dtables_sorted_kernel(order, sorted_rows, run_length, s, dy, dtables, K, D,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Launchers and the autograd function
+# Launchers and the registered ops (forward, backward, fake implementations and autograd)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _hash(x: torch.Tensor, K: int, tau: int, score_l1: bool, inv_t: float):
@@ -204,48 +204,71 @@ def _table_gradient(code, s, dy, K, rows, D):
     return dtables
 
 
-class HashLookupTriton(torch.autograd.Function):
-    """y = Σ_k s_k tables[k, code_k] + bias with a hand-written backward (docs/memoryformer.md#backends).
+# The forward and backward are registered ops (docs/training.md#compiling-a-model): torch.compile traces through them
+# with their fake implementations instead of breaking the graph at an opaque autograd.Function.
 
-    Inputs: x (N, K·τ) contiguous, tables (K, 2^τ, d_out) contiguous, bias (d_out,) or None. Saves x, the tables,
-    code and s; the backward recomputes s and ∂s/∂z from x inside the dx kernel.
+@torch.library.custom_op("zoo::hash_lookup_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, tau: int,
+                score_l1: bool, inv_t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = Σ_k s_k tables[k, code_k] + bias (N, d_out) at temperature 1/inv_t, and code (N, K) int32 and s (N, K)
+    float32 for the backward.
+
+    Inputs: x (N, K·τ) contiguous, tables (K, 2^τ, d_out) contiguous, bias (d_out,) or None.
     """
+    N = x.shape[0]
+    K, rows, D = tables.shape
+    code, s = _hash(x, K, tau, score_l1, inv_t)
+    y = torch.full((N, D), float("nan"), dtype=tables.dtype, device=x.device)  # poisoned before the kernel
+    if N:
+        _gather_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))](
+            code, s, tables, bias if bias is not None else tables, y, N, K, rows, D,
+            HAS_BIAS=bias is not None, BN=BLOCK_N, BD=BLOCK_D, num_warps=WARPS)
+    return y, code, s
 
-    @staticmethod
-    def forward(ctx, x, tables, bias, tau, score_l1, inv_t):
-        N = x.shape[0]
-        K, rows, D = tables.shape
-        code, s = _hash(x, K, tau, score_l1, inv_t)
-        y = torch.full((N, D), float("nan"), dtype=tables.dtype, device=x.device)  # poisoned before the kernel
-        if N:
-            _gather_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))](
-                code, s, tables, bias if bias is not None else tables, y, N, K, rows, D,
-                HAS_BIAS=bias is not None, BN=BLOCK_N, BD=BLOCK_D, num_warps=WARPS)
-        ctx.save_for_backward(x, tables, code, s)
-        ctx.tau, ctx.score_l1, ctx.inv_t, ctx.has_bias = tau, score_l1, inv_t, bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, tables, code, s = ctx.saved_tensors
-        dy = dy.contiguous()
-        N = x.shape[0]
-        K, rows, D = tables.shape
-        tau = ctx.tau
-        dx = dtables = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.full(x.shape, float("nan"), dtype=torch.float32, device=x.device)  # (N, K·τ)
-            if N:
-                _dx_kernel[(triton.cdiv(N, BLOCK_N), K)](
-                    x, code, tables, dy, dx, N, K, rows, D, ctx.inv_t, TAU=tau, TAU_P=triton.next_power_of_2(tau),
-                    SCORE_L1=ctx.score_l1, BN=BLOCK_N, BD=BLOCK_D, num_warps=WARPS)
-            dx = dx.to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dtables = _table_gradient(code, s, dy, K, rows, D).reshape(K, rows, D).to(tables.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy.float().sum(0).to(ctx.bias_dtype)
-        return dx, dtables, dbias, None, None, None
+@_forward_op.register_fake
+def _forward_fake(x, tables, bias, tau, score_l1, inv_t):
+    N, (K, _, D) = x.shape[0], tables.shape
+    return (tables.new_empty(N, D), x.new_empty(N, K, dtype=torch.int32), x.new_empty(N, K, dtype=torch.float32))
+
+
+@torch.library.custom_op("zoo::hash_lookup_backward", mutates_args=())
+def _backward_op(x: torch.Tensor, tables: torch.Tensor, code: torch.Tensor, s: torch.Tensor, dy: torch.Tensor,
+                 tau: int, score_l1: bool, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (N, K·τ) and dtables (K, 2^τ, d_out); the dx kernel recomputes s and ∂s/∂z from x."""
+    dy = dy.contiguous()
+    N = x.shape[0]
+    K, rows, D = tables.shape
+    dx = torch.full(x.shape, float("nan"), dtype=torch.float32, device=x.device)  # (N, K·τ)
+    if N:
+        _dx_kernel[(triton.cdiv(N, BLOCK_N), K)](
+            x, code, tables, dy, dx, N, K, rows, D, inv_t, TAU=tau, TAU_P=triton.next_power_of_2(tau),
+            SCORE_L1=score_l1, BN=BLOCK_N, BD=BLOCK_D, num_warps=WARPS)
+    dtables = _table_gradient(code, s, dy, K, rows, D).reshape(K, rows, D).to(tables.dtype)
+    return dx.to(x.dtype), dtables
+
+
+@_backward_op.register_fake
+def _backward_fake(x, tables, code, s, dy, tau, score_l1, inv_t):
+    return torch.empty_like(x), torch.empty_like(tables)
+
+
+def _setup_context(ctx, inputs, output):
+    x, tables, bias, tau, score_l1, inv_t = inputs
+    _, code, s = output
+    ctx.save_for_backward(x, tables, code, s)
+    ctx.tau, ctx.score_l1, ctx.inv_t = tau, score_l1, inv_t
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _autograd_backward(ctx, dy, *_):
+    x, tables, code, s = ctx.saved_tensors
+    dx, dtables = _backward_op(x, tables, code, s, dy, ctx.tau, ctx.score_l1, ctx.inv_t)
+    dbias = dy.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return dx, dtables, dbias, None, None, None
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def hash_lookup_triton(x, tables, tau=8, bias=None, *, score="l1prob", temperature=1.0):
@@ -256,6 +279,6 @@ def hash_lookup_triton(x, tables, tau=8, bias=None, *, score="l1prob", temperatu
     lead = x.shape[:-1]
     D = tables.shape[-1]
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (N, K·τ)
-    y = HashLookupTriton.apply(x2d, tables.contiguous(), bias.contiguous() if bias is not None else None, tau,
-                               score == "l1prob", 1.0 / temperature)
+    y, _, _ = _forward_op(x2d, tables.contiguous(), bias.contiguous() if bias is not None else None, tau,
+                          score == "l1prob", 1.0 / temperature)
     return y.reshape(*lead, D)

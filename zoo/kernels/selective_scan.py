@@ -196,7 +196,7 @@ def _selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Triton path: the kernels and their autograd.Function live in selective_scan_triton.py (imported only when used)
+# 3. Triton path: the kernels and their registered ops live in selective_scan_triton.py (imported only when used)
 # ---------------------------------------------------------------------------------------------------------------------
 def _selective_scan_triton(*args):
     from zoo.kernels.selective_scan_triton import selective_scan_triton

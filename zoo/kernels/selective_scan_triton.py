@@ -1,4 +1,4 @@
-"""Part 3 of ``selective_scan``: Triton forward/backward kernels and the autograd Function (the GPU path).
+"""Part 3 of ``selective_scan``: Triton forward/backward kernels and the registered ops (the GPU path).
 
 Forward: grid (B, Dm / BLOCK_D); a (BLOCK_D, N) state tile stays in registers across the time loop and an fp32 state
 checkpoint is written every K steps. Backward: the same grid walks the segments in reverse, recomputes each
@@ -176,72 +176,121 @@ def _block_d(group_width: int) -> int:
     return block
 
 
-class _SelectiveScanTriton(torch.autograd.Function):
-    """Triton forward and hand-written backward of the selective scan."""
+def _segment_steps(checkpoint_steps: int, T: int) -> int:
+    """K, the steps between stored states (short sequences: one short segment)."""
+    return min(checkpoint_steps, max(8, 1 << max(0, (T - 1).bit_length())))
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoint_steps):
-        compute = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        batch, T, Dm = u.shape
-        G, N = B.shape[2], B.shape[3]
-        K = min(checkpoint_steps, max(8, triton.next_power_of_2(T)))  # short sequences: one short segment
-        n_ckpt = -(-T // K)
-        block_d = _block_d(Dm // G)
-        block_n = triton.next_power_of_2(N)
-        dummy = u.new_empty(1)
-        y = nan_filled((batch, T, Dm), u.dtype, u.device)
-        final = nan_filled((batch, Dm, N), compute, u.device)
-        ckpt = nan_filled((batch, n_ckpt, Dm, N), compute, u.device)
-        grid = (batch, Dm // block_d)
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy,
-            initial_state if initial_state is not None else dummy,
-            y, final, ckpt, T, Dm, G, N, n_ckpt,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            HAS_H0=initial_state is not None, K=K, BLOCK_D=block_d, BLOCK_N=block_n,
-            COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, num_warps=4)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-        ctx.config = (delta_softplus, K, block_d, block_n, compute, initial_state is not None)
-        return y, final
 
-    @staticmethod
-    def backward(ctx, gout, gfinal):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        delta_softplus, K, block_d, block_n, compute, has_h0 = ctx.config
-        batch, T, Dm = u.shape
-        G, N = B.shape[2], B.shape[3]
-        n_ckpt = ckpt.shape[1]
-        n_dblocks = Dm // block_d
-        dev = u.device
-        gout = gout.contiguous()
-        gfinal = gfinal.to(compute).contiguous() if gfinal is not None else torch.zeros(batch, Dm, N, dtype=compute,
-                                                                                         device=dev)
-        scratch = nan_filled((batch, n_dblocks, K + 1, block_d, block_n), compute, dev)
-        gu, gdelta = nan_filled((batch, T, Dm), compute, dev), nan_filled((batch, T, Dm), compute, dev)
-        gz = nan_filled((batch, T, Dm), compute, dev) if z is not None else u.new_empty(1)
-        gB_part = nan_filled((batch, T, n_dblocks, N), compute, dev)
-        gC_part = nan_filled((batch, T, n_dblocks, N), compute, dev)
-        gA_part = nan_filled((batch, Dm, N), compute, dev)
-        gD_part, gbias_part = nan_filled((batch, Dm), compute, dev), nan_filled((batch, Dm), compute, dev)
-        gh0 = nan_filled((batch, Dm, N), compute, dev)
-        dummy = u.new_empty(1)
-        _scan_bwd_kernel[(batch, n_dblocks)](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, ckpt, gout, gfinal, scratch,
-            gu, gdelta, gz, gB_part, gC_part, gA_part, gD_part, gbias_part, gh0,
-            T, Dm, G, N, n_ckpt, n_dblocks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            K=K, BLOCK_D=block_d, BLOCK_N=block_n,
-            COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, num_warps=4)
-        # per-block partials of gB, gC summed over each group's blocks (deterministic, no atomics)
-        gB = gB_part.view(batch, T, G, n_dblocks // G, N).sum(3)  # (B, T, G, N)
-        gC = gC_part.view(batch, T, G, n_dblocks // G, N).sum(3)
-        return (gu.to(u.dtype), gdelta.to(delta.dtype), gA_part.sum(0).to(A.dtype), gB.to(B.dtype),
-                gC.to(C.dtype), gD_part.sum(0).to(D.dtype) if D is not None else None,
-                gz.to(z.dtype) if z is not None else None,
-                gbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
-                gh0 if has_h0 else None, None, None)
+# The forward and backward are registered ops (docs/training.md#compiling-a-model): torch.compile traces through them
+# with their fake implementations instead of breaking the graph at an opaque autograd.Function.
+
+@torch.library.custom_op("zoo::selective_scan_forward", mutates_args=())
+def _forward_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                initial_state: torch.Tensor | None, delta_softplus: bool,
+                checkpoint_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (B, T, Dm), the final state (B, Dm, N) and the state checkpoints (B, T / K, Dm, N) kept for the backward."""
+    compute = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    batch, T, Dm = u.shape
+    G, N = B.shape[2], B.shape[3]
+    K = _segment_steps(checkpoint_steps, T)
+    n_ckpt = -(-T // K)
+    block_d = _block_d(Dm // G)
+    block_n = triton.next_power_of_2(N)
+    dummy = u.new_empty(1)
+    y = nan_filled((batch, T, Dm), u.dtype, u.device)
+    final = nan_filled((batch, Dm, N), compute, u.device)
+    ckpt = nan_filled((batch, n_ckpt, Dm, N), compute, u.device)
+    grid = (batch, Dm // block_d)
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy,
+        initial_state if initial_state is not None else dummy,
+        y, final, ckpt, T, Dm, G, N, n_ckpt,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_H0=initial_state is not None, K=K, BLOCK_D=block_d, BLOCK_N=block_n,
+        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, num_warps=4)
+    return y, final, ckpt
+
+
+@_forward_op.register_fake
+def _forward_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoint_steps):
+    compute = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    batch, T, Dm = u.shape
+    N = B.shape[3]
+    n_ckpt = -(-T // _segment_steps(checkpoint_steps, T))
+    return (u.new_empty(batch, T, Dm), u.new_empty(batch, Dm, N, dtype=compute),
+            u.new_empty(batch, n_ckpt, Dm, N, dtype=compute))
+
+
+@torch.library.custom_op("zoo::selective_scan_backward", mutates_args=())
+def _backward_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None, ckpt: torch.Tensor,
+                 gout: torch.Tensor, gfinal: torch.Tensor, delta_softplus: bool,
+                 checkpoint_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gu, gdelta, gA, gB, gC, gD, gz, gdelta_bias, g_initial (the gradients of absent inputs come back as (1,)
+    placeholders, dropped by the autograd wrapper)."""
+    compute = ckpt.dtype
+    batch, T, Dm = u.shape
+    G, N = B.shape[2], B.shape[3]
+    K = _segment_steps(checkpoint_steps, T)
+    block_d, block_n = _block_d(Dm // G), triton.next_power_of_2(N)
+    n_ckpt = ckpt.shape[1]
+    n_dblocks = Dm // block_d
+    dev = u.device
+    gout = gout.contiguous()
+    gfinal = gfinal.to(compute).contiguous()
+    scratch = nan_filled((batch, n_dblocks, K + 1, block_d, block_n), compute, dev)
+    gu, gdelta = nan_filled((batch, T, Dm), compute, dev), nan_filled((batch, T, Dm), compute, dev)
+    gz = nan_filled((batch, T, Dm), compute, dev) if z is not None else u.new_zeros(1)
+    gB_part = nan_filled((batch, T, n_dblocks, N), compute, dev)
+    gC_part = nan_filled((batch, T, n_dblocks, N), compute, dev)
+    gA_part = nan_filled((batch, Dm, N), compute, dev)
+    gD_part, gbias_part = nan_filled((batch, Dm), compute, dev), nan_filled((batch, Dm), compute, dev)
+    gh0 = nan_filled((batch, Dm, N), compute, dev)
+    dummy = u.new_empty(1)
+    _scan_bwd_kernel[(batch, n_dblocks)](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, ckpt, gout, gfinal, scratch,
+        gu, gdelta, gz, gB_part, gC_part, gA_part, gD_part, gbias_part, gh0,
+        T, Dm, G, N, n_ckpt, n_dblocks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        K=K, BLOCK_D=block_d, BLOCK_N=block_n,
+        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, num_warps=4)
+    # per-block partials of gB, gC summed over each group's blocks (deterministic, no atomics)
+    gB = gB_part.view(batch, T, G, n_dblocks // G, N).sum(3)  # (B, T, G, N)
+    gC = gC_part.view(batch, T, G, n_dblocks // G, N).sum(3)
+    return (gu.to(u.dtype), gdelta.to(delta.dtype), gA_part.sum(0).to(A.dtype), gB.to(B.dtype), gC.to(C.dtype),
+            gD_part.sum(0).to(D.dtype) if D is not None else u.new_zeros(1),
+            gz.to(z.dtype) if z is not None else gz,
+            gbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_zeros(1), gh0)
+
+
+@_backward_op.register_fake
+def _backward_fake(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, gfinal, delta_softplus, checkpoint_steps):
+    def like(x):
+        return torch.empty_like(x) if x is not None else u.new_empty(1)
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), like(D), like(z), like(delta_bias), torch.empty_like(gfinal, dtype=ckpt.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoint_steps = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.config = (delta_softplus, checkpoint_steps, initial_state is not None)
+
+
+def _autograd_backward(ctx, gout, gfinal, _):
+    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+    delta_softplus, checkpoint_steps, has_h0 = ctx.config
+    gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0 = _backward_op(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, gfinal,
+                                                             delta_softplus, checkpoint_steps)
+    return (gu, gdelta, gA, gB, gC, gD if D is not None else None, gz if z is not None else None,
+            gbias if delta_bias is not None else None, gh0 if has_h0 else None, None, None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -255,6 +304,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     C4 = (C.unsqueeze(2) if squeeze else C).contiguous()
     contiguous = [t.contiguous() if t is not None else None for t in (u, delta, A, D, z, delta_bias, initial_state)]
     u, delta, A, D, z, delta_bias, initial_state = contiguous
-    y, final = _SelectiveScanTriton.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state,
-                                          bool(delta_softplus), int(checkpoint_steps))
+    y, final, _ = _forward_op(u, delta, A, B4, C4, D, z, delta_bias, initial_state, bool(delta_softplus),
+                              int(checkpoint_steps))
     return y, final

@@ -333,7 +333,7 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_st
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Triton path: the kernels and their autograd.Function live in ssd_triton.py (imported only when used)
+# 3. Triton path: the kernels and their registered ops live in ssd_triton.py (imported only when used)
 # ---------------------------------------------------------------------------------------------------------------------
 def _ssd_triton_dense(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, seq_lens=None):
     """The kernels with non-finite x, Δ and B entering as 0 and the outputs from them on and the final states after
@@ -386,7 +386,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, cu_seqlens,
         raise ValueError(f"{OP}: all inputs must be on one device, got {sorted(map(str, devices))}")
     check_range(OP, "A", A, None, 0.0)
     check_finite(OP, "A", A)
-    return resolve_backend("torch" if backend == "auto" else backend, x, OP)  # "auto": see ssd's docstring
+    return resolve_backend(backend, x, OP, auto_triton=False)  # "auto": see ssd's docstring
 
 
 def ssd(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=True, initial_state=None, *,
@@ -408,7 +408,7 @@ def ssd(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=True, i
     ``backend``: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``. Unlike the other ops, ``"auto"`` picks the
     chunked torch path on every device: on an H100 the Triton kernels are correct but slower than it (forward +
     backward 0.34x at T = 2048 and 0.17x at 8192 for H 24, P 64, N 128; ``benchmarks/results/triton_gpu.md``), so
-    they run only when ``backend="triton"`` asks for them.
+    they run only when ``backend="triton"`` (or ``ZOO_BACKEND=triton``) asks for them.
 
     Example::
 

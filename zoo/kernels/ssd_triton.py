@@ -1,4 +1,4 @@
-"""Part 3 of ``ssd``: Triton forward/backward kernels and the autograd Function (the GPU path).
+"""Part 3 of ``ssd``: Triton forward/backward kernels and the registered ops (the GPU path).
 
 Forward (docs/mamba.md#ssd): (1) chunk cumsum Λ and chunk states S^c = Σ_j exp(Λ_Q − Λ_j)·X_j ⊗ B_j, one program per
 (batch·head, chunk); (2) sequential state passing per (batch·head), fp32, from the initial state; (3) the chunk
@@ -259,83 +259,137 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
-class _SSDTriton(torch.autograd.Function):
-    """Triton forward and hand-written backward of the chunked SSD."""
+def _blocks(x: torch.Tensor, B: torch.Tensor, chunk_size: int, compute: torch.dtype) -> dict:
+    """The kernels' block sizes and compute dtype (one fixed config per shape)."""
+    P, N = x.shape[3], B.shape[3]
+    return dict(Q=chunk_size, BLOCK_Q=_pow2_at_least_16(chunk_size), BLOCK_P=_pow2_at_least_16(P),
+                BLOCK_N=_pow2_at_least_16(N), COMPUTE=tl.float64 if compute == torch.float64 else tl.float32)
 
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, chunk_size, dt_softplus):
-        compute = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
-        batch, T, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        Q = chunk_size
-        nc = -(-T // Q)
-        dev = x.device
-        blocks = dict(Q=Q, BLOCK_Q=_pow2_at_least_16(Q), BLOCK_P=_pow2_at_least_16(P), BLOCK_N=_pow2_at_least_16(N),
-                      COMPUTE=tl.float64 if compute == torch.float64 else tl.float32)
-        precision = "ieee"
-        dummy = x.new_empty(1)
-        delta = nan_filled((batch, H, nc * Q), compute, dev)
-        Lam = nan_filled((batch, H, nc * Q), compute, dev)
-        S_chunk = nan_filled((batch, nc, H, P, N), compute, dev)
-        S_start = nan_filled((batch, nc, H, P, N), compute, dev)
-        final = nan_filled((batch, H, P, N), compute, dev)
-        y = nan_filled((batch, T, H, P), x.dtype, dev)
-        lens = seq_lens if seq_lens is not None else dummy
-        _ssd_chunk_state_fwd_kernel[(batch * H, nc)](
-            x, dt, A, dt_bias if dt_bias is not None else dummy, B, lens, delta, Lam, S_chunk, T, H, G, P, N, nc,
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LEN=seq_lens is not None, PRECISION=precision,
-            **blocks)
-        _ssd_state_passing_fwd_kernel[(batch * H,)](
-            S_chunk, Lam, initial_state if initial_state is not None else dummy, S_start, final, H, P, N, nc,
-            HAS_H0=initial_state is not None, Q=Q, BLOCK_P=blocks["BLOCK_P"], BLOCK_N=blocks["BLOCK_N"],
-            COMPUTE=blocks["COMPUTE"])
-        _ssd_chunk_scan_fwd_kernel[(batch * H, nc)](
-            x, B, C, D if D is not None else dummy, delta, Lam, S_start, y, T, H, G, P, N, nc,
-            HAS_D=D is not None, PRECISION=precision, **blocks)
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, seq_lens, delta, Lam, S_start)
-        ctx.config = (blocks, precision, dt_softplus, compute, initial_state is not None)
-        return y, final
 
-    @staticmethod
-    def backward(ctx, gy, gfinal):
-        x, dt, A, B, C, D, dt_bias, seq_lens, delta, Lam, S_start = ctx.saved_tensors
-        blocks, precision, dt_softplus, compute, has_h0 = ctx.config
-        batch, T, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        Q = blocks["Q"]
-        nc = S_start.shape[1]
-        dev = x.device
-        dummy = x.new_empty(1)
-        gy = gy.contiguous()
-        gfinal = gfinal.to(compute).contiguous() if gfinal is not None else torch.zeros(batch, H, P, N, dtype=compute,
-                                                                                         device=dev)
-        gS_out = nan_filled((batch, nc, H, P, N), compute, dev)
-        _ssd_state_grad_kernel[(batch * H, nc)](gy, C, Lam, gS_out, T, H, G, P, N, nc, PRECISION=precision, **blocks)
-        gS_chunk = nan_filled((batch, nc, H, P, N), compute, dev)
-        gLam_last = nan_filled((batch, H, nc), compute, dev)
-        gh0 = nan_filled((batch, H, P, N), compute, dev)
-        _ssd_state_passing_bwd_kernel[(batch * H,)](
-            gS_out, S_start, Lam, gfinal, gS_chunk, gLam_last, gh0, H, P, N, nc, Q=Q, BLOCK_P=blocks["BLOCK_P"],
-            BLOCK_N=blocks["BLOCK_N"], COMPUTE=blocks["COMPUTE"])
-        gx = nan_filled((batch, T, H, P), compute, dev)
-        gdt = nan_filled((batch, T, H), compute, dev)
-        gB_head = nan_filled((batch, T, H, N), compute, dev)
-        gC_head = nan_filled((batch, T, H, N), compute, dev)
-        gA_part = nan_filled((batch, H, nc), compute, dev)
-        gD_part = nan_filled((batch, H, nc), compute, dev)
-        gbias_part = nan_filled((batch, H, nc), compute, dev)
-        _ssd_chunk_bwd_kernel[(batch * H, nc)](
-            x, dt, A, dt_bias if dt_bias is not None else dummy, B, C, D if D is not None else dummy,
-            seq_lens if seq_lens is not None else dummy, delta, Lam, S_start, gS_chunk, gLam_last, gy,
-            gx, gdt, gB_head, gC_head, gA_part, gD_part, gbias_part, T, H, G, P, N, nc,
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_LEN=seq_lens is not None,
-            PRECISION=precision, **blocks)
-        gB = gB_head.view(batch, T, G, H // G, N).sum(3)  # sum over each group's heads
-        gC = gC_head.view(batch, T, G, H // G, N).sum(3)
-        return (gx.to(x.dtype), gdt.to(dt.dtype), gA_part.sum((0, 2)).to(A.dtype), gB.to(B.dtype), gC.to(C.dtype),
-                gD_part.sum((0, 2)).to(D.dtype) if D is not None else None,
-                gbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None,
-                gh0 if has_h0 else None, None, None, None)
+PRECISION = "ieee"  # float32 dots stay float32 (no TF32)
+
+# The forward and backward are registered ops (docs/training.md#compiling-a-model): torch.compile traces through them
+# with their fake implementations instead of breaking the graph at an opaque autograd.Function.
+
+
+@torch.library.custom_op("zoo::ssd_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor | None, dt_bias: torch.Tensor | None, initial_state: torch.Tensor | None,
+                seq_lens: torch.Tensor | None, chunk_size: int, dt_softplus: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (B, T, H, P), the final state (B, H, P, N), and Δ, Λ (B, H, nc·Q) and the chunk-start states
+    (B, nc, H, P, N) kept for the backward."""
+    compute = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
+    batch, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    Q = chunk_size
+    nc = -(-T // Q)
+    dev = x.device
+    blocks = _blocks(x, B, chunk_size, compute)
+    dummy = x.new_empty(1)
+    delta = nan_filled((batch, H, nc * Q), compute, dev)
+    Lam = nan_filled((batch, H, nc * Q), compute, dev)
+    S_chunk = nan_filled((batch, nc, H, P, N), compute, dev)
+    S_start = nan_filled((batch, nc, H, P, N), compute, dev)
+    final = nan_filled((batch, H, P, N), compute, dev)
+    y = nan_filled((batch, T, H, P), x.dtype, dev)
+    lens = seq_lens if seq_lens is not None else dummy
+    _ssd_chunk_state_fwd_kernel[(batch * H, nc)](
+        x, dt, A, dt_bias if dt_bias is not None else dummy, B, lens, delta, Lam, S_chunk, T, H, G, P, N, nc,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LEN=seq_lens is not None, PRECISION=PRECISION,
+        **blocks)
+    _ssd_state_passing_fwd_kernel[(batch * H,)](
+        S_chunk, Lam, initial_state if initial_state is not None else dummy, S_start, final, H, P, N, nc,
+        HAS_H0=initial_state is not None, Q=Q, BLOCK_P=blocks["BLOCK_P"], BLOCK_N=blocks["BLOCK_N"],
+        COMPUTE=blocks["COMPUTE"])
+    _ssd_chunk_scan_fwd_kernel[(batch * H, nc)](
+        x, B, C, D if D is not None else dummy, delta, Lam, S_start, y, T, H, G, P, N, nc,
+        HAS_D=D is not None, PRECISION=PRECISION, **blocks)
+    return y, final, delta, Lam, S_start
+
+
+@_forward_op.register_fake
+def _forward_fake(x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, chunk_size, dt_softplus):
+    compute = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state)
+    batch, T, H, P = x.shape
+    N = B.shape[3]
+    nc = -(-T // chunk_size)
+    delta = x.new_empty(batch, H, nc * chunk_size, dtype=compute)
+    return (x.new_empty(batch, T, H, P), x.new_empty(batch, H, P, N, dtype=compute), delta, torch.empty_like(delta),
+            x.new_empty(batch, nc, H, P, N, dtype=compute))
+
+
+@torch.library.custom_op("zoo::ssd_backward", mutates_args=())
+def _backward_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, dt_bias: torch.Tensor | None, seq_lens: torch.Tensor | None,
+                 delta: torch.Tensor, Lam: torch.Tensor, S_start: torch.Tensor, gy: torch.Tensor, gfinal: torch.Tensor,
+                 chunk_size: int, dt_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gx, gdt, gA, gB, gC, gD, gdt_bias, g_initial (the gradients of absent inputs come back as (1,) placeholders,
+    dropped by the autograd wrapper)."""
+    compute = S_start.dtype
+    blocks = _blocks(x, B, chunk_size, compute)
+    batch, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    Q = chunk_size
+    nc = S_start.shape[1]
+    dev = x.device
+    dummy = x.new_empty(1)
+    gy = gy.contiguous()
+    gfinal = gfinal.to(compute).contiguous()
+    gS_out = nan_filled((batch, nc, H, P, N), compute, dev)
+    _ssd_state_grad_kernel[(batch * H, nc)](gy, C, Lam, gS_out, T, H, G, P, N, nc, PRECISION=PRECISION, **blocks)
+    gS_chunk = nan_filled((batch, nc, H, P, N), compute, dev)
+    gLam_last = nan_filled((batch, H, nc), compute, dev)
+    gh0 = nan_filled((batch, H, P, N), compute, dev)
+    _ssd_state_passing_bwd_kernel[(batch * H,)](
+        gS_out, S_start, Lam, gfinal, gS_chunk, gLam_last, gh0, H, P, N, nc, Q=Q, BLOCK_P=blocks["BLOCK_P"],
+        BLOCK_N=blocks["BLOCK_N"], COMPUTE=blocks["COMPUTE"])
+    gx = nan_filled((batch, T, H, P), compute, dev)
+    gdt = nan_filled((batch, T, H), compute, dev)
+    gB_head = nan_filled((batch, T, H, N), compute, dev)
+    gC_head = nan_filled((batch, T, H, N), compute, dev)
+    gA_part = nan_filled((batch, H, nc), compute, dev)
+    gD_part = nan_filled((batch, H, nc), compute, dev)
+    gbias_part = nan_filled((batch, H, nc), compute, dev)
+    _ssd_chunk_bwd_kernel[(batch * H, nc)](
+        x, dt, A, dt_bias if dt_bias is not None else dummy, B, C, D if D is not None else dummy,
+        seq_lens if seq_lens is not None else dummy, delta, Lam, S_start, gS_chunk, gLam_last, gy,
+        gx, gdt, gB_head, gC_head, gA_part, gD_part, gbias_part, T, H, G, P, N, nc,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_LEN=seq_lens is not None,
+        PRECISION=PRECISION, **blocks)
+    gB = gB_head.view(batch, T, G, H // G, N).sum(3)  # sum over each group's heads
+    gC = gC_head.view(batch, T, G, H // G, N).sum(3)
+    return (gx.to(x.dtype), gdt.to(dt.dtype), gA_part.sum((0, 2)).to(A.dtype), gB.to(B.dtype), gC.to(C.dtype),
+            gD_part.sum((0, 2)).to(D.dtype) if D is not None else x.new_zeros(1),
+            gbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else x.new_zeros(1), gh0)
+
+
+@_backward_op.register_fake
+def _backward_fake(x, dt, A, B, C, D, dt_bias, seq_lens, delta, Lam, S_start, gy, gfinal, chunk_size, dt_softplus):
+    def like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty(1)
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
+            like(D), like(dt_bias), torch.empty_like(gfinal, dtype=S_start.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, chunk_size, dt_softplus = inputs
+    _, _, delta, Lam, S_start = output
+    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, seq_lens, delta, Lam, S_start)
+    ctx.config = (chunk_size, dt_softplus, initial_state is not None)
+
+
+def _autograd_backward(ctx, gy, gfinal, *_):
+    x, dt, A, B, C, D, dt_bias, seq_lens, delta, Lam, S_start = ctx.saved_tensors
+    chunk_size, dt_softplus, has_h0 = ctx.config
+    gx, gdt, gA, gB, gC, gD, gbias, gh0 = _backward_op(x, dt, A, B, C, D, dt_bias, seq_lens, delta, Lam, S_start, gy,
+                                                      gfinal, chunk_size, dt_softplus)
+    return (gx, gdt, gA, gB, gC, gD if D is not None else None, gbias if dt_bias is not None else None,
+            gh0 if has_h0 else None, None, None, None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=True, initial_state=None,
@@ -346,4 +400,6 @@ def ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=
         raise RuntimeError("ssd: backend='triton' needs the triton package")
     tensors = [t.contiguous() if t is not None else None for t in (x, dt, A, B, C, D, dt_bias, initial_state)]
     x, dt, A, B, C, D, dt_bias, initial_state = tensors
-    return _SSDTriton.apply(x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, int(chunk_size), bool(dt_softplus))
+    y, final, *_ = _forward_op(x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, int(chunk_size),
+                               bool(dt_softplus))
+    return y, final

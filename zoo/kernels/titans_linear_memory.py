@@ -161,7 +161,7 @@ def _titans_linear_memory_torch(q, k, v, alpha, eta, theta, chunk_size, initial_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Triton path: kernels and the autograd.Function live in titans_linear_memory_triton.py (imported only when used)
+# 3. Triton path: kernels and the registered ops live in titans_linear_memory_triton.py (imported only when used)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _triton_supports(chunk_size: int, key_dim: int) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from zoo.kernels._common import nan_filled
 
@@ -159,56 +160,85 @@ def _block_sizes(key_dim: int, value_dim: int) -> tuple[int, int]:
     return block_k, block_v
 
 
-class _TitansLinearMemoryTriton(torch.autograd.Function):
-    """Chunked dual form with the hand-written chunk backward of docs/titans.md#backward-of-one-chunk."""
+# The forward and backward are registered ops (docs/training.md#compiling-a-model): torch.compile traces through them
+# with their fake implementations instead of breaking the graph at an opaque autograd.Function. The backward is the
+# chunk backward of docs/titans.md#backward-of-one-chunk.
 
-    @staticmethod
-    def forward(ctx, q, k, v, gamma, beta, f, c, e, ends, m0, s0, chunk_size):
-        q, k, v, gamma, beta, f, c, e, ends, m0, s0 = (x.contiguous() for x in (q, k, v, gamma, beta, f, c, e, ends,
-                                                                             m0, s0))
-        B, H, T, KD = q.shape
-        VD = v.shape[-1]
-        num_chunks = T // chunk_size
-        block_k, block_v = _block_sizes(KD, VD)
-        o = nan_filled((B, H, T, VD), v.dtype, v.device)
-        states_w = nan_filled((B, H, num_chunks, KD, VD), m0.dtype, m0.device)
-        states_s = nan_filled((B, H, num_chunks, KD, VD), m0.dtype, m0.device)
-        m_final = nan_filled((B, H, KD, VD), m0.dtype, m0.device)
-        s_final = nan_filled((B, H, KD, VD), m0.dtype, m0.device)
-        grid = (triton.cdiv(VD, block_v), B * H)
-        _titans_fwd_kernel[grid](q, k, v, gamma, beta, f, c, e, ends, m0, s0, o, states_w, states_s, m_final, s_final,
-                                 num_chunks, KD, VD, CHUNK=chunk_size, BK=block_k, BV=block_v)
-        ctx.save_for_backward(q, k, v, gamma, beta, f, c, e, ends, states_w, states_s)
-        ctx.chunk_size = chunk_size
-        return o, m_final, s_final
 
-    @staticmethod
-    def backward(ctx, d_o, d_m, d_s):
-        q, k, v, gamma, beta, f, c, e, ends, states_w, states_s = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        B, H, T, KD = q.shape
-        VD = v.shape[-1]
-        num_chunks = T // chunk_size
-        block_k, block_v = _block_sizes(KD, VD)
-        num_v_blocks = triton.cdiv(VD, block_v)
-        zeros_state = torch.zeros(B, H, KD, VD, dtype=states_w.dtype, device=q.device)
-        d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
-        d_m = zeros_state if d_m is None else d_m.contiguous()
-        d_s = zeros_state if d_s is None else d_s.contiguous()
-        dq = nan_filled((num_v_blocks, B, H, T, KD), q.dtype, q.device)
-        dk = nan_filled((num_v_blocks, B, H, T, KD), q.dtype, q.device)
-        dv = nan_filled((B, H, T, VD), v.dtype, v.device)
-        dgamma = nan_filled((num_v_blocks, *gamma.shape), gamma.dtype, gamma.device)
-        dbeta, df, dc, de = (nan_filled((num_v_blocks, *beta.shape), beta.dtype, beta.device) for _ in range(4))
-        dends = nan_filled((num_v_blocks, *ends.shape), ends.dtype, ends.device)
-        dm0 = nan_filled((B, H, KD, VD), states_w.dtype, states_w.device)
-        ds0 = nan_filled((B, H, KD, VD), states_w.dtype, states_w.device)
-        grid = (num_v_blocks, B * H)
-        _titans_bwd_kernel[grid](q, k, v, gamma, beta, f, c, e, ends, states_w, states_s, d_o, d_m, d_s,
-                                 dq, dk, dv, dgamma, dbeta, df, dc, de, dends, dm0, ds0,
-                                 num_chunks, B * H, KD, VD, CHUNK=chunk_size, BK=block_k, BV=block_v)
-        return (dq.sum(0), dk.sum(0), dv, dgamma.sum(0), dbeta.sum(0), df.sum(0), dc.sum(0), de.sum(0),
-                dends.sum(0), dm0, ds0, None)
+@torch.library.custom_op("zoo::titans_linear_memory_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, f: Tensor, c: Tensor, e: Tensor,
+                ends: Tensor, m0: Tensor, s0: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """o (B, H, N·b, V), the final (M, S) (B, H, K, V), and the chunk-start states (B, H, N, K, V) of W and S."""
+    q, k, v, gamma, beta, f, c, e, ends, m0, s0 = (x.contiguous() for x in (q, k, v, gamma, beta, f, c, e, ends,
+                                                                         m0, s0))
+    B, H, length, KD = q.shape
+    VD = v.shape[-1]
+    num_chunks = length // chunk_size
+    block_k, block_v = _block_sizes(KD, VD)
+    o = nan_filled((B, H, length, VD), v.dtype, v.device)
+    states_w = nan_filled((B, H, num_chunks, KD, VD), m0.dtype, m0.device)
+    states_s = nan_filled((B, H, num_chunks, KD, VD), m0.dtype, m0.device)
+    m_final = nan_filled((B, H, KD, VD), m0.dtype, m0.device)
+    s_final = nan_filled((B, H, KD, VD), m0.dtype, m0.device)
+    grid = (triton.cdiv(VD, block_v), B * H)
+    _titans_fwd_kernel[grid](q, k, v, gamma, beta, f, c, e, ends, m0, s0, o, states_w, states_s, m_final, s_final,
+                             num_chunks, KD, VD, CHUNK=chunk_size, BK=block_k, BV=block_v)
+    return o, m_final, s_final, states_w, states_s
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, gamma, beta, f, c, e, ends, m0, s0, chunk_size):
+    B, H, length, KD = q.shape
+    VD = v.shape[-1]
+    states = m0.new_empty(B, H, length // chunk_size, KD, VD)
+    return (v.new_empty(B, H, length, VD), torch.empty_like(m0), torch.empty_like(m0), states,
+            torch.empty_like(states))
+
+
+@torch.library.custom_op("zoo::titans_linear_memory_backward", mutates_args=())
+def _backward_op(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, f: Tensor, c: Tensor, e: Tensor,
+                 ends: Tensor, states_w: Tensor, states_s: Tensor, d_o: Tensor, d_m: Tensor, d_s: Tensor,
+                 chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                           Tensor, Tensor]:
+    """The gradients of q, k, v, gamma, beta, f, c, e, ends, m0 and s0."""
+    q, k, v, gamma, beta, f, c, e, ends, states_w, states_s, d_o, d_m, d_s = (
+        x.contiguous() for x in (q, k, v, gamma, beta, f, c, e, ends, states_w, states_s, d_o, d_m, d_s))
+    B, H, length, KD = q.shape
+    VD = v.shape[-1]
+    num_chunks = length // chunk_size
+    block_k, block_v = _block_sizes(KD, VD)
+    num_v_blocks = triton.cdiv(VD, block_v)
+    dq = nan_filled((num_v_blocks, B, H, length, KD), q.dtype, q.device)
+    dk = nan_filled((num_v_blocks, B, H, length, KD), q.dtype, q.device)
+    dv = nan_filled((B, H, length, VD), v.dtype, v.device)
+    dgamma = nan_filled((num_v_blocks, *gamma.shape), gamma.dtype, gamma.device)
+    dbeta, df, dc, de = (nan_filled((num_v_blocks, *beta.shape), beta.dtype, beta.device) for _ in range(4))
+    dends = nan_filled((num_v_blocks, *ends.shape), ends.dtype, ends.device)
+    dm0 = nan_filled((B, H, KD, VD), states_w.dtype, states_w.device)
+    ds0 = nan_filled((B, H, KD, VD), states_w.dtype, states_w.device)
+    grid = (num_v_blocks, B * H)
+    _titans_bwd_kernel[grid](q, k, v, gamma, beta, f, c, e, ends, states_w, states_s, d_o, d_m, d_s,
+                             dq, dk, dv, dgamma, dbeta, df, dc, de, dends, dm0, ds0,
+                             num_chunks, B * H, KD, VD, CHUNK=chunk_size, BK=block_k, BV=block_v)
+    return (dq.sum(0), dk.sum(0), dv, dgamma.sum(0), dbeta.sum(0), df.sum(0), dc.sum(0), de.sum(0), dends.sum(0),
+            dm0, ds0)
+
+
+@_backward_op.register_fake
+def _backward_fake(q, k, v, gamma, beta, f, c, e, ends, states_w, states_s, d_o, d_m, d_s, chunk_size):
+    return tuple(torch.empty_like(x) for x in (q, k, v, gamma, beta, f, c, e, ends, d_m, d_s))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9], *output[3:])
+    ctx.chunk_size = inputs[-1]
+
+
+def _autograd_backward(ctx, d_o, d_m, d_s, *_):
+    return (*_backward_op(*ctx.saved_tensors, d_o, d_m, d_s, ctx.chunk_size), None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def titans_linear_memory_triton(q, k, v, gamma, beta, f, c, e, ends, m0, s0, chunk_size):
@@ -218,4 +248,5 @@ def titans_linear_memory_triton(q, k, v, gamma, beta, f, c, e, ends, m0, s0, chu
     ends: (B, H, N, 3) = (β_n, f_n, m_n); m0, s0: (B, H, K, V). All in one float dtype. Returns (o, M, S) with
     o (B, H, N·b, V). Differentiable in every tensor argument.
     """
-    return _TitansLinearMemoryTriton.apply(q, k, v, gamma, beta, f, c, e, ends, m0, s0, chunk_size)
+    o, m_final, s_final, _, _ = _forward_op(q, k, v, gamma, beta, f, c, e, ends, m0, s0, chunk_size)
+    return o, m_final, s_final

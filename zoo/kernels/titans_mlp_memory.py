@@ -295,7 +295,7 @@ def _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state, ba
     check_values(_OP, named, alpha, eta, theta)
     if backend == "triton":
         raise ValueError(f"{_OP}: there is no Triton path for the deep memory; use backend='torch' or 'reference'")
-    return resolve_backend(backend, q, _OP)
+    return resolve_backend(backend, q, _OP, triton_path=False)
 
 
 def titans_mlp_memory(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16, initial_state=None, *,

@@ -55,12 +55,14 @@ def progress_callbacks(cfg: Config, interactive: bool) -> list:
 
 
 def build_strategy(cfg: Config):
-    from zoo.models import Block
-
+    """Lightning's strategy for ``trainer.strategy``: fsdp is FSDP2 through ``ModelParallelStrategy`` (every block
+    sharded over all devices by ``Task.configure_model``; checkpoints hold full state dicts, so they resume and
+    export like DDP's; runs on CPU with gloo too)."""
     if cfg.trainer.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")
+        return ModelParallelStrategy(data_parallel_size=cfg.trainer.devices * cfg.trainer.num_nodes,
+                                     tensor_parallel_size=1, save_distributed_checkpoint=False)
     return cfg.trainer.strategy
 
 
@@ -144,6 +146,10 @@ def train(cfg: Config, argv: list[str], resume: str | None = None, verbose: bool
 
         raise SystemExit(128 + (signal.SIGTERM if isinstance(stop, SIGTERMException) else signal.SIGINT)) from None
     trainer.save_checkpoint(directory / "last.ckpt")
+    if cfg.trainer.strategy == "fsdp":  # every rank joins gathering the shards; rank 0 exports the plain copy
+        from zoo.train.parallel import unsharded_model
+
+        module.model = unsharded_model(module.model, cfg)
     if not trainer.is_global_zero:
         return {}
     return finish(cfg, module, data, directory)

@@ -80,6 +80,12 @@ class Task(pl.LightningModule, abc.ABC):
         self._forward = self.model
 
     def configure_model(self) -> None:
+        from zoo.train.parallel import checkpoint_blocks, shard_blocks
+
+        if self.config.trainer.activation_checkpointing:
+            checkpoint_blocks(self.model)
+        if self.config.trainer.strategy == "fsdp" and self.device_mesh is not None:
+            shard_blocks(self.model, self.device_mesh["data_parallel"])
         if self.config.trainer.compile and self._forward is self.model:
             self._forward = torch.compile(self.model)
 
