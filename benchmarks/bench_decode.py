@@ -108,7 +108,7 @@ def main(argv=None):
             for position in args.positions:
                 results[batch, position] = measure(contestants, batch, position, args.steps, args.rounds)
                 print(f"batch {batch}, position {position}: done", flush=True)
-    write(args, contestants, results, load_before, os.getloadavg())
+                write(args, contestants, results, load_before, os.getloadavg())  # what is done so far
 
 
 def write(args, contestants, results, load_before, load_after):
@@ -146,7 +146,8 @@ def write(args, contestants, results, load_before, load_after):
               "| contestant | " + " | ".join(f"batch {b}" for b in args.batches) + " |",
               "|---|" + "---:|" * len(args.batches)]
     for name in contestants:
-        cells = [f"{results[b, last][name] / results[b, first][name]:.2f}" for b in args.batches]
+        cells = [f"{results[b, last][name] / results[b, first][name]:.2f}" if (b, last) in results else "—"
+                 for b in args.batches]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
