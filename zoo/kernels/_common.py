@@ -136,6 +136,19 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+LOG2_E = 1.4426950408889634  # log2(e)
+
+
+def step_exp(x: torch.Tensor) -> torch.Tensor:
+    """e^x computed as 2^(x·log2 e), for the one-token steps.
+
+    On CPU, ``torch.exp`` of a float32 tensor of a few thousand elements goes through a threaded vector library: at
+    2 threads on a busy machine one call took 2.7 ms against 3 µs for ``exp2`` of the same tensor, which runs inline.
+    The extra rounding (one multiply) is far below the float32 tolerance of the ops.
+    """
+    return torch.exp2(x * LOG2_E)
+
+
 L2_NORM_EPS = 1e-6
 
 

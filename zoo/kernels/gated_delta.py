@@ -7,7 +7,8 @@ Per head, with a K×V state S (keys first) and row vectors:
 The file holds the four numbered parts of the kernel contract: 1 the sequential reference (the oracle), 2 the chunked
 PyTorch form (WY representation through the UT transform, linear in T, the CPU path), 3 the entry to the Triton kernels
 and their registered ops in ``gated_delta_triton.py`` (imported only when the Triton backend is asked for), and
-4 the public op with validation (``_validate``) and dispatch.
+4 the public op with validation (``_validate``) and dispatch; then 5, the one-token step ``gated_delta_rule_step``
+(decoding), which the op runs by itself for T = 1.
 See docs/mom.md#chunk-parallel-form for the derivation.
 """
 from __future__ import annotations
@@ -17,9 +18,9 @@ from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_floating, check_range, check_shape,
                                  compute_dtype, ever_bad, l2_normalize, nan_from, non_finite_tokens, resolve_backend,
-                                 sequence_bounds, zero_where)
+                                 sequence_bounds, step_exp, zero_where)
 
-__all__ = ["gated_delta_rule", "gated_delta_rule_reference", "CHUNK_SIZE"]
+__all__ = ["gated_delta_rule", "gated_delta_rule_reference", "gated_delta_rule_step", "CHUNK_SIZE"]
 
 OP = "gated_delta_rule"
 CHUNK_SIZE = 64  # C: the default tokens per chunk of the chunked forms
@@ -273,9 +274,103 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         True
     """
     backend = _validate(q, k, v, g, beta, initial_state, cu_seqlens, scale, chunk_size, backend)
+    if q.shape[1] == 1 and cu_seqlens is None and backend != "reference":  # decoding: the one-token step
+        state = initial_state if initial_state is not None else q.new_zeros(
+            q.shape[0], q.shape[2], q.shape[3], v.shape[-1], dtype=compute_dtype(q))
+        step = step_function(backend, q, k, v, g, beta, state)
+        o, state = step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, scale, use_qk_l2norm)
+        return o[:, None], state
     arguments = dict(initial_state=initial_state, cu_seqlens=cu_seqlens, scale=scale, use_qk_l2norm=use_qk_l2norm)
     if backend == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **arguments)
     if backend == "torch":
         return gated_delta_rule_chunked(q, k, v, g, beta, **arguments, chunk_size=chunk_size)
     return _gated_delta_rule_triton(q, k, v, g, beta, **arguments, chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. The one-token step (decoding): a few matrix-vector products per head, no chunk padding.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def gated_delta_step_torch(q, k, v, g, beta, state, scale, use_qk_l2norm):
+    """One token of the recurrence in torch (autograd through it); no validation (``gated_delta_rule_step`` checks).
+
+    q, k: (B, H, K); v: (B, H, V); g, beta: (B, H); state: (B, H, K, V). With S' = e^g S + k uᵀ,
+    u = β (v − e^g Sᵀk) and o = scale·S'ᵀq = scale·(e^g Sᵀq + (q·k) u), so both reads of S are one matmul.
+    Returns o (B, H, V) in v's dtype and S' (B, H, K, V) in the compute dtype.
+    """
+    (q, k, v, g, beta), dtype, scale = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
+    state = state.to(dtype)
+    decay = step_exp(g)[..., None]  # (B, H, 1)
+    q_read, k_read = (torch.stack([q, k], dim=-2) @ state).unbind(-2)  # (B, H, V) each: Sᵀq, Sᵀk
+    u = beta[..., None] * (v - decay * k_read)  # (B, H, V)
+    new_state = torch.addcmul(decay[..., None] * state, k[..., :, None], u[..., None, :])  # (B, H, K, V)
+    o = scale * (decay * q_read + (q * k).sum(-1, keepdim=True) * u)  # (B, H, V)
+    return o.to(v.dtype), new_state
+
+
+def _gated_delta_step_triton(q, k, v, g, beta, state, scale, use_qk_l2norm):
+    from zoo.kernels.gated_delta_triton import gated_delta_step_triton
+
+    return gated_delta_step_triton(q, k, v, g, beta, state, scale, use_qk_l2norm)
+
+
+def step_function(backend: str, *tensors: torch.Tensor):
+    """The step for a resolved backend: the Triton kernel (forward only) when none of ``tensors`` needs a gradient,
+    else torch."""
+    if backend == "triton" and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _gated_delta_step_triton
+    return gated_delta_step_torch
+
+
+def gated_delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                          state: torch.Tensor, scale: float | None = None, use_qk_l2norm: bool = False, *,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of :func:`gated_delta_rule` from the state it returned: ``(o, new_state)`` (decoding).
+
+    Args:
+        q, k: (B, H, K) the token's query and key; v: (B, H, V); g: (B, H) log decay ≤ 0; beta: (B, H).
+        state: (B, H, K, V), e.g. the ``final_state`` of a :func:`gated_delta_rule` call (it is not modified).
+        scale, use_qk_l2norm: as in :func:`gated_delta_rule`.
+        backend: "auto" (the Triton kernel for CUDA tensors, torch otherwise), "torch", or "triton". The Triton step
+            has no backward: when a gradient is needed (grad mode on and an input requiring grad) the torch step runs.
+
+    Returns:
+        o: (B, H, V) in v's dtype; new_state: (B, H, K, V) in float32 (float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> from zoo.kernels.gated_delta import gated_delta_rule, gated_delta_rule_step
+        >>> B, T, H, K, V = 2, 10, 4, 16, 32
+        >>> q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+        >>> g, beta = -torch.rand(B, T, H), torch.rand(B, T, H)
+        >>> o, state = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
+        >>> o_prefix, state = gated_delta_rule(q[:, :9], k[:, :9], v[:, :9], g[:, :9], beta[:, :9], use_qk_l2norm=True)
+        >>> o_last, state = gated_delta_rule_step(q[:, 9], k[:, 9], v[:, 9], g[:, 9], beta[:, 9], state,
+        ...                                       use_qk_l2norm=True)
+        >>> o_last.shape, torch.allclose(o_last, o[:, 9], atol=1e-5)
+        (torch.Size([2, 4, 32]), True)
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"{OP}_step: q must have shape (B, H, K) (one token, no time axis), got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    B, H, K = q.shape
+    check_shape(f"{OP}_step", "k", k, (B, H, K), " (the shape of q)")
+    check_shape(f"{OP}_step", "v", v, (B, H, None), " (B, H of q)")
+    check_shape(f"{OP}_step", "g", g, (B, H), " (B, H of q)")
+    check_shape(f"{OP}_step", "beta", beta, (B, H), " (B, H of q)")
+    check_shape(f"{OP}_step", "state", state, (B, H, K, v.shape[-1]), " (B, H, K, V)")
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("state", state)):
+        check_floating(f"{OP}_step", name, tensor)
+        if tensor.device != q.device:
+            raise ValueError(f"{OP}_step: {name} is on {tensor.device} but q is on {q.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{OP}_step: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{OP}_step: scale must be a Python number or None, got {type(scale).__name__}")
+    if backend == "reference":
+        raise ValueError(f"{OP}_step: backend must be 'auto', 'torch' or 'triton', got 'reference' (the step is "
+                         f"already the plain recurrence)")
+    check_range(f"{OP}_step", "g (log decay)", g, None, 0.0)
+    resolved = resolve_backend(backend, q, f"{OP}_step")
+    return step_function(resolved, q, k, v, g, beta, state)(q, k, v, g, beta, state, scale, use_qk_l2norm)

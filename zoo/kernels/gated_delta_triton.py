@@ -482,3 +482,51 @@ def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, cu_seqlens=Non
     h0 = initial_state.float().contiguous() if initial_state is not None else None  # (N, H, K, V)
     o, final_state = _forward_op(q, k, v, g, beta, h0, cu_seqlens.contiguous(), scale, chunk_size)
     return o.reshape(B, T, H, V).to(out_dtype), final_state.to(state_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one-token step (decoding), forward only
+# ---------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _step_kernel(q, k, v, g, beta, state, o_out, state_out, scale, H: tl.constexpr, K: tl.constexpr,
+                 V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """One (batch·head, value tile): S' = e^g S + k uᵀ with u = β(v − e^g Sᵀk), o = scale·(e^g Sᵀq + (q·k) u)."""
+    i_bh, i_v = tl.cast(tl.program_id(0), tl.int64), tl.cast(tl.program_id(1), tl.int64)
+    rows, cols = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    row_ok, col_ok = rows < K, cols < V
+    q_t = tl.cast(tl.load(q + i_bh * K + rows, mask=row_ok, other=0.0), tl.float32)  # (BK,)
+    k_t = tl.cast(tl.load(k + i_bh * K + rows, mask=row_ok, other=0.0), tl.float32)
+    v_t = tl.cast(tl.load(v + i_bh * V + cols, mask=col_ok, other=0.0), tl.float32)  # (BV,)
+    decay = tl.exp(tl.cast(tl.load(g + i_bh), tl.float32))
+    b = tl.cast(tl.load(beta + i_bh), tl.float32)
+    offsets = i_bh * K * V + rows[:, None] * V + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    S = tl.cast(tl.load(state + offsets, mask=mask, other=0.0), tl.float32)  # (BK, BV)
+    k_read = tl.sum(k_t[:, None] * S, axis=0)  # (BV,) Sᵀk
+    q_read = tl.sum(q_t[:, None] * S, axis=0)  # (BV,) Sᵀq
+    u = b * (v_t - decay * k_read)  # (BV,)
+    tl.store(state_out + offsets, decay * S + k_t[:, None] * u[None, :], mask=mask)
+    o = scale * (decay * q_read + tl.sum(q_t * k_t, axis=0) * u)
+    tl.store(o_out + i_bh * V + cols, tl.cast(o, o_out.dtype.element_ty), mask=col_ok)
+
+
+def gated_delta_step_triton(q, k, v, g, beta, state, scale=None, use_qk_l2norm=False):
+    """The Triton one-token step of ``gated_delta_rule_step`` (inputs validated; no backward).
+
+    q, k (B, H, K), v (B, H, V), g, beta (B, H), state (B, H, K, V). Computes in float32; returns o (B, H, V) in v's
+    dtype and the new state (B, H, K, V) in the compute dtype (float64 inputs are rounded to float32 inside).
+    """
+    B, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    state_dtype, out_dtype = compute_dtype(q), v.dtype
+    if use_qk_l2norm:
+        q, k = l2_normalize(q.float()), l2_normalize(k.float())
+    q, k, v, g, beta, h = (x.float().contiguous() for x in (q, k, v, g, beta, state))
+    o = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
+    new_state = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    BK, BV = triton.next_power_of_2(K), min(64, triton.next_power_of_2(V))
+    _step_kernel[(B * H, triton.cdiv(V, BV))](q, k, v, g, beta, h, o, new_state, scale, H, K, V, BK, BV,
+                                              num_warps=WARPS)
+    return o.to(out_dtype), new_state.to(state_dtype)

@@ -3,6 +3,7 @@
 Paper: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", arXiv 2312.00752, Alg. 2.
 Per channel d and state n:  h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t,  y_t = C_t·h_t + D u_t  (ZOH for A, Euler for B).
 The file holds the four numbered parts of the kernel contract; part 3's kernels live in ``selective_scan_triton.py``.
+Part 5 is the one-token step ``selective_scan_step`` (decoding), which the op runs by itself for T = 1.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_finite, check_floating, check_range, check_shape,
-                                 compute_dtype, discretise_delta, resolve_backend)
+                                 compute_dtype, discretise_delta, resolve_backend, step_exp)
 
-__all__ = ["selective_scan", "selective_scan_reference"]
+__all__ = ["selective_scan", "selective_scan_reference", "selective_scan_step"]
 
 OP = "selective_scan"
 CHUNK_SIZE = 64  # Q of the chunked torch path; exact for every value, only speed depends on it
@@ -281,9 +282,112 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         True
     """
     backend = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size, backend)
+    if u.shape[1] == 1 and backend != "reference":  # decoding: the one-token step
+        state = initial_state if initial_state is not None else u.new_zeros(
+            u.shape[0], u.shape[2], A.shape[1], dtype=compute_dtype(u, delta, A, B, C, D, z, delta_bias))
+        tensors = (u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], state, D, None if z is None else z[:, 0], delta_bias)
+        y, state = step_function(backend, *tensors)(*tensors, bool(delta_softplus))
+        return y[:, None], state
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state)
     if backend == "reference":
         return selective_scan_reference(*args)
     if backend == "triton" and u.shape[1] > 0:
         return _selective_scan_triton(*args)
     return _selective_scan_chunked(*args, chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. One-token step (decoding)
+# ---------------------------------------------------------------------------------------------------------------------
+def _per_channel(x: torch.Tensor, Dm: int) -> torch.Tensor:
+    """B or C of one token, (B, N) or (B, G, N), as (B, 1 or Dm, N): each group repeated over its Dm/G channels."""
+    if x.dim() == 2:
+        return x[:, None]
+    batch, G, N = x.shape
+    return x[:, :, None].expand(batch, G, Dm // G, N).reshape(batch, Dm, N) if G > 1 else x
+
+
+def selective_scan_step_torch(u, delta, A, B, C, state, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """One token of S6 in torch (autograd through it); shapes as :func:`selective_scan_step`, no validation."""
+    dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, state)
+    Dm = u.shape[-1]
+    Δ = discretise_delta(delta, delta_bias, delta_softplus, dtype)  # (B, Dm)
+    u_c = u.to(dtype)
+    B_c, C_c = _per_channel(B.to(dtype), Dm), _per_channel(C.to(dtype), Dm)  # (B, 1 or Dm, N)
+    h = torch.addcmul(step_exp(Δ[..., None] * A.to(dtype)) * state.to(dtype), (Δ * u_c)[..., None], B_c)  # (B, Dm, N)
+    y = (h * C_c).sum(-1)  # (B, Dm)
+    if D is not None:
+        y = torch.addcmul(y, D.to(dtype), u_c)
+    return _gate(y, z).to(u.dtype), h
+
+
+def _selective_scan_step_triton(u, delta, A, B, C, state, D=None, z=None, delta_bias=None, delta_softplus=False):
+    from zoo.kernels.selective_scan_triton import selective_scan_step_triton
+
+    return selective_scan_step_triton(u, delta, A, B, C, state, D, z, delta_bias, delta_softplus)
+
+
+def step_function(backend: str, *tensors):
+    """The step for a resolved backend: the Triton kernel (forward only) when none of ``tensors`` (None allowed)
+    needs a gradient, else torch."""
+    if backend == "triton" and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                    for t in tensors)):
+        return _selective_scan_step_triton
+    return selective_scan_step_torch
+
+
+def selective_scan_step(u, delta, A, B, C, state, D=None, z=None, delta_bias=None, delta_softplus=False, *,
+                        backend="auto"):
+    """One token of :func:`selective_scan` from the state it returned: ``(out, new_state)`` (decoding).
+
+    Shapes (no time axis): ``u, delta, z: (B, Dm)``; ``A: (Dm, N)``; ``B, C: (B, N)`` or ``(B, G, N)``;
+    ``D, delta_bias: (Dm,)``; ``state: (B, Dm, N)`` (not modified). Same maths and dtypes as :func:`selective_scan`:
+    ``h' = exp(Δ·A)·h + Δ·B·u``, ``out = (Σ_n C·h' + D·u)·silu(z)``. Returns ``(out (B, Dm) in u's dtype,
+    new_state (B, Dm, N) in the compute dtype)``. ``backend``: "auto" (Triton on CUDA, else torch), "torch" or
+    "triton"; the Triton step has no backward, so the torch step runs whenever an input needs a gradient.
+
+    Example::
+
+        >>> import torch
+        >>> from zoo.kernels.selective_scan import selective_scan, selective_scan_step
+        >>> u, delta = torch.randn(2, 10, 8), torch.randn(2, 10, 8)
+        >>> A = -torch.rand(8, 4) - 0.5
+        >>> B, C = torch.randn(2, 10, 4), torch.randn(2, 10, 4)
+        >>> y, _ = selective_scan(u, delta, A, B, C, delta_softplus=True)
+        >>> _, h = selective_scan(u[:, :9], delta[:, :9], A, B[:, :9], C[:, :9], delta_softplus=True)
+        >>> y_last, h = selective_scan_step(u[:, 9], delta[:, 9], A, B[:, 9], C[:, 9], h, delta_softplus=True)
+        >>> y_last.shape, torch.allclose(y_last, y[:, 9], atol=1e-5)
+        (torch.Size([2, 8]), True)
+    """
+    op = f"{OP}_step"
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("state", state)):
+        check_floating(op, name, t)
+    if u.dim() != 2:
+        raise ValueError(f"{op}: u must be (B, Dm) (one token, no time axis), got shape {tuple(u.shape)}")
+    batch, Dm = u.shape
+    check_shape(op, "delta", delta, (batch, Dm))
+    check_shape(op, "A", A, (Dm, None), " (Dm, N)")
+    N = A.shape[1]
+    if B.dim() not in (2, 3):
+        raise ValueError(f"{op}: B must be (B, N) or (B, G, N), got shape {tuple(B.shape)}")
+    check_shape(op, "B", B, (batch, N) if B.dim() == 2 else (batch, None, N))
+    check_shape(op, "C", C, tuple(B.shape), " (the same shape as B)")
+    G = 1 if B.dim() == 2 else B.shape[1]
+    if G == 0 or Dm % G != 0:
+        raise ValueError(f"{op}: the number of groups G={G} must divide Dm={Dm}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_floating(op, name, t)
+            check_shape(op, name, t, (Dm,))
+    if z is not None:
+        check_floating(op, "z", z)
+        check_shape(op, "z", z, (batch, Dm))
+    check_shape(op, "state", state, (batch, Dm, N), " (B, Dm, N)")
+    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias, state) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+    if backend == "reference":
+        raise ValueError(f"{op}: backend must be 'auto', 'torch' or 'triton', got 'reference'")
+    check_range(op, "A", A, None, 0.0)
+    tensors = (u, delta, A, B, C, state, D, z, delta_bias)
+    return step_function(resolve_backend(backend, u, op), *tensors)(*tensors, bool(delta_softplus))

@@ -307,3 +307,67 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     y, final, _ = _forward_op(u, delta, A, B4, C4, D, z, delta_bias, initial_state, bool(delta_softplus),
                               int(checkpoint_steps))
     return y, final
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one-token step (decoding), forward only
+# ---------------------------------------------------------------------------------------------------------------------
+if triton_available():
+    @triton.jit
+    def _step_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h_ptr, y_ptr, h_out_ptr,
+                     Dm, G, N, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+        """One (batch, channel block): h' = exp(Δ·A)·h + Δ·u·B, y = (Σ_n C·h' + D·u)·silu(z)."""
+        pid_b = tl.cast(tl.program_id(0), tl.int64)
+        pid_d = tl.program_id(1)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        mask_d, mask_n = d < Dm, n < N
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        g = (pid_d * BLOCK_D) // (Dm // G)  # the block lies in one group
+        dn = d[:, None] * N + n[None, :]  # (BLOCK_D, BLOCK_N)
+        A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(COMPUTE)
+        u = tl.load(u_ptr + pid_b * Dm + d, mask=mask_d, other=0.0).to(COMPUTE)
+        dlt = tl.load(delta_ptr + pid_b * Dm + d, mask=mask_d, other=0.0).to(COMPUTE)
+        if HAS_BIAS:
+            dlt += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(COMPUTE)
+        if SOFTPLUS:
+            dlt = _softplus(dlt)
+        Bt = tl.load(B_ptr + (pid_b * G + g) * N + n, mask=mask_n, other=0.0).to(COMPUTE)
+        Ct = tl.load(C_ptr + (pid_b * G + g) * N + n, mask=mask_n, other=0.0).to(COMPUTE)
+        state_off = pid_b * Dm * N + dn
+        h = tl.load(h_ptr + state_off, mask=mask_dn, other=0.0).to(COMPUTE)
+        h = tl.exp(dlt[:, None] * A) * h + (dlt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], 1)
+        if HAS_D:
+            y += tl.load(D_ptr + d, mask=mask_d, other=0.0).to(COMPUTE) * u
+        if HAS_Z:
+            zt = tl.load(z_ptr + pid_b * Dm + d, mask=mask_d, other=0.0).to(COMPUTE)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(y_ptr + pid_b * Dm + d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(h_out_ptr + state_off, h, mask=mask_dn)
+
+
+def selective_scan_step_triton(u, delta, A, B, C, state, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Triton one-token step of ``selective_scan_step`` (inputs validated; no backward): one program per (batch,
+    channel block). Returns (out (B, Dm) in u's dtype, new state (B, Dm, N) in the compute dtype)."""
+    if not triton_available():
+        raise RuntimeError("selective_scan_step: backend='triton' needs the triton package")
+    compute = compute_dtype(u, delta, A, B, C, D, z, delta_bias, state)
+    batch, Dm = u.shape
+    B3 = (B.unsqueeze(1) if B.dim() == 2 else B).contiguous()  # (B, G, N)
+    C3 = (C.unsqueeze(1) if C.dim() == 2 else C).contiguous()
+    G, N = B3.shape[1], B3.shape[2]
+    u, delta, A, D, z, delta_bias = (t.contiguous() if t is not None else None for t in (u, delta, A, D, z, delta_bias))
+    state = state.to(compute).contiguous()
+    block_d = _block_d(Dm // G)
+    y = nan_filled((batch, Dm), u.dtype, u.device)
+    new_state = nan_filled((batch, Dm, N), compute, u.device)
+    dummy = u.new_empty(1)
+    _step_kernel[(batch, Dm // block_d)](
+        u, delta, A, B3, C3, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, state, y, new_state, Dm, G, N,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N),
+        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, num_warps=4)
+    return y, new_state

@@ -4,6 +4,7 @@ Paper: Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algori
 Duality", arXiv 2405.21060 (Listing 1 is the chunked algorithm). Each head h (group g = h // (H/G)) carries a P×N
 state:  S_t = exp(Δ_t A_h)·S_{t-1} + Δ_t·x_t ⊗ B_t[g],  y_t = S_t·C_t[g] + D_h·x_t.
 The file holds the four numbered parts of the kernel contract; part 3's kernels live in ``ssd_triton.py``.
+Part 5 is the one-token step ``ssd_step`` (decoding), which the op runs by itself for T = 1.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_finite, check_floating, check_range,
                                  check_shape, compute_dtype, discretise_delta, nan_from, non_finite_tokens,
-                                 resolve_backend, sequence_bounds, zero_where)
+                                 resolve_backend, sequence_bounds, step_exp, zero_where)
 
-__all__ = ["ssd", "ssd_reference"]
+__all__ = ["ssd", "ssd_reference", "ssd_step"]
 
 OP = "ssd"
 
@@ -425,9 +426,98 @@ def ssd(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=True, i
         True
     """
     backend = _validate(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, cu_seqlens, backend)
+    if x.shape[1] == 1 and cu_seqlens is None and backend != "reference":  # decoding: the one-token step
+        state = initial_state if initial_state is not None else x.new_zeros(
+            *x.shape[:1], *x.shape[2:], B.shape[3], dtype=compute_dtype(x, dt, A, B, C, D, dt_bias))
+        tensors = (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state, D, dt_bias)
+        y, state = step_function(backend, *tensors)(*tensors, bool(dt_softplus))
+        return y[:, None], state
     args = (x, dt, A, B, C, chunk_size, D, dt_bias, bool(dt_softplus), initial_state)
     if backend == "reference":
         return ssd_reference(*args, cu_seqlens=cu_seqlens)
     if backend == "triton" and x.shape[1] > 0:
         return _ssd_triton(*args, cu_seqlens=cu_seqlens)
     return _ssd_chunked(*args, cu_seqlens=cu_seqlens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. One-token step (decoding)
+# ---------------------------------------------------------------------------------------------------------------------
+def ssd_step_torch(x, dt, A, B, C, state, D=None, dt_bias=None, dt_softplus=True):
+    """One token of SSD in torch (autograd through it); shapes as :func:`ssd_step`, no validation."""
+    dtype = compute_dtype(x, dt, A, B, C, D, dt_bias, state)
+    batch, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    Δ = discretise_delta(dt, dt_bias, dt_softplus, dtype)  # (B, H)
+    decay = step_exp(Δ * A.to(dtype)).view(batch, G, H // G, 1, 1)
+    X = (x.to(dtype) * Δ[..., None]).view(batch, G, H // G, P, 1)  # Δ·x
+    S = torch.addcmul(decay * state.to(dtype).view(batch, G, H // G, P, N), X,
+                      B.to(dtype).view(batch, G, 1, 1, N))  # (B, G, H/G, P, N)
+    y = (S.view(batch, G, H // G * P, N) @ C.to(dtype).view(batch, G, N, 1)).view(batch, H, P)  # S·C
+    if D is not None:
+        y = torch.addcmul(y, D.to(dtype)[:, None], x.to(dtype))
+    return y.to(x.dtype), S.view(batch, H, P, N)
+
+
+def _ssd_step_triton(x, dt, A, B, C, state, D=None, dt_bias=None, dt_softplus=True):
+    from zoo.kernels.ssd_triton import ssd_step_triton
+
+    return ssd_step_triton(x, dt, A, B, C, state, D, dt_bias, dt_softplus)
+
+
+def step_function(backend: str, *tensors):
+    """The step for a resolved backend: the Triton kernel (forward only) when none of ``tensors`` (None allowed)
+    needs a gradient, else torch."""
+    if backend == "triton" and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                    for t in tensors)):
+        return _ssd_step_triton
+    return ssd_step_torch
+
+
+def ssd_step(x, dt, A, B, C, state, D=None, dt_bias=None, dt_softplus=True, *, backend="auto"):
+    """One token of :func:`ssd` from the state it returned: ``(y, new_state)`` (decoding).
+
+    Shapes (no time axis): ``x: (B, H, P)``; ``dt: (B, H)``; ``A: (H,)``; ``B, C: (B, G, N)``; ``D, dt_bias: (H,)``;
+    ``state: (B, H, P, N)`` (not modified). Same maths and dtypes as :func:`ssd`: ``S' = exp(Δ·A)·S + Δ·x ⊗ B``,
+    ``y = S'·C + D·x``. Returns ``(y (B, H, P) in x's dtype, new_state (B, H, P, N) in the compute dtype)``.
+    ``backend``: "auto" (the Triton kernel on CUDA, else torch), "torch" or "triton"; the Triton step has no
+    backward, so the torch step runs whenever an input needs a gradient.
+
+    Example::
+
+        >>> import torch
+        >>> from zoo.kernels.ssd import ssd, ssd_step
+        >>> x, dt = torch.randn(1, 20, 4, 8), torch.randn(1, 20, 4)
+        >>> A, B, C = -torch.rand(4) - 0.5, torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16)
+        >>> y, _ = ssd(x, dt, A, B, C, chunk_size=16)
+        >>> _, S = ssd(x[:, :19], dt[:, :19], A, B[:, :19], C[:, :19], chunk_size=16)
+        >>> y_last, S = ssd_step(x[:, 19], dt[:, 19], A, B[:, 19], C[:, 19], S)
+        >>> y_last.shape, torch.allclose(y_last, y[:, 19], atol=1e-5)
+        (torch.Size([1, 4, 8]), True)
+    """
+    op = f"{OP}_step"
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("state", state)):
+        check_floating(op, name, t)
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, H, P) (one token, no time axis), got shape {tuple(x.shape)}")
+    batch, H, P = x.shape
+    check_shape(op, "dt", dt, (batch, H))
+    check_shape(op, "A", A, (H,))
+    check_shape(op, "B", B, (batch, None, None), " (B, G, N)")
+    check_shape(op, "C", C, tuple(B.shape), " (the same shape as B)")
+    G = B.shape[1]
+    if G == 0 or H % G != 0:
+        raise ValueError(f"{op}: the number of groups G={G} must divide the number of heads H={H}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            check_floating(op, name, t)
+            check_shape(op, name, t, (H,))
+    check_shape(op, "state", state, (batch, H, P, B.shape[2]), " (B, H, P, N)")
+    devices = {t.device for t in (x, dt, A, B, C, D, dt_bias, state) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+    if backend == "reference":
+        raise ValueError(f"{op}: backend must be 'auto', 'torch' or 'triton', got 'reference'")
+    check_range(op, "A", A, None, 0.0)
+    tensors = (x, dt, A, B, C, state, D, dt_bias)
+    return step_function(resolve_backend(backend, x, op), *tensors)(*tensors, bool(dt_softplus))

@@ -403,3 +403,60 @@ def ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=
     y, final, *_ = _forward_op(x, dt, A, B, C, D, dt_bias, initial_state, seq_lens, int(chunk_size),
                                bool(dt_softplus))
     return y, final
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one-token step (decoding), forward only
+# ---------------------------------------------------------------------------------------------------------------------
+if triton_available():
+    @triton.jit
+    def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, D_ptr, S_ptr, y_ptr, S_out_ptr, H, G, P, N,
+                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+        """One (batch·head, P block): S' = exp(Δ·A)·S + Δ·x ⊗ B, y = S'·C + D·x."""
+        pid_bh = tl.cast(tl.program_id(0), tl.int64)
+        b, h = pid_bh // H, pid_bh % H
+        g = h // (H // G)
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        mask_p, mask_n = p < P, n < N
+        mask_pn = mask_p[:, None] & mask_n[None, :]
+        dt = tl.load(dt_ptr + pid_bh).to(COMPUTE)
+        if HAS_BIAS:
+            dt += tl.load(bias_ptr + h).to(COMPUTE)
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        decay = tl.exp(dt * tl.load(A_ptr + h).to(COMPUTE))
+        x = tl.load(x_ptr + pid_bh * P + p, mask=mask_p, other=0.0).to(COMPUTE)  # (BLOCK_P,)
+        Bt = tl.load(B_ptr + (b * G + g) * N + n, mask=mask_n, other=0.0).to(COMPUTE)  # (BLOCK_N,)
+        Ct = tl.load(C_ptr + (b * G + g) * N + n, mask=mask_n, other=0.0).to(COMPUTE)
+        offsets = pid_bh * P * N + p[:, None] * N + n[None, :]
+        S = tl.load(S_ptr + offsets, mask=mask_pn, other=0.0).to(COMPUTE)  # (BLOCK_P, BLOCK_N)
+        S = decay * S + (dt * x)[:, None] * Bt[None, :]
+        y = tl.sum(S * Ct[None, :], 1)
+        if HAS_D:
+            y += tl.load(D_ptr + h).to(COMPUTE) * x
+        tl.store(S_out_ptr + offsets, S, mask=mask_pn)
+        tl.store(y_ptr + pid_bh * P + p, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+
+
+def ssd_step_triton(x, dt, A, B, C, state, D=None, dt_bias=None, dt_softplus=True):
+    """Triton one-token step of ``ssd_step`` (inputs validated; no backward): one program per (batch·head, P block).
+    Returns (y (B, H, P) in x's dtype, new state (B, H, P, N) in the compute dtype)."""
+    if not triton_available():
+        raise RuntimeError("ssd_step: backend='triton' needs the triton package")
+    compute = compute_dtype(x, dt, A, B, C, D, dt_bias, state)
+    batch, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    x, dt, A, B, C, D, dt_bias = (t.contiguous() if t is not None else None for t in (x, dt, A, B, C, D, dt_bias))
+    state = state.to(compute).contiguous()
+    y = nan_filled((batch, H, P), x.dtype, x.device)
+    new_state = nan_filled((batch, H, P, N), compute, x.device)
+    block_p = min(16, triton.next_power_of_2(P))
+    dummy = x.new_empty(1)
+    _ssd_step_kernel[(batch * H, triton.cdiv(P, block_p))](
+        x, dt, A, dt_bias if dt_bias is not None else dummy, B, C, D if D is not None else dummy, state, y,
+        new_state, H, G, P, N, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_D=D is not None,
+        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(N),
+        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, num_warps=4)
+    return y, new_state

@@ -13,6 +13,8 @@ Parts 1–3 run on a chunk grid aligned to the start of their call, from (M, S) 
 carries the stream across calls as ``titans_mlp_memory`` does: its state holds (M, S) at the last completed chunk
 boundary plus the keys, values and gates of the p < b tokens after it, and a call prepends those pending tokens (zero
 queries, outputs dropped), so chunks stay aligned to the original sequence and any split equals one call.
+``titans_linear_memory_step`` reads and writes one token from that state (decoding); the op runs it by itself for
+T = 1.
 """
 from __future__ import annotations
 
@@ -336,8 +338,104 @@ def titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size: int = 16, initi
         (torch.Size([2, 40, 3, 8]), torch.Size([2, 3, 8, 8]), torch.Size([2, 8, 3, 8]))
     """
     backend = _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, backend)
+    if q.shape[1] == 1 and backend != "reference":  # decoding: the one-token step
+        o, state = linear_memory_step(q[:, 0], k[:, 0], v[:, 0], alpha[:, 0], eta[:, 0], theta[:, 0],
+                                      _as_stream_state(q, v, initial_state), chunk_size)
+        return o[:, None], state
     run = _RUNS[backend] if backend == "reference" else _non_finite_stays_causal(_RUNS[backend])
     return _stream(run, q, k, v, alpha, eta, theta, chunk_size, initial_state)
 
 
-__all__ = ["LinearMemoryState", "titans_linear_memory", "titans_linear_memory_reference"]
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. One-token step (decoding): the token's chunk read from its boundary state, in closed form
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _as_stream_state(q: torch.Tensor, v: torch.Tensor, initial_state) -> LinearMemoryState:
+    """A LinearMemoryState for any accepted ``initial_state`` (None or a pair (M_0, S_0) have no pending tokens)."""
+    if isinstance(initial_state, LinearMemoryState):
+        return initial_state
+    dtype = compute_dtype(q, v)
+    memory, momentum = _zero_state(q, v, dtype) if initial_state is None else initial_state
+    B, _, H, K = q.shape
+    empty = q.new_zeros(B, 0, H, K)
+    return LinearMemoryState(memory, momentum, empty, v.new_zeros(B, 0, H, v.shape[-1]),
+                             q.new_zeros(B, 0, H, 3, dtype=dtype))
+
+
+def linear_memory_step(q, k, v, alpha, eta, theta, state: LinearMemoryState, chunk_size: int):
+    """One token (q, k (B, H, K), v (B, H, V), gates (B, H)) after ``state``: (o (B, H, V), LinearMemoryState).
+
+    The token is row n − 1 of its chunk's n = p + 1 tokens (the p pending ones first), all with gradients at the
+    boundary weights R, so o = β qR + f qS − Σ_j Γ_j θ_j (q·k_j) 2(k_j R − v_j) with the dual form's last-row gate
+    coefficients (docs/titans.md#chunk-parallel-form); when the chunk completes, the boundary state moves to its end.
+    Cost O(n·K·V) for n ≤ chunk_size: constant in the position. Autograd flows through it; no validation.
+    """
+    dtype = compute_dtype(q, k, v)
+    memory, momentum = state.memory.to(dtype), state.momentum.to(dtype)
+    gates = torch.stack([alpha, eta, theta], dim=-1).to(dtype)[:, None]  # (B, 1, H, 3)
+    keys = torch.cat([state.pending_k.to(k.dtype), k[:, None]], dim=1)  # (B, n, H, K)
+    values = torch.cat([state.pending_v.to(v.dtype), v[:, None]], dim=1)  # (B, n, H, V)
+    gates = torch.cat([state.pending_gates.to(dtype), gates], dim=1)  # (B, n, H, 3)
+    n = keys.shape[1]
+    with torch.autocast(q.device.type, enabled=False):
+        coef = _chunk_gate_coefficients(gates[..., 0], gates[..., 1], n, dtype)  # one chunk of n tokens
+        th = rearrange(gates[..., 2], "b n h -> b h n")  # (B, H, n)
+        K_c, V_c = (rearrange(x.to(dtype), "b n h d -> b h n d") for x in (keys, values))  # (B, H, n, K|V)
+        q_c = q.to(dtype)[:, :, None]  # (B, H, 1, K)
+        delta = 2 * (K_c @ memory - V_c)  # (B, H, n, V)
+        weight = coef["G_end"][:, :, 0] * th  # (B, H, n): Γ_{n−1, j} θ_j
+        read = torch.cat([q_c @ memory, q_c @ momentum], dim=-2)  # (B, H, 2, V): qR, qS
+        o = (coef["beta_end"][:, :, 0, None] * read[:, :, 0] + coef["f_end"][:, :, 0, None] * read[:, :, 1]
+             - ((q_c @ K_c.transpose(-1, -2)) * weight[:, :, None] @ delta)[:, :, 0]).to(v.dtype)  # (B, H, V)
+        if n < chunk_size:
+            return o, LinearMemoryState(memory, momentum, keys, values, gates)
+        K_t = K_c.transpose(-1, -2)  # (B, H, K, n)
+        beta_end, f_end, m_end = (coef[name][:, :, 0, None, None] for name in ("beta_end", "f_end", "m_end"))
+        new_memory = beta_end * memory + f_end * momentum - K_t @ (weight[..., None] * delta)
+        new_momentum = m_end * momentum - K_t @ ((coef["B_end"][:, :, 0] * th)[..., None] * delta)
+    return o, LinearMemoryState(new_memory, new_momentum, keys[:, n:], values[:, n:], gates[:, n:])
+
+
+def titans_linear_memory_step(q, k, v, alpha, eta, theta, state, chunk_size: int = 16, *, backend: str = "auto"):
+    """One token of :func:`titans_linear_memory` from the state it returned: ``(o, new_state)`` (decoding).
+
+    Args:
+        q, k: (B, H, K) and v: (B, H, V), the token (no time axis); alpha, eta, theta: (B, H) its gates.
+        state: the :class:`LinearMemoryState` of a previous call (or step) with the same ``chunk_size``; a pair
+            (M_0, S_0) or None starts at a chunk boundary. It is not modified.
+        chunk_size, backend: as in :func:`titans_linear_memory` ("reference" is refused: the step is closed-form).
+            The step is torch on every device (a handful of small matmuls; there is no Triton step kernel).
+
+    Returns:
+        o: (B, H, V) in v's dtype; the new :class:`LinearMemoryState` (the boundary moves when the token completes a
+        chunk). Each step costs O(chunk_size·K·V) at most, whatever the position.
+
+    Example:
+        >>> import torch
+        >>> from zoo.kernels.titans_linear_memory import titans_linear_memory, titans_linear_memory_step
+        >>> B, T, H, K, V = 2, 20, 3, 8, 8
+        >>> q, k = torch.nn.functional.normalize(torch.randn(2, B, T, H, K), dim=-1)
+        >>> v = torch.randn(B, T, H, V)
+        >>> alpha, eta, theta = torch.rand(3, B, T, H)
+        >>> o, _ = titans_linear_memory(q, k, v, alpha, eta, 0.1 * theta)
+        >>> _, state = titans_linear_memory(q[:, :19], k[:, :19], v[:, :19], alpha[:, :19], eta[:, :19],
+        ...                                 0.1 * theta[:, :19])
+        >>> o_last, state = titans_linear_memory_step(q[:, 19], k[:, 19], v[:, 19], alpha[:, 19], eta[:, 19],
+        ...                                           0.1 * theta[:, 19], state)
+        >>> o_last.shape, torch.allclose(o_last, o[:, 19], atol=1e-5)
+        (torch.Size([2, 3, 8]), True)
+    """
+    for name, x, dims in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("alpha", alpha, 2), ("eta", eta, 2),
+                          ("theta", theta, 2)):
+        if not isinstance(x, torch.Tensor) or x.dim() != dims:
+            raise ValueError(f"{_OP}_step: {name} must be one token without a time axis ({dims} dims), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if backend == "reference":
+        raise ValueError(f"{_OP}_step: backend must be 'auto', 'torch' or 'triton', got 'reference'")
+    q, k, v, alpha, eta, theta = (x[:, None] for x in (q, k, v, alpha, eta, theta))
+    _validate(q, k, v, alpha, eta, theta, chunk_size, state, backend)
+    return linear_memory_step(q[:, 0], k[:, 0], v[:, 0], alpha[:, 0], eta[:, 0], theta[:, 0],
+                              _as_stream_state(q, v, state), chunk_size)
+
+
+__all__ = ["LinearMemoryState", "titans_linear_memory", "titans_linear_memory_reference", "titans_linear_memory_step"]

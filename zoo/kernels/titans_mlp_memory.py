@@ -11,6 +11,7 @@ State across calls: the weights and momenta at the last completed chunk boundary
 the p < b tokens after it. A call prepends those pending tokens (with zero queries, outputs dropped), so chunks stay
 aligned to the original sequence and any split — inside a chunk or not — gives the same outputs as one call.
 There is no Triton path: backends are "reference" (token loop with autograd gradients) and "torch" (chunk dual form).
+``titans_mlp_memory_step`` reads and writes one token from that state (decoding); the op runs it by itself for T = 1.
 """
 from __future__ import annotations
 
@@ -336,9 +337,98 @@ def titans_mlp_memory(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16,
         (torch.Size([2, 13, 2, 8]), torch.Size([2, 4, 2, 8]))
     """
     resolved = _validate(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state, backend)
+    if q.shape[1] == 1 and resolved != "reference":  # decoding: the one-token step
+        o, state = mlp_memory_step(q[:, 0], k[:, 0], v[:, 0], alpha[:, 0], eta[:, 0], theta[:, 0], weights,
+                                   chunk_size, initial_state)
+        return o[:, None], state
     if resolved == "reference":
         return titans_mlp_memory_reference(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state)
     return _titans_mlp_memory_torch(q, k, v, alpha, eta, theta, weights, chunk_size, initial_state)
 
 
-__all__ = ["MLPMemoryState", "titans_mlp_memory", "titans_mlp_memory_reference"]
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. One-token step (decoding): the token's chunk, read at its boundary weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+def mlp_memory_step(q, k, v, alpha, eta, theta, weights, chunk_size: int, state):
+    """One token (q, k, v (B, H, d), alpha, eta (B, H), theta (B, H, L)) after ``state`` (None: ``weights``, zero
+    momentum): (o (B, H, d), MLPMemoryState). No validation; autograd flows through it.
+
+    The token is the last of its chunk's n = p + 1 tokens: their store pass at the boundary weights and the dual-form
+    read-out of that one row (``_chunk_readout`` with the last row of the gate coefficients); when the chunk
+    completes, the boundary state moves to its end as in the chunked path. Cost O(n·|W|) for n ≤ chunk_size.
+    """
+    out_dtype = v.dtype
+    q, k, v, gates, W, S, _ = _start(q[:, None], k[:, None], v[:, None], alpha[:, None], eta[:, None],
+                                     theta[:, None], weights, state)  # (B, n, H, ·), pending tokens first
+    dtype = gates.dtype
+    n = k.shape[1]
+    with torch.autocast(q.device.type, enabled=False):
+        coef = _chunk_gate_coefficients(gates[..., 0], gates[..., 1], n, dtype)  # one chunk of n tokens
+        th = rearrange(gates[..., 2:], "b n h l -> b h n l")  # (B, H, n, L)
+        K_c, V_c = (rearrange(x.to(dtype), "b n h d -> b h n d") for x in (k, v))  # (B, H, n, d)
+        acts, grads = _chunk_store_pass(K_c, V_c, W)
+        thetas = th.unbind(-1)  # L × (B, H, n)
+        last_row = coef["G_end"][:, :, 0, None, :]  # (B, H, 1, n)
+        gammas = [last_row * t[:, :, None, :] for t in thetas]  # (B, H, 1, n) each
+        q_last = rearrange(q[:, -1:].to(dtype), "b n h d -> b h n d")  # (B, H, 1, d)
+        o = _chunk_readout(q_last, W, S, acts, grads, gammas, coef["beta_end"][:, :, 0, None, None],
+                           coef["f_end"][:, :, 0, None, None])[:, :, 0].to(out_dtype)  # (B, H, d)
+        if n < chunk_size:
+            return o, MLPMemoryState(W, S, k, v, gates)
+        beta_end, f_end, m_end = (coef[name][:, :, 0, None, None] for name in ("beta_end", "f_end", "m_end"))
+        new_W, new_S = [], []
+        for w, s, a, g, t in zip(W, S, acts, grads, thetas):
+            at = a.transpose(-1, -2)  # (B, H, in, n)
+            c = (coef["G_end"][:, :, 0] * t)[..., None]  # (B, H, n, 1)
+            e = (coef["B_end"][:, :, 0] * t)[..., None]
+            new_W.append(beta_end * w + f_end * s - at @ (c * g))
+            new_S.append(m_end * s - at @ (e * g))
+    return o, MLPMemoryState(tuple(new_W), tuple(new_S), k[:, n:], v[:, n:], gates[:, n:])
+
+
+def titans_mlp_memory_step(q, k, v, alpha, eta, theta, weights, chunk_size: int = 16, state=None, *,
+                           backend: str = "auto"):
+    """One token of :func:`titans_mlp_memory` from the state it returned: ``(o, new_state)`` (decoding).
+
+    Args:
+        q, k, v: (B, H, d), the token (no time axis); alpha, eta: (B, H); theta: (B, H, L).
+        weights, chunk_size: as in :func:`titans_mlp_memory` (``weights`` is read only when ``state`` is None).
+        state: the :class:`MLPMemoryState` of a previous call or step with the same ``chunk_size``, or None for the
+            first token of a sequence. It is not modified.
+        backend: "auto" or "torch" ("reference" is refused; there is no Triton path).
+
+    Returns:
+        o: (B, H, d) in v's dtype; the new :class:`MLPMemoryState`. Each step costs at most one chunk's store pass,
+        whatever the position.
+
+    Example:
+        >>> import torch
+        >>> from zoo.kernels.titans_mlp_memory import titans_mlp_memory, titans_mlp_memory_step
+        >>> B, T, H, d, E = 2, 20, 2, 8, 32
+        >>> q, k = torch.nn.functional.normalize(torch.randn(2, B, T, H, d), dim=-1)
+        >>> v = torch.randn(B, T, H, d)
+        >>> alpha, eta = 0.1 * torch.rand(2, B, T, H)
+        >>> theta = 0.1 * torch.rand(B, T, H, 2)
+        >>> weights = [0.1 * torch.randn(H, d, E), 0.1 * torch.randn(H, E, d)]
+        >>> o, _ = titans_mlp_memory(q, k, v, alpha, eta, theta, weights)
+        >>> _, state = titans_mlp_memory(q[:, :19], k[:, :19], v[:, :19], alpha[:, :19], eta[:, :19],
+        ...                              theta[:, :19], weights)
+        >>> o_last, state = titans_mlp_memory_step(q[:, 19], k[:, 19], v[:, 19], alpha[:, 19], eta[:, 19],
+        ...                                        theta[:, 19], weights, state=state)
+        >>> o_last.shape, torch.allclose(o_last, o[:, 19], atol=1e-5)
+        (torch.Size([2, 2, 8]), True)
+    """
+    for name, x, dims in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("alpha", alpha, 2), ("eta", eta, 2),
+                          ("theta", theta, 3)):
+        if not isinstance(x, torch.Tensor) or x.dim() != dims:
+            raise ValueError(f"{_OP}_step: {name} must be one token without a time axis ({dims} dims), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if backend == "reference":
+        raise ValueError(f"{_OP}_step: backend must be 'auto' or 'torch', got 'reference'")
+    _validate(q[:, None], k[:, None], v[:, None], alpha[:, None], eta[:, None], theta[:, None], weights, chunk_size,
+              state, backend)
+    return mlp_memory_step(q, k, v, alpha, eta, theta, weights, chunk_size, state)
+
+
+__all__ = ["MLPMemoryState", "titans_mlp_memory", "titans_mlp_memory_reference", "titans_mlp_memory_step"]

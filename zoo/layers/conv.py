@@ -122,6 +122,18 @@ class ShortConv(nn.Module):
         new_state = padded[:, padded.shape[1] - (self.size - 1):]  # (B, size-1, C)
         return (y if split is None else y.split(split, dim=-1)), new_state
 
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token (decoding): x (B, C), state (B, size-1, C) -> (y (B, C), new state (B, size-1, C)).
+
+        Equals ``forward(x[:, None], state)`` (y squeezed), in three ops instead of the general path's loop; the state
+        passed in is not modified (the new one is a view of a fresh window).
+        """
+        window = torch.cat([state.to(x.dtype), x[:, None]], dim=1)                # (B, size, C)
+        y = (window * self.weight.view(self.channels, self.size).T.to(x.dtype)).sum(1)  # (B, C)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return (F.silu(y) if self.activation == "silu" else y), window[:, 1:]
+
     @staticmethod
     def _conv_silu(x, state, weight, bias, split):
         """The fused conv + SiLU path: (y or its ``split`` pieces, the last size-1 inputs)."""

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.kernels._common import resolve_backend, step_exp
 from zoo.kernels.selective_scan import selective_scan
+from zoo.kernels.selective_scan import step_function as selective_scan_step_function
 from zoo.layers.base import Mixer
 from zoo.layers.conv import ShortConv
 
@@ -154,10 +156,25 @@ class Mamba(KeepFP32):
         if mask is not None or cu_seqlens is not None:
             return self.forward_split(x, state, mask, cu_seqlens)
         self.check_state(state, x)
+        if x.shape[1] == 1 and state is not None:                                    # decoding
+            return self._step(x, state)
         x_in, z = self.in_proj(x).chunk(2, dim=-1)                                    # (B, T, E) each
         y, state = _s6(x_in, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.dt_rank,
                        self.d_state, state)
         return self.out_proj(y), state
+
+
+    def _step(self, x: torch.Tensor, state: MambaState):
+        """One token x (B, 1, D) after ``state``: the conv's one-token update and the selective scan's step."""
+        x_in, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)                              # (B, E) each
+        x_c, conv_state = self.conv1d.step(x_in, state.conv)                         # (B, E)
+        dt_low, B, C = torch.split(self.x_proj(x_c), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt_low, self.dt_proj.weight.to(dt_low.dtype))                # (B, E)
+        tensors = (x_c, delta, -step_exp(fp32(self.A_log)), B, C, state.ssm, fp32(self.D), z,
+                   fp32(self.dt_proj.bias))
+        step = selective_scan_step_function(resolve_backend("auto", x, "Mamba"), *tensors)
+        y, h = step(*tensors, True)                                                   # (B, E), (B, E, N)
+        return self.out_proj(y)[:, None], MambaState(conv_state, h)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

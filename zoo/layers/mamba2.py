@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from zoo.kernels._common import resolve_backend, step_exp
 from zoo.kernels.ssd import ssd
+from zoo.kernels.ssd import step_function as ssd_step_function
 from zoo.layers.base import document_bounds
 from zoo.layers.mamba import KeepFP32, fp32, init_dt_bias_, mamba_conv
 
@@ -153,6 +155,8 @@ class Mamba2(KeepFP32):
             document_bounds("Mamba2", cu_seqlens, x)
         sequences = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1  # packed: one state row each
         self.check_state(state, x, batch=sequences)
+        if x.shape[1] == 1 and state is not None and cu_seqlens is None:             # decoding
+            return self._step(x, state)
         segment = max(self.segment_len, self.chunk_size)
         if cu_seqlens is not None or x.device.type != "cpu" or x.shape[1] <= segment:
             return self._forward(x, state, cu_seqlens)
@@ -178,6 +182,18 @@ class Mamba2(KeepFP32):
                    fp32(self.dt_bias), True, None if state is None else state.ssm, cu_seqlens=cu_seqlens)
         y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z)                        # (B, T, E)
         return self.out_proj(y), Mamba2State(conv_state, S)
+
+    def _step(self, x: torch.Tensor, state: Mamba2State):
+        """One token x (B, 1, D) after ``state``: the conv's one-token update and the SSD step."""
+        E, H, G, N, P = self.d_inner, self.nheads, self.ngroups, self.d_state, self.headdim
+        batch = x.shape[0]
+        z, xBC, dt = torch.split(self.in_proj(x[:, 0]), [E, E + 2 * G * N, H], dim=-1)  # (B, E | E+2GN | H)
+        xBC, conv_state = self.conv1d.step(xBC, state.conv)                           # (B, E+2GN)
+        x_c, B, C = torch.split(xBC, [E, G * N, G * N], dim=-1)
+        tensors = (x_c.view(batch, H, P), dt, -step_exp(fp32(self.A_log)), B.view(batch, G, N),
+                   C.view(batch, G, N), state.ssm, fp32(self.D), fp32(self.dt_bias))
+        y, S = ssd_step_function(resolve_backend("auto", x, "Mamba2"), *tensors)(*tensors, True)  # (B, H, P)
+        return self.out_proj(self.norm(y.reshape(batch, E), z))[:, None], Mamba2State(conv_state, S)
 
     def _varlen_conv(self, xBC: torch.Tensor, conv_state: torch.Tensor | None, cu_seqlens: torch.Tensor):
         """Per-sequence silu(causal conv) of packed xBC (1, T, C); conv_state (nseq, K-1, C) or None."""

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from zoo.kernels._common import compute_dtype
+from zoo.kernels._common import compute_dtype, resolve_backend
 from zoo.kernels.gated_delta import gated_delta_rule
+from zoo.kernels.gated_delta import step_function as gated_delta_step_function
 from zoo.layers.base import Mixer, cat_rows, document_bounds
 from zoo.layers.conv import ShortConv, conv_documents
 from zoo.layers.norm import RMSNorm
@@ -268,6 +269,8 @@ class GatedDeltaNet(_GatedDeltaBase):
         state = self.initial_state(x) if state is None else state
         if x.shape[1] == 0:
             return self._empty_output(x), state
+        if x.shape[1] == 1:                                                            # decoding
+            return self._step(x, state)
         beta, g = self._gates(self.b_proj(x), self.a_proj(x), compute_dtype(x))    # (B, T, H) each
         o, *new_state = self._dense_memory(self.q_proj(x), self.k_proj(x), self.v_proj(x), beta, g, *state)
         return self._output(o, x), GDNState(*new_state)
@@ -286,6 +289,23 @@ class GatedDeltaNet(_GatedDeltaBase):
         o, S = gated_delta_rule(q, k, v, g, beta, initial_state=None if state is None else state.S,
                                 cu_seqlens=cu_seqlens, use_qk_l2norm=True)       # (1, T, H, d), (N, H, d, d)
         return self._output(o, x), GDNState(S, cache_q, cache_k, cache_v)
+
+
+    def _step(self, x: torch.Tensor, state: GDNState) -> tuple[torch.Tensor, GDNState]:
+        """One token x (B, 1, D): the convs' one-token updates and the op's step."""
+        x_t, d = x[:, 0], self.head_dim
+        beta, g = self._gates(self.b_proj(x_t), self.a_proj(x_t), compute_dtype(x))  # (B, H) each
+        q, cache_q = self.conv_q.step(self.q_proj(x_t), state.conv_q)              # (B, H·d)
+        k, cache_k = self.conv_k.step(self.k_proj(x_t), state.conv_k)
+        v, cache_v = self.conv_v.step(self.v_proj(x_t), state.conv_v)
+        q, k = (F.silu(z).unflatten(-1, (self.heads, d)) for z in (q, k))          # (B, H, d)
+        v = F.silu(v).unflatten(-1, (self.value_heads, self.value_head_dim))        # (B, H_v, d_v)
+        if self.value_heads > self.heads:                                          # value head j reads q/k head j // r
+            q, k = (z.repeat_interleave(self.value_heads // self.heads, dim=1) for z in (q, k))  # (B, H_v, d)
+        tensors = (q, k, v, g, beta, state.S)
+        step = gated_delta_step_function(resolve_backend("auto", x, "GatedDeltaNet"), *tensors)
+        o, S = step(*tensors, None, True)                                            # (B, H, d)
+        return self._output(o[:, None], x), GDNState(S, cache_q, cache_k, cache_v)
 
 
 # ------------------------------------------------------------------------------------------ Mixture-of-Memories
@@ -481,14 +501,13 @@ class MixtureOfMemories(_GatedDeltaBase):
         window = torch.cat([cache.gather(1, cache_index).to(raw.dtype), raw[:, :, None]], dim=2)  # (B, k', w, 3Hd)
         conv_weight = torch.cat([self.conv_q.weight, self.conv_k.weight, self.conv_v.weight]).to(raw.dtype)
         mixed = F.silu((window * conv_weight.T).sum(2)).to(dtype)                     # (B, k', 3·H·d)
-        q, k, v = (rearrange(z, "b j (h d) -> b j h d", d=d) for z in mixed.split(width, dim=-1))
-        q, k = (z * torch.rsqrt(z.pow(2).sum(-1, keepdim=True) + 1e-6) for z in (q, k))  # the op's ℓ2 norm
+        q, k, v = (rearrange(z, "b j (h d) -> (b j) h d", d=d) for z in mixed.split(width, dim=-1))
         state_index = index[..., None, None, None].expand(-1, -1, H, d, d)
-        memory = g.exp()[..., None, None] * S_all.gather(1, state_index).to(dtype)    # (B, k', H, d, d)
-        update = beta[..., None] * (v - torch.einsum("bjhkv,bjhk->bjhv", memory, k))  # (B, k', H, d)
-        memory = memory + k[..., :, None] * update[..., None, :]
-        o = d ** -0.5 * torch.einsum("bjhkv,bjhk->bjhv", memory, q)                   # (B, k', H, d)
-        o = torch.einsum("bj,bjhv->bhv", mix.to(dtype), o)[:, None].to(x.dtype)       # (B, 1, H, d)
+        tensors = (q, k, v, g.flatten(0, 1), beta.flatten(0, 1), S_all.gather(1, state_index).flatten(0, 1))
+        step = gated_delta_step_function(resolve_backend("auto", x, "MixtureOfMemories"), *tensors)
+        o, memory = step(*tensors, None, True)                                        # (B·k', H, d), (B·k', H, d, d)
+        memory = memory.unflatten(0, (B, selected))                                   # (B, k', H, d, d)
+        o = torch.einsum("bj,bjhv->bhv", mix.to(dtype), o.unflatten(0, (B, selected)))[:, None].to(x.dtype)
         S_all = S_all.scatter(1, state_index, memory.to(S_all.dtype))
         cache = cache.scatter(1, cache_index, window[:, :, 1:].to(cache.dtype))
         S, S_shared = (S_all[:, :M], S_all[:, M]) if self.shared_memory else (S_all, None)

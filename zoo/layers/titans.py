@@ -26,8 +26,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from zoo.kernels._common import compute_dtype, l2_normalize
-from zoo.kernels.titans_linear_memory import LinearMemoryState, titans_linear_memory
-from zoo.kernels.titans_mlp_memory import MLPMemoryState, _memory_mlp, titans_mlp_memory
+from zoo.kernels.titans_linear_memory import LinearMemoryState, linear_memory_step, titans_linear_memory
+from zoo.kernels.titans_mlp_memory import MLPMemoryState, _memory_mlp, mlp_memory_step, titans_mlp_memory
 from zoo.layers.base import Mixer, cat_rows, left_pad_time, row_groups, select_rows
 from zoo.layers.conv import ShortConv
 from zoo.layers.norm import RMSNorm
@@ -230,6 +230,8 @@ class TitansMemory(Mixer):
         B, T, D = x.shape
         if T == 0:  # nothing to absorb (ShortConv needs at least one token)
             return x.new_zeros(B, 0, D), (state if state is not None else self._empty_state(x))
+        if T == 1 and state is not None and self.backend != "reference":  # decoding
+            return self._step(x, state)
         inner = self.heads * self.head_dim
         conv_states = (None,) * 3 if state is None else state.conv.split(inner, dim=-1)
         q, conv_q = self._query(x, conv_states[0])
@@ -258,6 +260,30 @@ class TitansMemory(Mixer):
                 pieces.append(y)
             y = torch.cat(pieces, dim=1)  # (B, T, H, d)
         return self._output(y, x), TitansState(*memory, conv)
+
+    def _step(self, x: torch.Tensor, state: TitansState):
+        """One token x (B, 1, D) after ``state``: the convs' one-token updates and the memory op's step."""
+        x_t, H = x[:, 0], self.heads
+        conv_states = state.conv.split(self.heads * self.head_dim, dim=-1)
+        streams, caches = [], []
+        for conv, w, cache in zip((self.conv_q, self.conv_k, self.conv_v), (self.w_q, self.w_k, self.w_v),
+                                  conv_states):
+            z = w(x_t)  # (B, H·d)
+            if conv is not None:
+                z, cache = conv.step(z, cache)
+            streams.append(F.silu(z).unflatten(-1, (H, self.head_dim)))  # (B, H, d)
+            caches.append(cache)
+        q, k, v = l2_normalize(streams[0]), l2_normalize(streams[1]), streams[2]
+        alpha, eta, theta = (gate[:, 0] for gate in self._gates(x))  # (B, H), (B, H), (B, H, L)
+        if self.memory_depth == 1:
+            (weights,), (momentum,), *pending = state[:5]
+            y, memory = linear_memory_step(q, k, v, alpha, eta, theta[..., 0],
+                                           LinearMemoryState(weights, momentum, *pending), self.chunk_size)
+            memory = ((memory.memory,), (memory.momentum,), *memory[2:])
+        else:
+            y, memory = mlp_memory_step(q, k, v, alpha, eta, theta, list(self.memory_weights), self.chunk_size,
+                                        MLPMemoryState(*state[:5]))
+        return self._output(y[:, None], x), TitansState(*memory, torch.cat(caches, dim=-1))
 
     def _checkpointed_memory(self, q, k, v, alpha, eta, theta, memory):
         """``_memory`` on one group under reentrant checkpointing: its forward runs without building a graph, so
