@@ -24,7 +24,7 @@ import yaml
 from zoo.errors import ConfigError  # noqa: F401  (re-exported: ``from zoo.config import ConfigError``)
 from zoo.registry import ARCHITECTURES, block_kinds, bundled_config_names
 from zoo.schema import (  # noqa: F401  (re-exported: the schema is part of this module's API)
-    AttentionConfig, TitansMemoryConfig, TitansMACConfig, TitansWindowConfig, GDNConfig, MoMConfig,
+    AttentionConfig, TitansMemoryConfig, TitansMACConfig, TitansWindowConfig, TitansMAGConfig, GDNConfig, MoMConfig,
     MambaConfig, Mamba2Config, MemoryFormerConfig, VisionConfig, HMTConfig, EmbeddingConfig, RetrievalDataConfig,
     ModelConfig, DataConfig, OptimConfig, TrainerConfig, RunConfig, EvalConfig, Config)
 
@@ -390,6 +390,13 @@ _HYBRID_OPTIONS = {"titans_mac": ("heads", "segment_len", "persistent_tokens"),
                    "titans_mal": ("heads", "window", "persistent_tokens")}
 
 
+# The hybrids' options added with the fixes that make them learn (docs/titans.md#mac-choices), at the values that
+# reproduce the module before them: a saved hybrid section without an option was written by that module.
+_HYBRID_ORIGINAL = {"titans_mac": {"store": "attention", "memory_token_norm": False, "out_proj": False, "conv_size": 0},
+                    "titans_mag": {"out_proj": False, "conv_size": 0, "memory_persistent": False},
+                    "titans_mal": {"conv_size": 0, "memory_persistent": False}}
+
+
 def migrate_layout(data: dict) -> dict:
     """A saved config (``config.json``, a checkpoint's hyper-parameters) in the current section layout.
 
@@ -400,6 +407,8 @@ def migrate_layout(data: dict) -> dict:
       config already has is kept.
     - ``model.mom`` without a ``model.gdn`` section: Gated DeltaNet read ``heads`` and ``head_dim`` from
       ``model.mom``, so ``model.gdn`` takes them from there.
+    - a hybrid section without an option of ``_HYBRID_ORIGINAL`` was saved before that option existed: it gets the
+      value that reproduces the module of then.
     """
     model = data.get("model")
     if not isinstance(model, dict):
@@ -416,6 +425,9 @@ def migrate_layout(data: dict) -> dict:
     mom = model.get("mom")
     if "gdn" not in model and isinstance(mom, dict):
         model["gdn"] = {key: mom[key] for key in ("heads", "head_dim") if key in mom}
+    for section, original in _HYBRID_ORIGINAL.items():
+        if isinstance(model.get(section), dict):
+            model[section] = {**original, **model[section]}
     return {**data, "model": model}
 
 
