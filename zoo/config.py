@@ -390,7 +390,7 @@ _HYBRID_OPTIONS = {"titans_mac": ("heads", "segment_len", "persistent_tokens"),
                    "titans_mal": ("heads", "window", "persistent_tokens")}
 
 
-# The hybrids' options added with the fixes that make them learn (docs/titans.md#mac-choices), at the values that
+# The hybrids' options added with the fixes that make them learn (docs/titans.md#hybrid-choices), at the values that
 # reproduce the module before them: a saved hybrid section without an option was written by that module.
 _HYBRID_ORIGINAL = {"titans_mac": {"store": "attention", "memory_token_norm": False, "out_proj": False, "conv_size": 0},
                     "titans_mag": {"out_proj": False, "conv_size": 0, "memory_persistent": False},

@@ -1,4 +1,4 @@
-"""The options that make the Titans hybrids learn (docs/titans.md#mac-choices): the store input of MAC, the scale of
+"""The options that make the Titans hybrids learn (docs/titans.md#hybrid-choices): the store input of MAC, the scale of
 its memory tokens, the output projection after the gate, the token-shift conv, the persistent tokens fed to the memory
 of MAG and MAL, and the values that rebuild the original modules for configs saved before the options existed."""
 from __future__ import annotations

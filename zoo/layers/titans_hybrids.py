@@ -119,7 +119,7 @@ class TitansMAC(Mixer):
     ``segment_len`` must be a multiple of the memory's ``chunk_size``, so segment ends are chunk boundaries.
 
     The paper's choices: segments, the read h with the segment-start weights, the [P ; h ; x] context, storing the
-    attention output and the gate of y by M(y). Gaps the paper leaves open, filled by zoo (docs/titans.md#mac-choices):
+    attention output and the gate of y by M(y). Gaps the paper leaves open, filled by zoo (docs/titans.md#hybrid-choices):
     the scale of the stored stream and of h (the paper normalises neither explicitly), storing the residual stream
     x + y rather than y alone (the paper's y_t is the attention layer's output, which in a residual block carries x),
     the linear layer after the gate and its init, and the token-shift conv (the paper's convs sit in the memory's
@@ -255,7 +255,7 @@ class TitansMAG(Mixer):
     input; false: it starts from M_0); o = W_out(RMSNorm(y) ⊙ sigmoid(RMSNorm(z))), W_out a small-init linear layer
     when ``out_proj`` (v1 Sec. 4.2 puts a linear layer after the gate). No segmenting.
 
-    The paper's: the window, P in both branches, the normalised gate. zoo's, filling gaps (docs/titans.md#mac-choices):
+    The paper's: the window, P in both branches, the normalised gate. zoo's, filling gaps (docs/titans.md#hybrid-choices):
     sigmoid as the gate's non-linearity, W_out's init, the token-shift conv. ``out_proj=False``, ``conv_size=0``,
     ``memory_persistent=False`` is the module before these fixes (checkpoints saved by it load with those values).
     """
