@@ -24,7 +24,7 @@ import yaml
 from zoo.errors import ConfigError  # noqa: F401  (re-exported: ``from zoo.config import ConfigError``)
 from zoo.registry import ARCHITECTURES, block_kinds, bundled_config_names
 from zoo.schema import (  # noqa: F401  (re-exported: the schema is part of this module's API)
-    AttentionConfig, TitansMemoryConfig, TitansMACConfig, TitansWindowConfig, GDNConfig, MoMConfig,
+    AttentionConfig, TitansMemoryConfig, TitansMACConfig, TitansWindowConfig, TitansMAGConfig, GDNConfig, MoMConfig,
     MambaConfig, Mamba2Config, MemoryFormerConfig, VisionConfig, HMTConfig, EmbeddingConfig, RetrievalDataConfig,
     ModelConfig, DataConfig, OptimConfig, TrainerConfig, RunConfig, EvalConfig, Config)
 
@@ -395,6 +395,13 @@ _HYBRID_OPTIONS = {"titans_mac": ("heads", "segment_len", "persistent_tokens"),
                    "titans_mal": ("heads", "window", "persistent_tokens")}
 
 
+# The hybrids' options added with the fixes that make them learn (docs/titans.md#hybrid-choices), at the values that
+# reproduce the module before them: a saved hybrid section without an option was written by that module.
+_HYBRID_ORIGINAL = {"titans_mac": {"store": "attention", "memory_token_norm": False, "out_proj": False, "conv_size": 0},
+                    "titans_mag": {"out_proj": False, "conv_size": 0, "memory_persistent": False},
+                    "titans_mal": {"conv_size": 0, "memory_persistent": False}}
+
+
 def migrate_layout(data: dict) -> dict:
     """A saved config (``config.json``, a checkpoint's hyper-parameters) in the current section layout.
 
@@ -407,6 +414,8 @@ def migrate_layout(data: dict) -> dict:
       ``model.mom``, so ``model.gdn`` takes them from there.
     - ``model.mom`` without ``aux_loss_form``: it was saved when the load-balancing loss was the mean of per-layer
       losses, so it gets ``aux_loss_form: layer_mean`` (its ``aux_loss_scale`` is recorded).
+    - a hybrid section without an option of ``_HYBRID_ORIGINAL`` was saved before that option existed: it gets the
+      value that reproduces the module of then.
     """
     model = data.get("model")
     if not isinstance(model, dict):
@@ -425,6 +434,9 @@ def migrate_layout(data: dict) -> dict:
         model["gdn"] = {key: mom[key] for key in ("heads", "head_dim") if key in mom}
     if isinstance(mom, dict) and "aux_loss_form" not in mom:
         model["mom"] = {**mom, "aux_loss_form": "layer_mean"}
+    for section, original in _HYBRID_ORIGINAL.items():
+        if isinstance(model.get(section), dict):
+            model[section] = {**original, **model[section]}
     return {**data, "model": model}
 
 

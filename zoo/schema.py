@@ -66,11 +66,20 @@ class TitansMACConfig:
     persistent_tokens: int = field(default=16, metadata={
         "help": "learned persistent-memory tokens N_p (zoo default: CPU-sized; the paper's is 128)"})
     memory: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
+    store: str = field(default="residual", metadata=_choices(
+        "residual", "attention_norm", "attention",
+        help="what the memory stores: RMSNorm(x + y), RMSNorm(y) or the raw attention output y (the original module)"))
+    memory_token_norm: bool = field(default=True, metadata={
+        "help": "RMSNorm on the memory tokens h before attention (false: unnormalised, the original module)"})
+    out_proj: bool = field(default=True, metadata={
+        "help": "linear layer after the gate, small init (paper v1 sec. 4.2; false: none, the original module)"})
+    conv_size: int = field(default=4, metadata={
+        "help": "residual causal token-shift conv on the input, taps (0 = none, the original module)"})
 
 
 @dataclass
 class TitansWindowConfig:
-    """Options of the sliding-window hybrids ``titans_mag`` (memory as a gate) and ``titans_mal`` (as a layer)."""
+    """Options of the sliding-window hybrids: ``titans_mal`` (memory as a layer) and the base of ``titans_mag``'s."""
 
     heads: int = field(default=4, metadata={"help": "attention heads (the memory's are memory.heads)"})
     window: int = field(default=128, metadata={
@@ -78,6 +87,18 @@ class TitansWindowConfig:
     persistent_tokens: int = field(default=16, metadata={
         "help": "learned persistent-memory tokens N_p (zoo default: CPU-sized; the paper's is 128)"})
     memory: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
+    conv_size: int = field(default=4, metadata={
+        "help": "residual causal token-shift conv on the attention input, taps (0 = none, the original module)"})
+    memory_persistent: bool = field(default=True, metadata={
+        "help": "the memory absorbs the persistent tokens first (paper v1 eqs. 26, 29; false: the original module)"})
+
+
+@dataclass
+class TitansMAGConfig(TitansWindowConfig):
+    """Options of ``titans_mag`` (``TitansMAG``, memory as a gate): the sliding-window options and the gate's."""
+
+    out_proj: bool = field(default=True, metadata={
+        "help": "linear layer after the gate, small init (paper v1 sec. 4.2; false: none, the original module)"})
 
 
 @dataclass
@@ -222,7 +243,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     titans: TitansMemoryConfig = field(default_factory=TitansMemoryConfig)
     titans_mac: TitansMACConfig = field(default_factory=TitansMACConfig)
-    titans_mag: TitansWindowConfig = field(default_factory=TitansWindowConfig)
+    titans_mag: TitansMAGConfig = field(default_factory=TitansMAGConfig)
     titans_mal: TitansWindowConfig = field(default_factory=TitansWindowConfig)
     gdn: GDNConfig = field(default_factory=GDNConfig)
     mom: MoMConfig = field(default_factory=MoMConfig)

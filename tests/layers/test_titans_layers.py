@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tests.helpers import check_decode_equals_full, check_future_does_not_leak, check_stream_split, rel_err
 from tests.layers.contract import check_meta_init_equals_init
-from zoo.config import ModelConfig, TitansMACConfig, TitansMemoryConfig, TitansWindowConfig
+from zoo.config import ModelConfig, TitansMACConfig, TitansMAGConfig, TitansMemoryConfig, TitansWindowConfig
 from zoo.layers.titans import TitansMemory, TitansState
 from zoo.layers.titans_hybrids import MACState, TitansMAC, TitansMAG, TitansMAL
 from zoo.models.lm import LanguageModel, build_mixer
@@ -66,7 +66,7 @@ def titans_sections(heads=HEADS, chunk_size=CHUNK, segment_len=16, window=8, per
     memory = TitansMemoryConfig(heads=heads, chunk_size=chunk_size)
     return dict(titans=memory,
                 titans_mac=TitansMACConfig(heads, segment_len, persistent_tokens, dataclasses.replace(memory)),
-                titans_mag=TitansWindowConfig(heads, window, persistent_tokens, dataclasses.replace(memory)),
+                titans_mag=TitansMAGConfig(heads, window, persistent_tokens, dataclasses.replace(memory)),
                 titans_mal=TitansWindowConfig(heads, window, persistent_tokens, dataclasses.replace(memory)))
 
 
@@ -348,6 +348,10 @@ def _config(name: str, **changes) -> ModelConfig:
     ("titans_mac", "segment_len", 8), ("titans_mac", "persistent_tokens", 5),
     ("titans_mag", "window", 3), ("titans_mag", "persistent_tokens", 5),
     ("titans_mal", "window", 3), ("titans_mal", "persistent_tokens", 0),
+    ("titans_mac", "store", "attention"), ("titans_mac", "store", "attention_norm"),
+    ("titans_mac", "memory_token_norm", False), ("titans_mac", "out_proj", False), ("titans_mac", "conv_size", 0),
+    ("titans_mag", "out_proj", False), ("titans_mag", "conv_size", 0), ("titans_mag", "memory_persistent", False),
+    ("titans_mal", "conv_size", 0), ("titans_mal", "memory_persistent", False),
 ])
 def test_every_config_field_changes_the_mixer(name, field, value):
     """Each field of a Titans section reaches the mixer the model builds from it: parameter shapes or outputs
