@@ -83,12 +83,32 @@ def test_generate_rejects_bad_options_in_one_line(options, message):
         model.generate(torch.ones(2, 3, dtype=torch.long), 2, **options)
 
 
-def test_hmt_refuses_attention_mask_and_cu_seqlens():
+def tiny_hmt():
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, depth=1, pattern=["attention"], dropout=0.0, architecture="hmt")
     cfg.attention.heads = 2
-    hmt = HMT.from_config(cfg)
-    ids = torch.ones(1, 4, dtype=torch.long)
-    for options in ({"attention_mask": torch.ones(1, 4)}, {"cu_seqlens": torch.tensor([0, 4])}):
-        with pytest.raises(ValueError, match="HMT: attention_mask and cu_seqlens are not supported"):
-            hmt(ids, **options)
+    cfg.hmt.segment_len, cfg.hmt.sensory_len, cfg.hmt.cache_size = 4, 1, 3
+    return HMT.from_config(cfg).double().eval()
+
+
+def test_hmt_refuses_cu_seqlens_and_a_mask_that_is_not_left_padding():
+    hmt, ids = tiny_hmt(), torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="HMT: cu_seqlens is not supported"):
+        hmt(ids[:1], cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="left padding"):
+        hmt(ids, attention_mask=torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]]))
+
+
+def test_hmt_left_padded_rows_equal_each_row_alone():
+    hmt = tiny_hmt()
+    prompts = [torch.randint(0, 200, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 3, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])  # (3, 9)
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts])
+    with torch.no_grad():
+        logits, _ = hmt(ids, attention_mask=mask)
+        batched = hmt.generate(ids, 7, attention_mask=mask)
+        for row, prompt in enumerate(prompts):
+            alone, _ = hmt(prompt[None])
+            assert torch.allclose(logits[row, width - len(prompt):], alone[0], atol=1e-12)
+            assert torch.equal(batched[row, width - len(prompt):], hmt.generate(prompt[None], 7)[0])

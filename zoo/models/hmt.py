@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zoo.layers.base import Mixer, combine_aux_losses
+from zoo.layers.base import Mixer, combine_aux_losses, left_padding_starts, row_groups
 
 __all__ = ["HMT", "HMTState"]
 
@@ -82,6 +82,16 @@ class HMTState:
         """A copy with every tensor detached: truncated BPTT across consecutive windows of one document."""
         return HMTState(self.cache.detach(), self.prev_ids.detach(), self.cur_ids.detach(), self.mem.detach(),
                         _detach_tree(self.backbone_state), self.n_done, self.offset)
+
+
+@dataclass
+class HMTRowGroups:
+    """State of a left-padded HMT batch: rows grouped by their first real token (HMT's segments start there), each
+    group with its own ``HMTState``; ``forward`` continues every group and puts the rows back in batch order."""
+
+    rows: tuple[tuple[int, ...], ...]
+    states: tuple[HMTState, ...]
+    batch: int
 
 
 def _noncausal_mixers(backbone: nn.Module) -> list[str]:
@@ -345,9 +355,11 @@ class HMT(nn.Module):
     # -------------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, state: HMTState | None = None, *,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
-        if attention_mask is not None or cu_seqlens is not None:
-            raise ValueError("HMT: attention_mask and cu_seqlens are not supported (a row's memory segments start at "
-                             "its first token); run prompts of different lengths, or documents, in separate calls")
+        if cu_seqlens is not None:
+            raise ValueError("HMT: cu_seqlens is not supported (a row's memory segments start at its first token); run "
+                             "documents in separate calls")
+        if attention_mask is not None or isinstance(state, HMTRowGroups):
+            return self._forward_groups(input_ids, state, attention_mask)
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"HMT: input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
         if state is None:
@@ -361,6 +373,31 @@ class HMT(nn.Module):
         else:
             logits, state = self._decode(input_ids, state, aux)
         return logits, replace(state, aux_loss=combine_aux_losses(aux))
+
+    def _forward_groups(self, input_ids: torch.Tensor, state: HMTRowGroups | None, attention_mask):
+        """A left-padded batch (``attention_mask``, bool or 0/1, 1 = real token) or the continuation of one: each group
+        of rows with the same first real token runs alone on its real tokens; pads get logits 0."""
+        if state is None:
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 1
+            starts = left_padding_starts("HMT", mask, input_ids)
+            if max(starts) == input_ids.shape[1]:
+                raise ValueError("HMT: a row of attention_mask holds no real token; give every prompt a token")
+            groups = [(tuple(rows), start, None) for start, rows in row_groups(starts).items()]
+        else:
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("HMT: after a padded prompt, continue with unpadded tokens (attention_mask all 1)")
+            groups = [(rows, 0, group_state) for rows, group_state in zip(state.rows, state.states)]
+        B, T = input_ids.shape
+        logits, states, aux = None, [], []
+        for rows, start, group_state in groups:
+            part, part_state = self.forward(input_ids[list(rows), start:], group_state)   # (b, T − start, V)
+            if logits is None:
+                logits = part.new_zeros(B, T, part.shape[-1])                              # (B, T, V)
+            logits[list(rows), start:] = part
+            states.append(replace(part_state, aux_loss=None))
+            if part_state.aux_loss is not None:
+                aux.append(part_state.aux_loss)
+        return logits, HMTRowGroups(tuple(rows for rows, _, _ in groups), tuple(states), B)
 
     def _decode(self, input_ids: torch.Tensor, state: HMTState, aux: list):
         """Strict-mode continuation of an open segment, then new segments: (logits (B, T, V), new state)."""
@@ -385,8 +422,8 @@ class HMT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
-        """Continue ``input_ids`` (B, T) by ``max_new_tokens``, with the options of ``LanguageModel.generate`` (an
-        ``attention_mask`` with padding is refused: HMT takes equal-length prompts).
+        """Continue ``input_ids`` (B, T) by ``max_new_tokens``, with the options of ``LanguageModel.generate``
+        (``attention_mask``: left-padded prompts, each row continued as if run alone).
 
         The prompt runs through ``forward``, then one token per call with the carried ``HMTState``: one backbone step
         per token, plus a trailing step and a summary pass at each segment boundary. Returns (B, T + new) ids.
