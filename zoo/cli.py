@@ -96,16 +96,22 @@ def require(options: dict, key: str, verb: str) -> str:
     return options[key]
 
 
-# ---------------------------------------------------------------------------------------------------------- verbs
-def cmd_train(argv: list[str]) -> int:
-    parsed = parse_args(argv)
-    options = parsed.options
+def true_false_flags(options: dict, names: tuple[str, ...]) -> dict[str, bool]:
+    """The boolean options ``names`` (default false), with a one-line error for anything but true/false."""
     flags = {}
-    for name in ("print_config", "verbose"):
+    for name in names:
         value = options.get(name, "false").lower()
         if value not in ("true", "false"):
             raise ConfigError(f"{name}: expected true or false, got {options[name]!r}")
         flags[name] = value == "true"
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------------------- verbs
+def cmd_train(argv: list[str]) -> int:
+    parsed = parse_args(argv)
+    options = parsed.options
+    flags = true_false_flags(options, ("print_config", "verbose"))
     if flags["print_config"]:
         from zoo.config import dump_yaml
 
@@ -401,12 +407,7 @@ def cmd_sweep(argv: list[str]) -> int:
         raise ConfigError(f"zoo sweep: jobs={jobs} is not an integer >= 1 (the number of cells run at a time)")
     jobs = int(jobs)
     shard = parse_shard(options.get("shard", "0/1"))
-    flags = {}
-    for name in ("report", "list"):
-        value = options.get(name, "false").lower()
-        if value not in ("true", "false"):
-            raise ConfigError(f"{name}: expected true or false, got {options[name]!r}")
-        flags[name] = value == "true"
+    flags = true_false_flags(options, ("report", "list"))
     if flags["list"]:
         for cell in sweep.cells[shard[0]::shard[1]]:
             print(f"{cell.name}: zoo train {' '.join(cell.train_args)} run.root={sweep.root}")
