@@ -172,11 +172,11 @@ EVAL_OPTIONS = ("checkpoint", "tasks", "harness_tasks", "harness_include", "harn
 
 def imported_directory(path: str) -> bool:
     """Whether ``path`` is an imported (Hugging Face, mamba_ssm, fla) directory rather than a zoo export; an
-    unreadable config.json counts as a zoo export, whose reader names the problem."""
+    unreadable or unrecognised config.json counts as a zoo export, whose reader names the problem."""
     from zoo.hf_import import foreign_format
 
     try:
-        return Path(path).is_dir() and foreign_format(path) is not None
+        return Path(path).is_dir() and foreign_format(path) in ("hf", "mamba_ssm")
     except ValueError:  # not UTF-8 or not JSON
         return False
 
