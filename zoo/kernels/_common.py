@@ -287,3 +287,10 @@ def ever_bad(bad: torch.Tensor, bounds: list[tuple[int, int]] | None = None) -> 
         return bad.any(1)
     count = F.pad(bad.cumsum(1), (0, 0, 1, 0))[0]  # (T + 1, H)
     return torch.stack([count[end] - count[start] > 0 for start, end in bounds]) if bounds else bad[0, :0]
+
+
+def pick_step(backend: str, triton_step, torch_step, tensors):
+    """The one-token step for a resolved backend: ``triton_step`` (forward only) when the backend is Triton and none
+    of ``tensors`` (None allowed) needs a gradient, else ``torch_step``."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return triton_step if backend == "triton" and not needs_grad else torch_step

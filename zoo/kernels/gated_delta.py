@@ -17,8 +17,8 @@ import torch
 from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_floating, check_range, check_shape,
-                                 compute_dtype, ever_bad, l2_normalize, nan_from, non_finite_tokens, resolve_backend,
-                                 sequence_bounds, step_exp, zero_where)
+                                 compute_dtype, ever_bad, l2_normalize, nan_from, non_finite_tokens, pick_step,
+                                 resolve_backend, sequence_bounds, step_exp, zero_where)
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "gated_delta_rule_step", "CHUNK_SIZE"]
 
@@ -315,12 +315,10 @@ def _gated_delta_step_triton(q, k, v, g, beta, state, scale, use_qk_l2norm):
     return gated_delta_step_triton(q, k, v, g, beta, state, scale, use_qk_l2norm)
 
 
-def step_function(backend: str, *tensors: torch.Tensor):
-    """The step for a resolved backend: the Triton kernel (forward only) when none of ``tensors`` needs a gradient,
-    else torch."""
-    if backend == "triton" and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return _gated_delta_step_triton
-    return gated_delta_step_torch
+def step_function(backend: str, *tensors):
+    """The step for a resolved backend: the Triton kernel (forward only) when none of ``tensors`` (None allowed)
+    needs a gradient, else torch."""
+    return pick_step(backend, _gated_delta_step_triton, gated_delta_step_torch, tensors)
 
 
 def gated_delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_finite, check_floating, check_range, check_shape,
-                                 compute_dtype, discretise_delta, resolve_backend, step_exp)
+                                 compute_dtype, discretise_delta, pick_step, resolve_backend, step_exp)
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_scan_step"]
 
@@ -330,10 +330,7 @@ def _selective_scan_step_triton(u, delta, A, B, C, state, D=None, z=None, delta_
 def step_function(backend: str, *tensors):
     """The step for a resolved backend: the Triton kernel (forward only) when none of ``tensors`` (None allowed)
     needs a gradient, else torch."""
-    if backend == "triton" and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                                    for t in tensors)):
-        return _selective_scan_step_triton
-    return selective_scan_step_torch
+    return pick_step(backend, _selective_scan_step_triton, selective_scan_step_torch, tensors)
 
 
 def selective_scan_step(u, delta, A, B, C, state, D=None, z=None, delta_bias=None, delta_softplus=False, *,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from zoo.kernels._common import (check_chunk_size, check_cu_seqlens, check_finite, check_floating, check_range,
-                                 check_shape, compute_dtype, discretise_delta, nan_from, non_finite_tokens,
+                                 check_shape, compute_dtype, discretise_delta, nan_from, non_finite_tokens, pick_step,
                                  resolve_backend, sequence_bounds, step_exp, zero_where)
 
 __all__ = ["ssd", "ssd_reference", "ssd_step"]
@@ -468,10 +468,7 @@ def _ssd_step_triton(x, dt, A, B, C, state, D=None, dt_bias=None, dt_softplus=Tr
 def step_function(backend: str, *tensors):
     """The step for a resolved backend: the Triton kernel (forward only) when none of ``tensors`` (None allowed)
     needs a gradient, else torch."""
-    if backend == "triton" and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                                    for t in tensors)):
-        return _ssd_step_triton
-    return ssd_step_torch
+    return pick_step(backend, _ssd_step_triton, ssd_step_torch, tensors)
 
 
 def ssd_step(x, dt, A, B, C, state, D=None, dt_bias=None, dt_softplus=True, *, backend="auto"):

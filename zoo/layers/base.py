@@ -71,8 +71,13 @@ class Mixer(nn.Module):
 
     def stack_states(self, states: list):
         """One state of all rows of ``states`` (each a ``self.State``), in order; rows must agree in every shape
-        (a KV cache overrides this to left-pad shorter caches with invisible keys)."""
-        return cat_rows(type(self).__name__, states)
+        (a KV cache overrides this to left-pad shorter caches with invisible keys). A field that ``state_shapes()``
+        names a sub-mixer's state is stacked by that sub-mixer."""
+        name, subs = type(self).__name__, {f: s for f, s in self.state_shapes().items() if isinstance(s, Mixer)}
+        if not subs:
+            return cat_rows(name, states)
+        return self.State(*(subs[field].stack_states(column) if field in subs else cat_rows(name, column)
+                            for field, column in zip(self.State._fields, map(list, zip(*states)))))
 
     def forward_split(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None,
                       cu_seqlens: torch.Tensor | None = None):

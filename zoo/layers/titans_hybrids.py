@@ -318,10 +318,6 @@ class TitansMAG(Mixer):
     def state_shapes(self) -> dict:
         return {"attention": self.attn, "memory": self.lmm}
 
-    def stack_states(self, states: list[MAGState]) -> MAGState:
-        return MAGState(self.attn.stack_states([s.attention for s in states]),
-                        self.lmm.stack_states([s.memory for s in states]))
-
     def forward(self, x: torch.Tensor, state: MAGState | None = None, *, mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None):
         self.check_input(x)
@@ -380,10 +376,6 @@ class TitansMAL(Mixer):
 
     def state_shapes(self) -> dict:
         return {"memory": self.lmm, "attention": self.attn}
-
-    def stack_states(self, states: list[MALState]) -> MALState:
-        return MALState(self.lmm.stack_states([s.memory for s in states]),
-                        self.attn.stack_states([s.attention for s in states]))
 
     def forward(self, x: torch.Tensor, state: MALState | None = None, *, mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None):
